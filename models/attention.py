@@ -1,0 +1,570 @@
+"""Packed attention: one flat sequence of documents, causal text, bidirectional image spans.
+
+Tokens of a micro-batch are one flat sequence of T tokens (flash-attn varlen layout, no batch
+dim). A text token sees its document up to itself; a token of an image span [s, e) sees its
+document up to e - 1. Every visible set is one interval, so the whole mask is two int32 vectors:
+
+    layout = PackedLayout.from_docs([[("text", 5), ("image", 16), ("text", 7)], [("text", 9)]])
+    # query t sees exactly the keys k with layout.doc_start[t] <= k <= layout.vis_end[t]
+    out_THD = packed_attention(q_THD, k_TKD, v_TKD, layout, backend="sdpa")
+
+`PackedLayout.from_docs` runs once per micro-batch in the data pipeline and precomputes what
+every backend needs (index tensors, cu_seqlens, block tables), so layers never sync with the host.
+
+Backends (see `ATTENTION_BACKENDS`), all equal up to fp32 rounding, outputs and gradients:
+- "sdpa": torch SDPA, one call per group of equal-length documents, boolean mask of n_d^2 per
+  document (never T^2). The CPU training path.
+- "flash": flash-attn 2.x `flash_attn_varlen_func`, one call per (segment kind, segment ordinal
+  across documents); keys are never copied: gaps between key ranges are zero-query batches.
+- "flash_emulated": the same decomposition through `flash_attn_varlen_func_emulated`, a
+  pure-PyTorch stand-in with flash-attn's signature and semantics, so it is tested on CPU.
+- "flex": FlexAttention with a BlockMask built from the interval vectors (GPU; on CPU torch
+  only runs the forward, eagerly, materializing T^2 scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SEGMENT_KINDS = ("text", "image")
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default sparse block size
+
+
+@dataclass(frozen=True)
+class FlashCall:
+    """One varlen kernel call: segment number `ordinal` of kind `kind` in every document.
+
+    Batches alternate between real segments (queries of the segment, keys [doc_start, seg_end))
+    and zero-query dummy batches over the key rows in between, so cu_seqlens_k runs from 0 to T
+    over the unpermuted k/v and every key row belongs to exactly one batch.
+    """
+
+    kind: str
+    ordinal: int
+    causal: bool
+    query_index: Tensor  # int64 (num_queries,): rows of q gathered for this call, batch-major
+    cu_seqlens_q: Tensor  # int32 (num_batches + 1,)
+    cu_seqlens_k: Tensor  # int32 (num_batches + 1,), last entry == T
+    max_seqlen_q: int
+    max_seqlen_k: int  # covers the dummy batches too (flash-attn's backward relies on it)
+
+
+@dataclass(frozen=True)
+class SdpaBlock:
+    """Documents of equal length (and equal text-only-ness) run as one batched SDPA call."""
+
+    num_docs: int
+    seqlen: int
+    token_index: Tensor  # int64 (num_docs * seqlen,), document-major
+    # int32 (num_docs, seqlen): last visible key per query, relative to its document start.
+    # None for text-only documents, which run with is_causal=True and no mask at all.
+    vis_end_local: Tensor | None
+
+
+@dataclass(frozen=True)
+class FlexBlocks:
+    """FlexAttention block-sparse tables (block size FLEX_BLOCK_SIZE), shaped (1, 1, ...).
+
+    The interval vectors are padded to a whole number of blocks because the compiled kernel
+    evaluates mask_mod on the padding rows of the last block too (pytorch#137801); padding rows
+    see no key, and the block tables ignore them.
+    """
+
+    doc_start_padded: Tensor  # int32 (num_blocks * FLEX_BLOCK_SIZE,)
+    vis_end_padded: Tensor  # int32 (num_blocks * FLEX_BLOCK_SIZE,)
+    kv_num_blocks: Tensor  # int32 (1, 1, num_blocks): partially masked blocks per query block
+    kv_indices: Tensor  # int32 (1, 1, num_blocks, num_blocks)
+    full_kv_num_blocks: Tensor  # int32 (1, 1, num_blocks): fully visible blocks, no mask_mod
+    full_kv_indices: Tensor  # int32 (1, 1, num_blocks, num_blocks)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where documents and image spans sit in a packed micro-batch, plus per-backend plans.
+
+    Build it once per micro-batch with `from_docs` (CPU), move it with `to(device)`.
+    """
+
+    cu_seqlens: Tensor  # int32 (num_docs + 1,)
+    position_ids: Tensor  # int64 (T,), restarts at 0 in every document
+    doc_start: Tensor  # int32 (T,): first key each query sees
+    vis_end: Tensor  # int32 (T,): last key each query sees
+    is_image: Tensor  # bool (T,)
+    max_seqlen: int  # longest document
+    doc_lengths: tuple[int, ...]
+    # (kind, start, end) per segment, adjacent text merged; python ints for planning and stats
+    segments: tuple[tuple[str, int, int], ...]
+    sdpa_blocks: tuple[SdpaBlock, ...]
+    sdpa_inverse_index: Tensor  # int64 (T,): row t of the output in cat(per-block outputs)
+    flash_calls: tuple[FlashCall, ...]
+    flash_inverse_index: Tensor  # int64 (T,): row t of the output in cat(per-call outputs)
+    flex_blocks: FlexBlocks
+
+    @property
+    def num_tokens(self) -> int:
+        return self.position_ids.shape[0]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_lengths)
+
+    @classmethod
+    def from_docs(cls, docs: Sequence[Sequence[tuple[str, int]]]) -> PackedLayout:
+        """docs: per document, its segments in order as (kind, length), kind "text" or "image"."""
+        segments, doc_bounds = _parse_docs(docs)
+        num_tokens = doc_bounds[-1][1]
+        seg_doc_start = torch.tensor([doc_bounds[doc][0] for doc, _, _, _ in segments])
+        seg_start = torch.tensor([start for _, _, start, _ in segments])
+        seg_end = torch.tensor([end for _, _, _, end in segments])
+        seg_is_image = torch.tensor([kind == "image" for _, kind, _, _ in segments])
+        seg_lengths = seg_end - seg_start
+
+        token_T = torch.arange(num_tokens)
+        doc_start_T = seg_doc_start.repeat_interleave(seg_lengths)
+        is_image_T = seg_is_image.repeat_interleave(seg_lengths)
+        vis_end_T = torch.where(is_image_T, (seg_end - 1).repeat_interleave(seg_lengths), token_T)
+        cu_seqlens = torch.tensor([0] + [end for _, end in doc_bounds], dtype=torch.int32)
+        doc_lengths = tuple(end - start for start, end in doc_bounds)
+
+        doc_start_T = doc_start_T.to(torch.int32)
+        vis_end_T = vis_end_T.to(torch.int32)
+        sdpa_blocks, sdpa_inverse_index = _plan_sdpa(segments, doc_bounds, vis_end_T)
+        flash_calls, flash_inverse_index = _plan_flash(segments, doc_bounds)
+        return cls(
+            cu_seqlens=cu_seqlens,
+            position_ids=token_T - doc_start_T,
+            doc_start=doc_start_T,
+            vis_end=vis_end_T,
+            is_image=is_image_T,
+            max_seqlen=max(doc_lengths),
+            doc_lengths=doc_lengths,
+            segments=tuple((kind, start, end) for _, kind, start, end in segments),
+            sdpa_blocks=sdpa_blocks,
+            sdpa_inverse_index=sdpa_inverse_index,
+            flash_calls=flash_calls,
+            flash_inverse_index=flash_inverse_index,
+            flex_blocks=_plan_flex(doc_start_T, vis_end_T),
+        )
+
+    def to(self, device: torch.device | str) -> PackedLayout:
+        """A copy with every tensor on `device` (non_blocking: pin the CPU layout to overlap)."""
+        return _to_device(self, torch.device(device))
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(_to_device(item, device) for item in value)
+    if dataclasses.is_dataclass(value):
+        changes = {f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value
+
+
+def _parse_docs(docs) -> tuple[list[tuple[int, str, int, int]], list[tuple[int, int]]]:
+    """Validate docs; return segments (doc, kind, start, end) with adjacent text merged, and
+    (start, end) per document, in flat token coordinates."""
+    if len(docs) == 0:
+        raise ValueError("a packed layout needs at least one document")
+    segments: list[tuple[int, str, int, int]] = []
+    doc_bounds: list[tuple[int, int]] = []
+    cursor = 0
+    for doc_number, doc in enumerate(docs):
+        if len(doc) == 0:
+            raise ValueError(f"document {doc_number} is empty")
+        doc_begin = cursor
+        for kind, length in doc:
+            if kind not in SEGMENT_KINDS:
+                raise ValueError(
+                    f"document {doc_number}: unknown segment kind {kind!r}; "
+                    f"valid kinds: {', '.join(SEGMENT_KINDS)}"
+                )
+            if not isinstance(length, int) or length <= 0:
+                raise ValueError(
+                    f"document {doc_number}: segment ({kind!r}, {length!r}) needs a length >= 1"
+                )
+            previous = segments[-1] if segments else None
+            # Two text segments in a row are one causal run; image spans never merge, because
+            # consecutive spans (multi-scale, dual input) must not see each other's later tokens.
+            if kind == "text" and previous and previous[0] == doc_number and previous[1] == "text":
+                segments[-1] = (doc_number, "text", previous[2], cursor + length)
+            else:
+                segments.append((doc_number, kind, cursor, cursor + length))
+            cursor += length
+        doc_bounds.append((doc_begin, cursor))
+    return segments, doc_bounds
+
+
+def _plan_sdpa(segments, doc_bounds, vis_end_T: Tensor) -> tuple[tuple[SdpaBlock, ...], Tensor]:
+    docs_with_images = {doc for doc, kind, _, _ in segments if kind == "image"}
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for doc, (start, end) in enumerate(doc_bounds):
+        groups.setdefault((end - start, doc in docs_with_images), []).append(doc)
+
+    blocks = []
+    for (seqlen, has_image), group_docs in groups.items():
+        token_index = torch.cat([torch.arange(*doc_bounds[doc]) for doc in group_docs])
+        vis_end_local = None
+        if has_image:
+            doc_starts = torch.tensor([doc_bounds[doc][0] for doc in group_docs])
+            vis_end_local = vis_end_T[token_index].view(len(group_docs), seqlen)
+            vis_end_local = (vis_end_local - doc_starts[:, None]).to(torch.int32)
+        blocks.append(SdpaBlock(len(group_docs), seqlen, token_index, vis_end_local))
+    token_order = torch.cat([block.token_index for block in blocks])
+    return tuple(blocks), torch.argsort(token_order)
+
+
+def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
+    num_tokens = doc_bounds[-1][1]
+    # Within one call every document contributes at most one segment, so the key ranges
+    # [doc_start, seg_end) of a call are disjoint and increasing, as cu_seqlens_k requires.
+    entries: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+    ordinals: dict[tuple[int, str], int] = {}
+    for doc, kind, start, end in segments:
+        ordinal = ordinals.get((doc, kind), 0)
+        ordinals[(doc, kind)] = ordinal + 1
+        entries.setdefault((kind, ordinal), []).append((doc_bounds[doc][0], start, end))
+
+    calls = []
+    for (kind, ordinal), call_entries in entries.items():
+        query_lengths, key_lengths, query_ranges = [], [], []
+        cursor = 0
+        for key_start, start, end in call_entries:
+            if key_start > cursor:
+                query_lengths.append(0)
+                key_lengths.append(key_start - cursor)
+            query_lengths.append(end - start)
+            key_lengths.append(end - key_start)
+            query_ranges.append(torch.arange(start, end))
+            cursor = end
+        if cursor < num_tokens:
+            query_lengths.append(0)
+            key_lengths.append(num_tokens - cursor)
+        calls.append(
+            FlashCall(
+                kind=kind,
+                ordinal=ordinal,
+                # Text is causal with keys ending at the segment end: flash-attn aligns causal
+                # masks bottom-right, so query i of the segment sees keys up to itself.
+                causal=kind == "text",
+                query_index=torch.cat(query_ranges),
+                cu_seqlens_q=_cumulative_int32(query_lengths),
+                cu_seqlens_k=_cumulative_int32(key_lengths),
+                max_seqlen_q=max(query_lengths),
+                max_seqlen_k=max(key_lengths),
+            )
+        )
+    query_order = torch.cat([call.query_index for call in calls])
+    assert torch.equal(query_order.sort().values, torch.arange(num_tokens))
+    return tuple(calls), torch.argsort(query_order)
+
+
+def _cumulative_int32(lengths: list[int]) -> Tensor:
+    return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
+
+
+def _plan_flex(doc_start_T: Tensor, vis_end_T: Tensor) -> FlexBlocks:
+    num_tokens = doc_start_T.shape[0]
+    block = FLEX_BLOCK_SIZE
+    num_blocks = math.ceil(num_tokens / block)
+    num_padding = num_blocks * block - num_tokens
+    query_block_T = torch.arange(num_tokens) // block
+
+    # A key block is touched by a query block if any query's interval overlaps it; mark the
+    # overlaps with a difference array over key blocks instead of materializing T x T.
+    first_key_block = doc_start_T.long() // block
+    last_key_block = vis_end_T.long() // block
+    overlap_count = torch.zeros(num_blocks, num_blocks + 1, dtype=torch.int64)
+    ones_T = torch.ones(num_tokens, dtype=torch.int64)
+    overlap_count.index_put_((query_block_T, first_key_block), ones_T, accumulate=True)
+    overlap_count.index_put_((query_block_T, last_key_block + 1), -ones_T, accumulate=True)
+    touched = overlap_count.cumsum(1)[:, :num_blocks] > 0
+
+    # Fully visible: every query of the block sees every key of the block. The last key block
+    # is never full when T is not a multiple of the block size (its end lies beyond T - 1).
+    padded_doc_start = F.pad(doc_start_T, (0, num_padding), value=0)
+    padded_vis_end = F.pad(vis_end_T, (0, num_padding), value=num_tokens)
+    latest_doc_start = padded_doc_start.view(num_blocks, block).amax(1)
+    earliest_vis_end = padded_vis_end.view(num_blocks, block).amin(1)
+    key_block_start = torch.arange(num_blocks) * block
+    full = (latest_doc_start[:, None] <= key_block_start[None, :]) & (
+        earliest_vis_end[:, None] >= key_block_start[None, :] + block - 1
+    )
+    partial = touched & ~full
+
+    def block_table(selected: Tensor) -> tuple[Tensor, Tensor]:
+        counts = selected.sum(1, dtype=torch.int32)
+        # stable sort puts the selected block indices first, in increasing order
+        indices = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]
+
+    kv_num_blocks, kv_indices = block_table(partial)
+    full_kv_num_blocks, full_kv_indices = block_table(full)
+    return FlexBlocks(
+        doc_start_padded=F.pad(doc_start_T, (0, num_padding), value=num_tokens),
+        vis_end_padded=F.pad(vis_end_T, (0, num_padding), value=-1),
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks,
+        full_kv_indices=full_kv_indices,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: each takes q (T, H, D), k/v (T, Hkv, D), the layout and the softmax scale.
+
+
+def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) -> Tensor:
+    num_heads, num_kv_heads, head_dim = q_THD.shape[1], k_TKD.shape[1], q_THD.shape[2]
+    outputs = []
+    for block in layout.sdpa_blocks:
+        shape = (block.num_docs, block.seqlen, -1, head_dim)
+        q_BHND = q_THD.index_select(0, block.token_index).view(shape).transpose(1, 2)
+        k_BKND = k_TKD.index_select(0, block.token_index).view(shape).transpose(1, 2)
+        v_BKND = v_TKD.index_select(0, block.token_index).view(shape).transpose(1, 2)
+        mask_B1NN = None
+        if block.vis_end_local is not None:
+            # Built per call from the n_d-long interval vector rather than stored in the layout:
+            # n_d^2 cheap compares next to n_d^2 * H * D attention flops, and no n_d^2 bytes
+            # to ship to a device that may never use this backend.
+            key_N = torch.arange(block.seqlen, device=q_THD.device)
+            mask_B1NN = (key_N <= block.vis_end_local[:, :, None]).unsqueeze(1)
+        out_BHND = F.scaled_dot_product_attention(
+            q_BHND,
+            k_BKND,
+            v_BKND,
+            attn_mask=mask_B1NN,
+            is_causal=mask_B1NN is None,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        outputs.append(out_BHND.transpose(1, 2).reshape(-1, num_heads, head_dim))
+    return torch.cat(outputs).index_select(0, layout.sdpa_inverse_index)
+
+
+def _flash_decomposition(
+    q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale, varlen_kernel: Callable
+) -> Tensor:
+    # Each query row comes out of exactly one call, and the calls share the full k/v, so the
+    # kernel's own autograd gives exact gradients: dK/dV of the calls simply add up.
+    outputs = [
+        varlen_kernel(
+            q_THD.index_select(0, call.query_index),
+            k_TKD,
+            v_TKD,
+            call.cu_seqlens_q,
+            call.cu_seqlens_k,
+            call.max_seqlen_q,
+            call.max_seqlen_k,
+            softmax_scale=scale,
+            causal=call.causal,
+        )
+        for call in layout.flash_calls
+    ]
+    return torch.cat(outputs).index_select(0, layout.flash_inverse_index)
+
+
+def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        raise ImportError(
+            "attention backend 'flash' needs flash-attn 2.x (CUDA only): "
+            "pip install splitvlm[gpu]; on CPU use backend 'sdpa'"
+        ) from error
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func)
+
+
+def _flash_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    return _flash_decomposition(
+        q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func_emulated
+    )
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    blocks = layout.flex_blocks
+    doc_start, vis_end = blocks.doc_start_padded, blocks.vis_end_padded
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (doc_start[q_idx] <= kv_idx) & (kv_idx <= vis_end[q_idx])
+
+    num_tokens = q_THD.shape[0]
+    block_mask = BlockMask.from_kv_blocks(
+        blocks.kv_num_blocks,
+        blocks.kv_indices,
+        blocks.full_kv_num_blocks,
+        blocks.full_kv_indices,
+        BLOCK_SIZE=FLEX_BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=(num_tokens, num_tokens),
+    )
+    # Only the compiled kernel is block-sparse; eager flex (CPU) materializes all T^2 scores,
+    # while compiling on CPU costs ~30 s per shape and still has no backward there.
+    attend = _compiled_flex_attention() if q_THD.is_cuda else flex_attention
+    out_1HTD = attend(
+        q_THD.transpose(0, 1).unsqueeze(0),
+        k_TKD.transpose(0, 1).unsqueeze(0),
+        v_TKD.transpose(0, 1).unsqueeze(0),
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q_THD.shape[1] != k_TKD.shape[1],
+    )
+    return out_1HTD.squeeze(0).transpose(0, 1)
+
+
+ATTENTION_BACKENDS: dict[str, Callable] = {
+    "sdpa": _sdpa_attention,
+    "flash": _flash_attention,
+    "flash_emulated": _flash_emulated_attention,
+    "flex": _flex_attention,
+}
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: PackedLayout,
+    backend: str = "sdpa",
+    scale: float | None = None,
+) -> Tensor:
+    """Attention over a packed micro-batch: q (T, H, D), k and v (T, Hkv, D) -> (T, H, D).
+
+    H must be a multiple of Hkv (query head h uses key/value head h // (H // Hkv)); `scale`
+    defaults to 1 / sqrt(D).
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
+        )
+    num_tokens = layout.num_tokens
+    if q.shape[0] != num_tokens or k.shape[0] != num_tokens or v.shape[0] != num_tokens:
+        raise ValueError(
+            f"q, k, v have {q.shape[0]}, {k.shape[0]}, {v.shape[0]} tokens; "
+            f"the layout has {num_tokens}"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    return ATTENTION_BACKENDS[backend](q, k, v, layout, scale)
+
+
+def dense_reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, scale: float | None = None
+) -> Tensor:
+    """Naive T x T attention straight from the interval vectors; for tests and benchmarks."""
+    num_tokens, num_heads, head_dim = q.shape
+    group_size = num_heads // k.shape[1]
+    key_T = torch.arange(num_tokens, device=q.device)
+    visible_TT = (key_T[None, :] >= layout.doc_start[:, None]) & (
+        key_T[None, :] <= layout.vis_end[:, None]
+    )
+    k_THD = k.repeat_interleave(group_size, dim=1)
+    v_THD = v.repeat_interleave(group_size, dim=1)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scores_HTT = torch.einsum("qhd,khd->hqk", q, k_THD) * scale
+    probs_HTT = scores_HTT.masked_fill(~visible_TT, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs_HTT, v_THD)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_varlen_func in plain PyTorch (semantics of flash-attn 2.8.3's public function).
+
+
+def flash_attn_varlen_func_emulated(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+):
+    """Pure-PyTorch `flash_attn.flash_attn_varlen_func`: q (total_q, H, D), k/v (total_k, Hkv, D).
+
+    Same contract as the kernel, checked instead of trusted: cu_seqlens int32 and monotone,
+    every batch no longer than max_seqlen_q/k, Hkv divides H, D <= 256. With causal=True and
+    seqlen_q != seqlen_k the mask is aligned bottom-right (query i sees key j iff
+    j <= i + seqlen_k - seqlen_q); a query row with no visible key returns 0 (and LSE +inf).
+    Batches may have zero queries. Returns out, or (out, softmax_lse (H, total_q) fp32,
+    S_dmask) with return_attn_probs; like the kernel, no gradient flows back through the LSE.
+    Computes in fp32 and returns q.dtype. Dropout, windows, softcap, ALiBi and paged KV are not
+    emulated.
+    """
+    if dropout_p != 0.0 or tuple(window_size) != (-1, -1) or softcap != 0.0:
+        raise NotImplementedError("the emulator has no dropout, sliding window or softcap")
+    if alibi_slopes is not None or block_table is not None:
+        raise NotImplementedError("the emulator has no ALiBi or paged KV cache")
+    assert cu_seqlens_q.dtype == torch.int32, "cu_seqlens_q must have dtype int32"
+    assert cu_seqlens_k.dtype == torch.int32, "cu_seqlens_k must have dtype int32"
+    assert cu_seqlens_q.dim() == 1 and cu_seqlens_q.shape == cu_seqlens_k.shape
+    assert q.dim() == 3 and k.dim() == 3 and v.shape == k.shape
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    assert num_heads % num_kv_heads == 0, "number of heads in k/v must divide heads in q"
+    assert head_dim <= 256, "flash-attn supports head dim <= 256"
+
+    # note: host sync; this is a CPU test double, not a fast path
+    offsets_q = cu_seqlens_q.tolist()
+    offsets_k = cu_seqlens_k.tolist()
+    assert offsets_q[0] == 0 and offsets_k[0] == 0
+    assert offsets_q[-1] == q.shape[0], "cu_seqlens_q must end at total_q"
+    assert offsets_k[-1] <= k.shape[0], "cu_seqlens_k must end within total_k"
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    group_size = num_heads // num_kv_heads
+
+    outputs, lses = [], []
+    for q_begin, q_end, k_begin, k_end in zip(
+        offsets_q[:-1], offsets_q[1:], offsets_k[:-1], offsets_k[1:], strict=True
+    ):
+        seqlen_q, seqlen_k = q_end - q_begin, k_end - k_begin
+        assert 0 <= seqlen_q <= max_seqlen_q, f"batch of {seqlen_q} queries > max_seqlen_q"
+        assert 0 <= seqlen_k <= max_seqlen_k, f"batch of {seqlen_k} keys > max_seqlen_k"
+        q_QHD = q[q_begin:q_end].float()
+        k_KHD = k[k_begin:k_end].float().repeat_interleave(group_size, dim=1)
+        v_KHD = v[k_begin:k_end].float().repeat_interleave(group_size, dim=1)
+        scores_HQK = torch.einsum("qhd,khd->hqk", q_QHD, k_KHD) * scale
+        if causal:
+            query_Q = torch.arange(seqlen_q, device=q.device)
+            key_K = torch.arange(seqlen_k, device=q.device)
+            visible_QK = key_K[None, :] <= query_Q[:, None] + (seqlen_k - seqlen_q)
+            scores_HQK = scores_HQK.masked_fill(~visible_QK, float("-inf"))
+        # Softmax by hand so rows without a visible key give 0 (not NaN) in forward and backward.
+        row_max_HQ1 = scores_HQK.amax(-1, keepdim=True).detach()
+        row_max_HQ1 = torch.where(row_max_HQ1.isfinite(), row_max_HQ1, 0.0)
+        weights_HQK = torch.exp(scores_HQK - row_max_HQ1)
+        normalizer_HQ1 = weights_HQK.sum(-1, keepdim=True)
+        probs_HQK = weights_HQK / normalizer_HQ1.clamp_min(torch.finfo(torch.float32).tiny)
+        outputs.append(torch.einsum("hqk,khd->qhd", probs_HQK, v_KHD))
+        lse_HQ = (normalizer_HQ1.log() + row_max_HQ1).squeeze(-1).detach()
+        lses.append(torch.where(normalizer_HQ1.squeeze(-1) > 0, lse_HQ, float("inf")))
+    out = torch.cat(outputs).to(q.dtype)
+    if not return_attn_probs:
+        return out
+    # S_dmask is only materialized by the kernel when dropout_p > 0, which is not emulated
+    return out, torch.cat(lses, dim=1), torch.empty(0, dtype=q.dtype, device=q.device)

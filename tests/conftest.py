@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small copy of the demo task (shards + tokenizer), written once per test session."""
+    from trainer.data.demo import write_demo
+
+    out = tmp_path_factory.mktemp("demo_data")
+    write_demo(out, sizes={"train": 800, "heldout": 64})
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(demo_data, tmp_path):
+    return [
+        f"data.path={demo_data}",
+        f"run.dir={tmp_path / 'run'}",
+        "data.batch_size=8",
+        "run.log_every=1000",
+    ]

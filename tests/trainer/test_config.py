@@ -1,0 +1,131 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import yaml
+from trainer.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    path = write(
+        tmp_path, "run:\n  steps: 7\nmodel:\n  d_model: 32\n  vision:\n    patch_size: 4\n"
+    )
+    cfg = load_config(path, ["run.steps=9", "optim.lr=1e-4", "model.vision.trainable=true"])
+    assert cfg.run.steps == 9  # the override wins over the file
+    assert cfg.model.d_model == 32
+    assert cfg.model.vision.patch_size == 4
+    assert cfg.model.vision.trainable is True
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.data.batch_size == Config().data.batch_size  # untouched default
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1\n"))
+    assert isinstance(cfg.optim.lr, float)
+    with pytest.raises(ConfigError, match=r"'run.steps' must be int"):
+        load_config(write(tmp_path, "run:\n  steps: 1.5\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("run:\n  stpes: 3\n", r"run.yaml: unknown key 'run.stpes'"),
+        ("nope:\n  a: 1\n", r"unknown key 'nope'"),
+        ("model:\n  vision:\n    image_size: big\n", r"'model.vision.image_size' must be int"),
+        ("data:\n  shuffle: 'yes'\n", r"'data.shuffle' must be bool"),
+        ("run: 3\n", r"'run' is a section"),
+        ("- a\n- b\n", r"top level must be a mapping"),
+        ("run: [\n", r"not valid YAML"),
+        ("model:\n  num_heads: 3\n", r"not divisible by model.num_heads"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_overrides_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set: unknown key 'optim.lrr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["run.steps=3", "model.vision.hidden_size=16"])
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    assert again == cfg
+
+
+def test_shipped_presets_load():
+    for preset in sorted((REPO / "yaml").glob("*.yaml")):
+        load_config(preset)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+        (["train", "yaml/tiny.yaml", "--set", "run.bogus=1"], "unknown key 'run.bogus'"),
+        (["train", "yaml/tiny.yaml", "--set", "run.steps=x"], "'run.steps' must be int"),
+        (
+            [
+                "train",
+                "yaml/tiny.yaml",
+                "--set",
+                "data.generate_demo=false",
+                "--set",
+                "data.path=/nonexistent",
+            ],
+            "data directory not found: /nonexistent/train",
+        ),
+    ],
+)
+def test_cli_user_errors_are_one_line_with_exit_2(args, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_an_empty_data_directory(tmp_path):
+    (tmp_path / "train").mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "train",
+            "yaml/tiny.yaml",
+            "--set",
+            f"data.path={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"splitvlm train: error: no MDS shards in {tmp_path}/train (index.json is missing)"
+    )

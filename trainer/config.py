@@ -1,0 +1,187 @@
+"""Run configuration: dataclass defaults → a YAML file → `--set a.b=c` overrides.
+
+Strict on purpose: an unknown key or a value of the wrong type raises `ConfigError` naming the key
+and the file it came from, because a silently ignored typo costs a cluster run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override; the message is one line."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    # Relative paths are resolved against the directory `splitvlm train` is started from.
+    dir: str = "runs/run"
+    seed: int = 0
+    steps: int = 100
+    log_every: int = 10
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # a directory of MDS splits: PATH/train, PATH/heldout
+    split: str = "train"
+    tokenizer: str = ""  # empty: PATH/tokenizer (written by `splitvlm shards demo`)
+    generate_demo: bool = False  # write the demo shards to `path` when it does not exist
+    batch_size: int = 16  # samples per rank per optimizer step
+    max_tokens: int = 2048  # tokens per micro-batch
+    num_canonical_nodes: int = 1  # fixed, so the sample order does not depend on world size
+    shuffle: bool = True
+    shuffle_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    name: str = "local"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # empty: start an embedded Ray cluster on this machine
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides (values are YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            _merge(cfg, raw, prefix="", source=str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example run.steps=10")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        nested: dict = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        _merge(cfg, nested, prefix="", source="--set")
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, raw, prefix="", source="dict")
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _merge(obj, raw: dict, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    valid = {f.name for f in dataclasses.fields(obj)}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(
+                f"{source}: unknown key '{name}' (valid here: {', '.join(sorted(valid))})"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{name}' is a section and needs a mapping")
+            _merge(current, value, prefix=f"{name}.", source=source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name, source))
+
+
+def _coerce(value, expected, name: str, source: str):
+    """Check `value` against a field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option, name, source)
+            except ConfigError:
+                continue
+    elif origin in (list, tuple):
+        (item_type, *_) = typing.get_args(expected) or (object,)
+        if isinstance(value, list | tuple):
+            return [_coerce(v, item_type, name, source) for v in value]
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is type(None):
+        if value is None:
+            return None
+    elif expected is object or isinstance(value, expected):
+        return value
+    shown = getattr(expected, "__name__", str(expected))
+    raise ConfigError(f"{source}: '{name}' must be {shown}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,172 @@
+"""A procedurally generated, learnable image+text task, so everything runs with no network.
+
+Each image is a coloured shape in one quadrant of a noisy background. Samples are captions
+("a red circle at the top left ."), questions about colour, shape or position, and text-only
+counting sequences. A word-level tokenizer over the task's vocabulary is saved next to the shards
+as a real transformers tokenizer, loaded with `AutoTokenizer.from_pretrained` like any other.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from trainer.data.shards import IMAGE_PLACEHOLDER, write_shards
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 200),
+    "white": (240, 240, 240),
+}
+SHAPES = ("square", "circle", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
+QUESTIONS = {
+    "color": "what color is the shape ?",
+    "shape": "what shape is it ?",
+    "position": "where is the shape ?",
+}
+SPECIAL_TOKENS = (
+    "<pad>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<|user|>",
+    "<|assistant|>",
+    "<image_start>",
+    "<image_end>",
+    IMAGE_PLACEHOLDER,
+)
+SPLITS = {"train": 6000, "heldout": 400}
+
+
+def chance_accuracy() -> dict[str, float]:
+    return {
+        "color": 1 / len(COLORS),
+        "shape": 1 / len(SHAPES),
+        "position": 1 / len(POSITIONS),
+    }
+
+
+def render_shape(
+    color: str, shape: str, position: str, rng: random.Random, size: int = 32
+) -> bytes:
+    """PNG bytes of one shape on a noisy dark background."""
+    image = Image.new("RGB", (size, size))
+    pixels = image.load()
+    for y in range(size):
+        for x in range(size):
+            grey = rng.randint(10, 60)
+            pixels[x, y] = (grey, grey, grey)
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    extent = rng.randint(half * 5 // 8, half - 2)
+    left = (half if "right" in position else 0) + rng.randint(1, half - extent - 1)
+    top = (half if "bottom" in position else 0) + rng.randint(1, half - extent - 1)
+    box = (left, top, left + extent, top + extent)
+    fill = COLORS[color]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon(
+            [(left, top + extent), (left + extent, top + extent), (left + extent // 2, top)],
+            fill=fill,
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
+    kind = rng.choices(("caption", "question", "text"), weights=(3, 5, 2))[0]
+    sample = {
+        "id": f"demo-{index:07d}",
+        "text": "",
+        "messages": [],
+        "images": [],
+        "image_sizes": [],
+    }
+    if kind == "text":
+        start = rng.randint(0, 10)
+        count = rng.randint(4, 10)
+        sample["text"] = "count : " + " ".join(NUMBERS[start : start + count])
+        return sample
+    color, shape, position = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(POSITIONS)
+    sample["images"] = [render_shape(color, shape, position, rng, image_size)]
+    sample["image_sizes"] = [[image_size, image_size]]
+    if kind == "caption":
+        prompt, answer = "describe the image .", f"a {color} {shape} at the {position} ."
+    else:
+        topic = rng.choice(list(QUESTIONS))
+        prompt = QUESTIONS[topic]
+        answer = {"color": color, "shape": shape, "position": position}[topic]
+    sample["messages"] = [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+        {"role": "assistant", "content": answer},
+    ]
+    return sample
+
+
+def vocabulary() -> list[str]:
+    words = set("count : a at the . ? describe image what color is shape it where".split())
+    words |= set(NUMBERS) | set(SHAPES) | set(COLORS)
+    words |= {word for position in POSITIONS for word in position.split()}
+    return list(SPECIAL_TOKENS) + sorted(words)
+
+
+def save_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=list(SPECIAL_TOKENS[4:]),
+    )
+    tokenizer.save_pretrained(str(out))
+
+
+def count_text_tokens(sample: dict) -> int:
+    """Whitespace words plus bos/eos and role markers: exact for the demo's word-level tokenizer."""
+    if sample["text"]:
+        return len(sample["text"].split()) + 2
+    words = sum(
+        len(m["content"].replace(IMAGE_PLACEHOLDER, " ").split()) for m in sample["messages"]
+    )
+    return words + 2 + len(sample["messages"]) + 2 * len(sample["images"])
+
+
+def write_demo(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, int]:
+    """Write the demo splits (MDS) and the tokenizer under `out`; returns samples per split."""
+    out = Path(out)
+    save_tokenizer(out / "tokenizer")
+    written = {}
+    for offset, (split, count) in enumerate((sizes or SPLITS).items()):
+        rng = random.Random(seed * 1000 + offset)
+
+        def samples(rng=rng, count=count, split=split):
+            for index in range(count):
+                sample = make_sample(index, rng)
+                sample["id"] = f"demo-{split}-{index:07d}"
+                sample["num_text_tokens"] = count_text_tokens(sample)
+                yield sample
+
+        written[split] = write_shards(out / split, samples())
+    return written

@@ -1,0 +1,142 @@
+"""Pack a rank's step batch into micro-batches of at most `max_tokens` tokens, no padding.
+
+Every rank must run the same number of forward/backward passes per step (FSDP and ZeRO-3 hang
+otherwise), so the micro-batch count M is agreed across ranks before packing: ranks that need
+fewer split their bins further. No sample is dropped or split across micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from models.attention import PackedLayout
+from trainer.data.decode import Document
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch: a flat token sequence with the layouts the model's stages need."""
+
+    input_ids: torch.Tensor  # int64 (T,)
+    labels: torch.Tensor  # int64 (T,): next-token target at each position, IGNORE_INDEX if none
+    layout: PackedLayout  # the merged sequence
+    text_index: torch.Tensor  # int64 (T_text,): positions of text tokens in the merged sequence
+    text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
+    image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
+    image_layout: PackedLayout | None  # every image its own document (image-in blocks)
+    pixel_values: torch.Tensor  # float32 (num_images, 3, H, W)
+    image_mask: torch.Tensor  # bool (T_image,)
+    sample_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_text_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_masked_image_tokens(self) -> int:
+        return int(self.image_mask.sum())
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, non_blocking=True)
+            elif isinstance(value, PackedLayout):
+                value = value.to(device)
+            moved[f.name] = value
+        return PackedBatch(**moved)
+
+
+def plan_micro_batches(lengths: list[int], max_tokens: int, min_bins: int = 1) -> list[list[int]]:
+    """First-fit-decreasing bins of sample indices, then split the fullest bins up to `min_bins`."""
+    too_long = [n for n in lengths if n > max_tokens]
+    if too_long:
+        raise ValueError(f"a sample of {max(too_long)} tokens exceeds data.max_tokens={max_tokens}")
+    if min_bins > len(lengths):
+        raise ValueError(f"cannot make {min_bins} micro-batches from {len(lengths)} samples")
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, load in enumerate(loads):
+            if load + lengths[index] <= max_tokens:
+                bins[b].append(index)
+                loads[b] += lengths[index]
+                break
+        else:
+            bins.append([index])
+            loads.append(lengths[index])
+    while len(bins) < min_bins:
+        # Split the fullest bin that has more than one sample; halves keep FFD order.
+        b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: loads[b])
+        members = bins.pop(b)
+        loads.pop(b)
+        for half in (members[0::2], members[1::2]):
+            bins.append(half)
+            loads.append(sum(lengths[i] for i in half))
+    return [sorted(b) for b in bins]
+
+
+def pack_step(
+    docs: list[Document],
+    max_tokens: int,
+    image_attention: str = "bidirectional",
+    agree_num_micro_batches: Callable[[int], int] = lambda m: m,
+) -> list[PackedBatch]:
+    """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max."""
+    if not docs:
+        raise ValueError("a step batch needs at least one sample")
+    bins = plan_micro_batches([d.num_tokens for d in docs], max_tokens)
+    num_micro_batches = agree_num_micro_batches(len(bins))
+    if num_micro_batches != len(bins):
+        bins = plan_micro_batches([d.num_tokens for d in docs], max_tokens, num_micro_batches)
+    return [collate([docs[i] for i in b], image_attention) for b in bins]
+
+
+def collate(docs: list[Document], image_attention: str = "bidirectional") -> PackedBatch:
+    image_kind = "image" if image_attention == "bidirectional" else "text"
+    merged_docs, text_docs, image_docs = [], [], []
+    labels, text_index, image_index = [], [], []
+    offset = 0
+    for doc in docs:
+        assert sum(n for _, n in doc.segments) == doc.num_tokens
+        # Labels never cross a document boundary: the last token of a document predicts nothing.
+        doc_labels = torch.full_like(doc.input_ids, IGNORE_INDEX)
+        doc_labels[:-1] = torch.where(doc.target_mask[1:], doc.input_ids[1:], IGNORE_INDEX)
+        labels.append(doc_labels)
+        merged_docs.append([(image_kind if k == "image" else "text", n) for k, n in doc.segments])
+        position, num_text = offset, 0
+        for kind, length in doc.segments:
+            span = torch.arange(position, position + length)
+            if kind == "image":
+                image_index.append(span)
+                image_docs.append([(image_kind, length)])
+            else:
+                text_index.append(span)
+                num_text += length
+            position += length
+        if num_text:
+            text_docs.append([("text", num_text)])
+        offset += doc.num_tokens
+    empty = torch.zeros(0, dtype=torch.long)
+    return PackedBatch(
+        input_ids=torch.cat([d.input_ids for d in docs]),
+        labels=torch.cat(labels),
+        layout=PackedLayout.from_docs(merged_docs),
+        text_index=torch.cat(text_index) if text_index else empty,
+        text_layout=PackedLayout.from_docs(text_docs) if text_docs else None,
+        image_index=torch.cat(image_index) if image_index else empty,
+        image_layout=PackedLayout.from_docs(image_docs) if image_docs else None,
+        pixel_values=torch.cat([d.pixel_values for d in docs]),
+        image_mask=torch.cat([d.image_mask for d in docs]),
+        sample_ids=[d.sample_id for d in docs],
+    )

@@ -1,0 +1,79 @@
+"""The MDS sample schema every shard writer produces and every reader expects.
+
+One sample is either plain text (`text`, loss on every token) or a conversation (`messages`, a list
+of {"role": "user" | "assistant", "content": str}; loss on assistant turns). An `<image>` in the
+text marks where the next image goes. Images are stored as their encoded file bytes, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from streaming import MDSWriter
+
+IMAGE_PLACEHOLDER = "<image>"
+
+MDS_COLUMNS = {
+    "id": "str",
+    "text": "str",
+    "messages": "json",
+    # Several encoded images in one column: MDS has no list-of-bytes type, and pickle is not an
+    # option for data read by training jobs.
+    "images": "bytes",
+    "image_sizes": "json",
+    "num_text_tokens": "int",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+def pack_blobs(blobs: list[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(blob)) + blob for blob in blobs)
+
+
+def unpack_blobs(data: bytes) -> list[bytes]:
+    blobs, offset = [], 0
+    while offset < len(data):
+        (size,) = _LENGTH.unpack_from(data, offset)
+        offset += _LENGTH.size
+        if offset + size > len(data):
+            raise ValueError("truncated image blob")
+        blobs.append(data[offset : offset + size])
+        offset += size
+    return blobs
+
+
+def write_shards(
+    out: Path, samples: Iterable[dict], compression: str | None = "zstd", size_limit: int = 1 << 26
+) -> int:
+    """Write `samples` (dicts with MDS_COLUMNS keys, `images` as a list of bytes) to MDS at `out`."""
+    count = 0
+    with MDSWriter(
+        out=str(out),
+        columns=MDS_COLUMNS,
+        compression=compression,
+        hashes=["xxh64"],
+        size_limit=size_limit,
+    ) as writer:
+        for sample in samples:
+            writer.write({**sample, "images": pack_blobs(sample["images"])})
+            count += 1
+    return count
+
+
+def check_split_dir(path: Path) -> None:
+    """Raise ValueError (one line) unless `path` holds an MDS index with at least one sample."""
+    index = path / "index.json"
+    if not path.exists():
+        raise ValueError(f"data directory not found: {path}")
+    if not index.is_file():
+        raise ValueError(f"no MDS shards in {path} (index.json is missing)")
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError):
+        raise ValueError(f"{index} is not a valid MDS index") from None
+    if sum(shard.get("samples", 0) for shard in shards) == 0:
+        raise ValueError(f"no samples in {path}")

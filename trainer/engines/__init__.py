@@ -1,0 +1,25 @@
+"""Engines by name: `engine.name` in the config picks one."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.config import Config
+from trainer.distributed import WorldInfo
+from trainer.engines.base import Engine
+
+
+def _local(cfg, world, model, device):
+    from trainer.engines.local import LocalEngine
+
+    return LocalEngine(cfg, world, model, device)
+
+
+ENGINES = {"local": _local}
+
+
+def build_engine(cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device) -> Engine:
+    if cfg.engine.name not in ENGINES:
+        raise ValueError(f"unknown engine.name {cfg.engine.name!r}; valid: {', '.join(ENGINES)}")
+    return ENGINES[cfg.engine.name](cfg, world, model, device)

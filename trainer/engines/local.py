@@ -1,0 +1,55 @@
+"""One process, no sharding: the reference every distributed engine is compared with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.config import Config
+from trainer.distributed import WorldInfo
+from trainer.engines.base import Engine
+from trainer.optim import build_optimizer
+
+
+class LocalEngine(Engine):
+    def __init__(self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device):
+        super().__init__(cfg, world)
+        if world.world_size != 1:
+            raise ValueError(
+                f"engine.name=local runs one worker, got {world.world_size}; "
+                "use engine.name=fsdp or deepspeed with cluster.num_workers > 1"
+            )
+        self.device = device
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        self.model.load_state_dict(
+            load_file(str(path / "model.safetensors"), device=str(self.device))
+        )
+        optimizer_state = torch.load(
+            path / "optimizer.pt", map_location=self.device, weights_only=True
+        )
+        self.optimizer.load_state_dict(optimizer_state)
