@@ -165,7 +165,9 @@ def _to_device(value, device: torch.device):
     if isinstance(value, tuple):
         return tuple(_to_device(item, device) for item in value)
     if dataclasses.is_dataclass(value):
-        changes = {f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value)}
+        changes = {
+            f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value)
+        }
         return dataclasses.replace(value, **changes)
     return value
 
@@ -385,9 +387,7 @@ def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
 
 
 def _flash_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
-    return _flash_decomposition(
-        q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func_emulated
-    )
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func_emulated)
 
 
 @functools.cache
@@ -462,7 +462,9 @@ def packed_attention(
             f"the layout has {num_tokens}"
         )
     if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})"
+        )
     return ATTENTION_BACKENDS[backend](q, k, v, layout, scale)
 
 

@@ -1,0 +1,438 @@
+import random
+import warnings
+
+import pytest
+import torch
+
+from models.attention import (
+    ATTENTION_BACKENDS,
+    FLEX_BLOCK_SIZE,
+    PackedLayout,
+    dense_reference_attention,
+    flash_attn_varlen_func_emulated,
+    packed_attention,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+CONTRACT_DOCS = [[("text", 5), ("image", 16), ("text", 7)], [("text", 9)]]
+NUM_SEEDS = 12
+
+
+def _flex_cpu_forward_unavailable() -> str | None:
+    """Why flex cannot run forward on this machine's CPU, or None if it can."""
+    try:
+        layout = PackedLayout.from_docs([[("text", 3), ("image", 2)]])
+        q = torch.randn(5, 2, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "called without torch.compile": eager on purpose
+            packed_attention(q, q, q, layout, backend="flex")
+    except Exception as error:  # any failure means: no CPU flex in this torch build
+        return f"flex_attention forward fails on CPU with this torch: {error!r}"
+    return None
+
+
+FLEX_CPU_SKIP_REASON = _flex_cpu_forward_unavailable()
+needs_flex_cpu = pytest.mark.skipif(
+    FLEX_CPU_SKIP_REASON is not None, reason=str(FLEX_CPU_SKIP_REASON)
+)
+# flex has no CPU backward in torch, so on CPU it is checked on forward outputs only
+CPU_BACKENDS = ["sdpa", "flash_emulated", pytest.param("flex", marks=needs_flex_cpu)]
+CPU_TRAINING_BACKENDS = ["sdpa", "flash_emulated"]
+
+
+def random_docs(rng: random.Random) -> list[list[tuple[str, int]]]:
+    """1-8 documents: text-only, image-only or mixed, 0-6 images, spans as short as 1 token."""
+    docs = []
+    for _ in range(rng.randint(1, 8)):
+        style = rng.choice(["mixed", "mixed", "text_only", "image_only"])
+        if style == "text_only":
+            doc = [("text", rng.randint(1, 24)) for _ in range(rng.randint(1, 2))]
+        elif style == "image_only":
+            doc = [
+                ("image", rng.choice([1, 2, rng.randint(3, 16)])) for _ in range(rng.randint(1, 3))
+            ]
+        else:
+            doc = [("text", rng.randint(1, 8))] if rng.random() < 0.7 else []
+            for _ in range(rng.randint(0, 6)):
+                doc.append(("image", rng.choice([1, rng.randint(2, 12)])))
+                if rng.random() < 0.6:  # otherwise consecutive image spans
+                    doc.append(("text", rng.randint(1, 6)))
+            if not doc:
+                doc = [("text", 1)]
+        docs.append(doc)
+    return docs
+
+
+def random_long_docs(rng: random.Random, min_tokens: int) -> list[list[tuple[str, int]]]:
+    """Random documents until there are more than min_tokens tokens (several flex blocks)."""
+    docs = []
+    while sum(length for doc in docs for _, length in doc) <= min_tokens:
+        docs += random_docs(rng)
+    return docs
+
+
+def random_qkv(num_tokens: int, num_heads: int, num_kv_heads: int, seed: int, head_dim: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=generator)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator)
+    return q, k, v
+
+
+def visibility(layout: PackedLayout) -> torch.Tensor:
+    key_T = torch.arange(layout.num_tokens)
+    return (key_T[None, :] >= layout.doc_start[:, None]) & (
+        key_T[None, :] <= layout.vis_end[:, None]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedLayout
+
+
+def test_from_docs_contract_example():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS)
+    assert layout.num_tokens == 37 and layout.num_docs == 2 and layout.max_seqlen == 28
+    assert layout.cu_seqlens.dtype == torch.int32
+    assert layout.cu_seqlens.tolist() == [0, 28, 37]
+    assert layout.position_ids.dtype == torch.int64
+    assert layout.position_ids.tolist() == list(range(28)) + list(range(9))
+    assert layout.doc_start.dtype == torch.int32 and layout.vis_end.dtype == torch.int32
+    assert layout.doc_start.tolist() == [0] * 28 + [28] * 9
+    assert layout.vis_end.tolist() == [0, 1, 2, 3, 4] + [20] * 16 + list(range(21, 37))
+    assert layout.is_image.dtype == torch.bool
+    assert layout.is_image.tolist() == [False] * 5 + [True] * 16 + [False] * 16
+
+
+def test_from_docs_flash_plan_on_contract_example():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS)
+    calls = {(call.kind, call.ordinal): call for call in layout.flash_calls}
+    assert set(calls) == {("text", 0), ("image", 0), ("text", 1)}
+    expected = {  # (causal, query rows, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        ("text", 0): (True, [*range(0, 5), *range(28, 37)], [0, 5, 5, 14], [0, 5, 28, 37], 9, 23),
+        ("image", 0): (False, list(range(5, 21)), [0, 16, 16], [0, 21, 37], 16, 21),
+        ("text", 1): (True, list(range(21, 28)), [0, 7, 7], [0, 28, 37], 7, 28),
+    }
+    for key, (causal, rows, cu_q, cu_k, max_q, max_k) in expected.items():
+        call = calls[key]
+        assert call.causal == causal
+        assert call.query_index.tolist() == rows
+        assert call.cu_seqlens_q.dtype == torch.int32 and call.cu_seqlens_k.dtype == torch.int32
+        assert call.cu_seqlens_q.tolist() == cu_q and call.cu_seqlens_k.tolist() == cu_k
+        assert (call.max_seqlen_q, call.max_seqlen_k) == (max_q, max_k)
+
+
+def test_adjacent_text_merges_and_adjacent_images_do_not():
+    merged = PackedLayout.from_docs([[("text", 3), ("text", 4)]])
+    assert merged.segments == (("text", 0, 7),)
+    assert merged.vis_end.tolist() == list(range(7))
+    dual = PackedLayout.from_docs([[("image", 2), ("image", 3)]])
+    assert dual.segments == (("image", 0, 2), ("image", 2, 5))
+    assert dual.vis_end.tolist() == [1, 1, 4, 4, 4]
+
+
+@pytest.mark.parametrize("seed", range(NUM_SEEDS))
+def test_flash_plan_covers_every_key_and_query_once(seed):
+    layout = PackedLayout.from_docs(random_docs(random.Random(seed)))
+    num_tokens = layout.num_tokens
+    for call in layout.flash_calls:
+        lengths_q = call.cu_seqlens_q.diff()
+        lengths_k = call.cu_seqlens_k.diff()
+        assert call.cu_seqlens_k[0] == 0 and call.cu_seqlens_k[-1] == num_tokens
+        assert (lengths_k > 0).all() and (lengths_q >= 0).all()
+        assert lengths_q.max() == call.max_seqlen_q and lengths_k.max() == call.max_seqlen_k
+    query_rows = torch.cat([call.query_index for call in layout.flash_calls])
+    assert sorted(query_rows.tolist()) == list(range(num_tokens))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flex_block_tables_match_create_block_mask(seed):
+    # Eager flex on CPU applies mask_mod to every pair and ignores the block tables, so the
+    # forward tests cannot catch a wrong table; torch's own builder is the reference instead.
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    layout = PackedLayout.from_docs(random_long_docs(random.Random(seed), 2 * FLEX_BLOCK_SIZE))
+    doc_start, vis_end = layout.flex_blocks.doc_start_padded, layout.flex_blocks.vis_end_padded
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (doc_start[q_idx] <= kv_idx) & (kv_idx <= vis_end[q_idx])
+
+    expected = create_block_mask(
+        mask_mod, None, None, layout.num_tokens, layout.num_tokens, device="cpu"
+    )
+    blocks = layout.flex_blocks
+    visited = blocks.kv_num_blocks + blocks.full_kv_num_blocks
+    assert torch.equal(visited, expected.kv_num_blocks + expected.full_kv_num_blocks)
+    # our full blocks must be truly full; torch may call a block partial that is in fact full
+    for query_block in range(blocks.full_kv_num_blocks.shape[-1]):
+        num_full = blocks.full_kv_num_blocks[0, 0, query_block]
+        for key_block in blocks.full_kv_indices[0, 0, query_block, :num_full].tolist():
+            rows = slice(query_block * FLEX_BLOCK_SIZE, (query_block + 1) * FLEX_BLOCK_SIZE)
+            cols = slice(key_block * FLEX_BLOCK_SIZE, (key_block + 1) * FLEX_BLOCK_SIZE)
+            assert visibility(layout)[rows, cols].all()
+
+
+def test_to_device_moves_every_tensor():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS + [[("image", 4)]])
+    moved = layout.to("meta")
+    tensors = []
+
+    def collect(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, tuple):
+            for item in value:
+                collect(item)
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                collect(getattr(value, name))
+
+    collect(moved)
+    assert len(tensors) > 10 and all(t.device.type == "meta" for t in tensors)
+    assert layout.doc_start.device.type == "cpu"  # a copy, the original stays
+    assert moved.num_tokens == layout.num_tokens and moved.max_seqlen == layout.max_seqlen
+
+
+@pytest.mark.parametrize(
+    "docs, message",
+    [
+        ([[("video", 3)]], "unknown segment kind"),
+        ([[("text", 3), ("image", 0)]], "length >= 1"),
+        ([[("text", 3)], []], "document 1 is empty"),
+        ([], "at least one document"),
+    ],
+)
+def test_from_docs_rejects_bad_input(docs, message):
+    with pytest.raises(ValueError, match=message):
+        PackedLayout.from_docs(docs)
+
+
+def test_unknown_backend_lists_valid_ones():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS)
+    q, k, v = random_qkv(layout.num_tokens, 2, 2, seed=0)
+    with pytest.raises(ValueError, match=", ".join(ATTENTION_BACKENDS)):
+        packed_attention(q, k, v, layout, backend="xformers")
+
+
+def test_heads_must_group():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS)
+    q, k, v = random_qkv(layout.num_tokens, 3, 2, seed=0)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        packed_attention(q, k, v, layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends against the dense reference
+
+
+def _outputs_and_grads(backend, q, k, v, layout, grad_out):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if backend == "reference":
+        out = dense_reference_attention(*leaves, layout)
+    else:
+        out = packed_attention(*leaves, layout, backend=backend)
+    out.backward(grad_out)
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
+@pytest.mark.parametrize("seed", range(NUM_SEEDS))
+def test_backend_matches_reference_outputs_and_grads(backend, seed, num_heads, num_kv_heads):
+    layout = PackedLayout.from_docs(random_docs(random.Random(seed)))
+    q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
+    out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+@needs_flex_cpu
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_flex_forward_matches_reference(seed, num_heads, num_kv_heads):
+    layout = PackedLayout.from_docs(random_long_docs(random.Random(seed), 2 * FLEX_BLOCK_SIZE))
+    q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
+    out = packed_attention(q, k, v, layout, backend="flex")
+    torch.testing.assert_close(
+        out, dense_reference_attention(q, k, v, layout), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_scale_is_passed_to_every_backend():
+    layout = PackedLayout.from_docs(CONTRACT_DOCS)
+    q, k, v = random_qkv(layout.num_tokens, 2, 1, seed=1)
+    expected = dense_reference_attention(q, k, v, layout, scale=0.05)
+    for backend in ["sdpa", "flash_emulated"] + ([] if FLEX_CPU_SKIP_REASON else ["flex"]):
+        out = packed_attention(q, k, v, layout, backend=backend, scale=0.05)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask properties, checked by perturbation (no knowledge of how a backend builds its mask)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
+def test_changing_one_document_never_changes_another(backend, seed):
+    docs = random_docs(random.Random(seed)) + [[("text", 4), ("image", 3), ("text", 2)]]
+    layout = PackedLayout.from_docs(docs)
+    q, k, v = random_qkv(layout.num_tokens, 2, 1, seed)
+    out = packed_attention(q, k, v, layout, backend=backend)
+    bounds = layout.cu_seqlens.tolist()
+    for doc in range(layout.num_docs):
+        rows = slice(bounds[doc], bounds[doc + 1])
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for tensor in (q2, k2, v2):
+            tensor[rows] += 1.0 + torch.randn_like(tensor[rows])
+        out2 = packed_attention(q2, k2, v2, layout, backend=backend)
+        others = torch.ones(layout.num_tokens, dtype=torch.bool)
+        others[rows] = False
+        torch.testing.assert_close(out2[others], out[others], rtol=0, atol=1e-6)
+        assert (out2[rows] - out[rows]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_each_key_reaches_exactly_the_queries_that_may_see_it(backend):
+    """Perturb one key/value row at a time; the outputs that change must be exactly the queries
+    whose interval holds that key: text never sees later tokens, an image token sees every token
+    of its span, documents stay apart."""
+    docs = [
+        [("text", 3), ("image", 4), ("text", 2), ("image", 1), ("image", 3), ("text", 2)],
+        [("image", 2), ("text", 3)],
+        [("text", 1)],
+    ]
+    layout = PackedLayout.from_docs(docs)
+    q, k, v = random_qkv(layout.num_tokens, 2, 1, seed=3)
+    out = packed_attention(q, k, v, layout, backend=backend)
+    visible_TT = visibility(layout)
+    for key in range(layout.num_tokens):
+        k2, v2 = k.clone(), v.clone()
+        k2[key] += 1.0
+        v2[key] += 1.0
+        changed_T = (packed_attention(q, k2, v2, layout, backend=backend) - out).abs().amax((1, 2))
+        assert torch.equal(changed_T > 1e-6, visible_TT[:, key]), f"key {key}"
+        assert (changed_T[~visible_TT[:, key]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
+def test_text_outputs_ignore_later_tokens(backend, seed):
+    layout = PackedLayout.from_docs(random_docs(random.Random(seed)))
+    q, k, v = random_qkv(layout.num_tokens, 2, 2, seed)
+    out = packed_attention(q, k, v, layout, backend=backend)
+    for cut in range(1, layout.num_tokens, max(1, layout.num_tokens // 12)):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for tensor in (q2, k2, v2):
+            tensor[cut:] = torch.randn_like(tensor[cut:])
+        out2 = packed_attention(q2, k2, v2, layout, backend=backend)
+        unaffected = layout.vis_end < cut  # includes every text token before the cut
+        assert unaffected[:cut][~layout.is_image[:cut]].all()
+        torch.testing.assert_close(out2[unaffected], out[unaffected], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flash_attn_varlen_func emulator
+
+
+def _emulate(q, k, v, cu_q, cu_k, causal, **kwargs):
+    cu_q = torch.tensor(cu_q, dtype=torch.int32)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32)
+    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())
+    return flash_attn_varlen_func_emulated(
+        q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, **kwargs
+    )
+
+
+def _masked_attention(q, k, v, visible_QK):
+    scores_HQK = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    probs = scores_HQK.masked_fill(~visible_QK, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def test_emulator_requires_int32_cu_seqlens():
+    q, k, v = random_qkv(4, 2, 2, seed=0)
+    cu = torch.tensor([0, 4])
+    with pytest.raises(AssertionError, match="int32"):
+        flash_attn_varlen_func_emulated(q, k, v, cu, cu.int(), 4, 4)
+    with pytest.raises(AssertionError, match="int32"):
+        flash_attn_varlen_func_emulated(q, k, v, cu.int(), cu, 4, 4)
+
+
+def test_emulator_checks_max_seqlen():
+    q, k, v = random_qkv(4, 2, 2, seed=0)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(AssertionError, match="max_seqlen_k"):
+        flash_attn_varlen_func_emulated(q, k, v, cu, cu, 4, 3)
+    with pytest.raises(AssertionError, match="max_seqlen_q"):
+        flash_attn_varlen_func_emulated(q, k, v, cu, cu, 3, 4)
+
+
+def test_emulator_causal_aligns_bottom_right():
+    # flash-attn's docstring example: seqlen_q = 2, seqlen_k = 5
+    q, _, _ = random_qkv(2, 2, 2, seed=0)
+    _, k, v = random_qkv(5, 2, 2, seed=1)
+    visible = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(
+        _emulate(q, k, v, [0, 2], [0, 5], causal=True), _masked_attention(q, k, v, visible)
+    )
+    # seqlen_q = 5, seqlen_k = 2: the first three rows see nothing -> output 0, LSE +inf
+    q, _, _ = random_qkv(5, 2, 2, seed=2)
+    _, k, v = random_qkv(2, 2, 2, seed=3)
+    q.requires_grad_()
+    out, lse, _ = _emulate(q, k, v, [0, 5], [0, 2], causal=True, return_attn_probs=True)
+    visible = torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, visible))
+    assert (out[:3] == 0).all() and torch.isinf(lse[:, :3]).all() and lse.dtype == torch.float32
+    assert lse.shape == (2, 5) and torch.isfinite(lse[:, 3:]).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[:3] == 0).all()
+
+
+def test_emulator_zero_query_batch_reads_no_keys():
+    q, _, _ = random_qkv(3, 4, 2, seed=0)
+    _, k, v = random_qkv(7, 4, 2, seed=1)
+    k.requires_grad_()
+    # batch 0: zero queries over keys 0..3; batch 1: three queries over keys 4..6 (GQA 4:2)
+    out = _emulate(q, k, v, [0, 0, 3], [0, 4, 7], causal=False)
+    expected = _masked_attention(
+        q,
+        k[4:].repeat_interleave(2, 1),
+        v[4:].repeat_interleave(2, 1),
+        torch.ones(3, 3, dtype=torch.bool),
+    )
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert (k.grad[:4] == 0).all() and (k.grad[4:] != 0).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    not _flash_attn_importable(), reason="needs flash-attn: pip install splitvlm[gpu]"
+)
+@pytest.mark.parametrize("seed", range(4))
+def test_flash_matches_sdpa_bf16_on_gpu(seed):
+    layout = PackedLayout.from_docs(random_long_docs(random.Random(seed), 1000)).to("cuda")
+    q, k, v = (t.cuda().bfloat16() for t in random_qkv(layout.num_tokens, 8, 2, seed, head_dim=64))
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads("sdpa", q, k, v, layout, grad_out)
+    out, grads = _outputs_and_grads("flash", q, k, v, layout, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=2e-2, atol=2e-2)
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2, msg=f"d{name}")

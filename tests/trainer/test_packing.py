@@ -1,0 +1,130 @@
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer.data.decode import Document
+from trainer.data.packing import IGNORE_INDEX, collate, pack_step, plan_micro_batches
+from trainer.distributed import all_reduce_max
+
+
+def make_doc(sample_id: str, segments: list[tuple[str, int]], seed: int = 0) -> Document:
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens = sum(n for _, n in segments)
+    num_image = sum(n for k, n in segments if k == "image")
+    num_images = sum(1 for k, _ in segments if k == "image")
+    return Document(
+        sample_id=sample_id,
+        input_ids=torch.randint(5, 100, (num_tokens,), generator=generator),
+        target_mask=torch.rand(num_tokens, generator=generator) > 0.3,
+        segments=segments,
+        pixel_values=torch.randn(num_images, 3, 4, 4, generator=generator),
+        image_mask=torch.rand(num_image, generator=generator) > 0.5,
+    )
+
+
+def random_docs(rng: random.Random, count: int) -> list[Document]:
+    docs = []
+    for i in range(count):
+        segments = [("text", rng.randint(1, 30))]
+        for _ in range(rng.randint(0, 3)):
+            segments += [("image", rng.choice((1, 4, 16))), ("text", rng.randint(1, 10))]
+        docs.append(make_doc(f"s{i}", segments, seed=i))
+    return docs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_keeps_every_sample_once_within_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 40))]
+    max_tokens = rng.randint(max(lengths), 600)
+    min_bins = rng.randint(1, len(lengths))
+    bins = plan_micro_batches(lengths, max_tokens, min_bins)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= max_tokens for b in bins)
+    assert len(bins) >= min_bins and all(bins)
+    # First-fit-decreasing is never worse than twice the lower bound on the bin count.
+    lower_bound = -(-sum(lengths) // max_tokens)
+    if min_bins == 1:
+        assert len(bins) <= 2 * lower_bound
+
+
+def test_plan_rejects_a_sample_over_the_budget():
+    with pytest.raises(ValueError, match="exceeds data.max_tokens=10"):
+        plan_micro_batches([3, 11], max_tokens=10)
+
+
+def test_collate_positions_labels_and_stream_indices():
+    docs = [
+        make_doc("a", [("text", 3), ("image", 4), ("text", 2)], seed=1),
+        make_doc("b", [("text", 5)], seed=2),
+        make_doc("c", [("text", 1), ("image", 2), ("image", 2), ("text", 1)], seed=3),
+    ]
+    batch = collate(docs)
+    assert batch.sample_ids == ["a", "b", "c"]
+    assert batch.num_tokens == 9 + 5 + 6
+    assert batch.layout.position_ids.tolist() == [*range(9), *range(5), *range(6)]
+    # Labels never cross a document boundary, and follow each document's target mask.
+    offset = 0
+    for doc in docs:
+        labels = batch.labels[offset : offset + doc.num_tokens]
+        assert labels[-1] == IGNORE_INDEX
+        for t in range(doc.num_tokens - 1):
+            want = doc.input_ids[t + 1] if doc.target_mask[t + 1] else IGNORE_INDEX
+            assert labels[t] == want
+        offset += doc.num_tokens
+    assert batch.image_index.tolist() == [3, 4, 5, 6, 15, 16, 17, 18]
+    assert sorted(batch.text_index.tolist() + batch.image_index.tolist()) == list(range(20))
+    assert batch.text_layout.cu_seqlens.tolist() == [0, 5, 10, 12]
+    assert batch.image_layout.cu_seqlens.tolist() == [0, 4, 6, 8]
+    assert torch.equal(batch.image_mask, torch.cat([d.image_mask for d in docs]))
+    assert batch.pixel_values.shape[0] == 3
+
+
+def test_causal_image_attention_turns_image_spans_into_text():
+    doc = make_doc("a", [("text", 2), ("image", 3), ("text", 2)])
+    bidirectional, causal = collate([doc]), collate([doc], image_attention="causal")
+    image_token = 3
+    assert bidirectional.layout.vis_end[image_token] == 4  # sees the whole span
+    assert causal.layout.vis_end[image_token] == image_token  # sees only itself and before
+
+
+def test_pack_step_splits_to_the_agreed_count():
+    docs = random_docs(random.Random(0), 12)
+    packed = pack_step(docs, max_tokens=4096, agree_num_micro_batches=lambda m: max(m, 5))
+    assert len(packed) == 5
+    assert sorted(s for mb in packed for s in mb.sample_ids) == sorted(d.sample_id for d in docs)
+
+
+def _agree_worker(rank: int, world_size: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        rng = random.Random(rank)
+        # Rank 0 gets short samples (few micro-batches), rank 1 long ones (many).
+        docs = (
+            random_docs(rng, 16)
+            if rank == 0
+            else [make_doc(f"l{i}", [("text", 90)]) for i in range(16)]
+        )
+        packed = pack_step(docs, max_tokens=200, agree_num_micro_batches=all_reduce_max)
+        results[rank] = (len(packed), sorted(s for mb in packed for s in mb.sample_ids))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_micro_batch_count_over_gloo():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_agree_worker, args=(2, port, results), nprocs=2, join=True)
+    (count0, ids0), (count1, ids1) = results[0], results[1]
+    assert count0 == count1 == 8  # rank 1 needs 16 × 90 / 200 → 8 micro-batches; rank 0 follows
+    assert ids0 == sorted(f"s{i}" for i in range(16))
+    assert ids1 == sorted(f"l{i}" for i in range(16))
