@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -31,6 +33,34 @@ def _cmd_shards(args) -> int:
         raise ValueError(f"unknown shard source {args.source!r}; valid: demo")
     written = write_demo(Path(args.out), seed=args.seed)
     print(f"wrote {written} samples and a tokenizer to {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from trainer.inference import evaluate, load_for_inference
+
+    model, cfg, decoder = load_for_inference(Path(args.checkpoint))
+    if args.data:
+        cfg.data.path = args.data
+    result = evaluate(model, cfg, decoder, split=args.split, limit=args.limit)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from trainer.inference import generate_image, load_for_inference
+
+    model, _, decoder = load_for_inference(Path(args.checkpoint))
+    image, scales = generate_image(model, decoder, args.prompt, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Tiny images are upscaled for viewing; each scale, coarse to fine, left to right.
+    cell = max(128, image.width)
+    strip = Image.new("RGB", (cell * len(scales), cell))
+    for i, scale in enumerate(scales):
+        strip.paste(scale.resize((cell, cell), Image.NEAREST), (i * cell, 0))
+    strip.save(out)
+    print(f"wrote {out} ({len(scales)} scales, coarse to fine)")
     return 0
 
 
@@ -65,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--seed", type=int, default=0)
     shards.set_defaults(func=_cmd_shards)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="exact-match accuracy and text loss on a held-out split",
+        description="Evaluate a checkpoint. Example: splitvlm eval runs/tiny",
+    )
+    evaluate.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
+    evaluate.add_argument("--split", default="heldout")
+    evaluate.add_argument("--data", default="", help="shard directory (default: the run's)")
+    evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N samples")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate an image coarse to fine from a text prompt (pixel-target models)",
+        description=(
+            "Generate an image. Example: splitvlm generate runs/tiny_gen "
+            '--prompt "draw a red circle at the top left ." --out red.png'
+        ),
+    )
+    generate.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--out", default="generated.png")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_cmd_generate)
     return parser
 
 

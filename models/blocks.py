@@ -20,12 +20,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of shape (T, head_dim // 2), computed once per forward and shared by all layers."""
+def rope_tables(positions_T2: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape (T, head_dim // 2), computed once per forward and shared by all layers.
+
+    `positions_T2` holds two position axes: the first half of the frequencies rotates by axis 0,
+    the second half by axis 1 (2-D RoPE for image grids). Where both axes are equal — all text —
+    this is exactly the 1-D RoPE of Llama/Qwen2.
+    """
+    num_freqs = head_dim // 2
     inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        torch.arange(0, head_dim, 2, device=positions_T2.device, dtype=torch.float32) / head_dim
     )
-    angles_TF = position_ids.float()[:, None] * inv_freq[None, :]
+    axis = (torch.arange(num_freqs, device=positions_T2.device) >= num_freqs // 2).long()
+    angles_TF = positions_T2.float()[:, axis] * inv_freq[None, :]
     return angles_TF.cos(), angles_TF.sin()
 
 
@@ -45,9 +52,10 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.backend = cfg.attention_backend
-        self.wq = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -76,7 +84,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model + 7) // 8 * 8
+        hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.d_model + 7) // 8 * 8
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)

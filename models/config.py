@@ -25,11 +25,18 @@ class VisionConfig:
 
 @dataclass
 class ModelConfig:
+    # A transformers causal-LM checkpoint (Llama or Qwen2 family: a local directory or a model id).
+    # When set, width, heads, vocabulary, norms and RoPE come from it, and its layers become the
+    # text-in, core and text-head blocks in order (num_core_blocks is derived).
+    pretrained_llm: str = ""
     vocab_size: int = 0  # 0: taken from the tokenizer at build time
     d_model: int = 64
     num_heads: int = 4
     num_kv_heads: int = 2
     mlp_ratio: float = 2.75
+    mlp_hidden: int = 0  # 0: mlp_ratio × d_model, rounded up to a multiple of 8
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    tie_embeddings: bool = False
     rope_theta: float = 10000.0
     qk_norm: bool = False
     norm_eps: float = 1e-5
@@ -41,6 +48,11 @@ class ModelConfig:
     num_text_head_blocks: int = 1
     num_image_head_blocks: int = 1
     image_attention: str = "bidirectional"  # or "causal" (LLaVA-style)
+    # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
+    # a span at the span's first position), "2d" (half the frequencies by row, half by column).
+    image_positions: str = "sequential"
+    # New image-in / image-head blocks: "fresh" init, or "copy" the neighbouring text blocks.
+    image_blocks_init: str = "fresh"
     attention_backend: str = "sdpa"
     vision: VisionConfig = field(default_factory=VisionConfig)
     adaptor: str = "mlp"
@@ -48,9 +60,21 @@ class ModelConfig:
     # the un-masked target of token j at position j - 1, loss on masked tokens only.
     mask_rate_min: float = 0.0
     mask_rate_max: float = 1.0
+    full_mask_prob: float = 0.0  # chance a span is masked entirely (generation training)
+    # Multi-resolution: each image is also shown as these coarser grids (sides, coarse to fine),
+    # each its own span before the full grid. Dual input: every masked span is followed by its
+    # unmasked copy.
+    image_scales: list[int] = field(default_factory=list)
+    dual_input: bool = False
     image_target: str = "encoder"  # frozen-encoder features, or "pixels"
     image_loss: str = "mse"  # or "cosine"
     image_loss_weight: float = 1.0
+    # Optional diffusion head: an MLP denoiser on image-head hidden states (DDPM, noise
+    # prediction), trained on the targets of fully masked spans.
+    diffusion_head: bool = False
+    diffusion_steps: int = 100
+    diffusion_hidden: int = 256
+    diffusion_loss_weight: float = 1.0
     init_std: float = 0.02
 
     @property
@@ -61,9 +85,19 @@ class ModelConfig:
     def image_tokens_per_side(self) -> int:
         return self.vision.image_size // self.vision.patch_size
 
+    def image_spans(self) -> list[tuple[int, bool]]:
+        """The spans one image becomes, in order: (grid side, is the unmasked dual copy)."""
+        spans = []
+        for side in [*self.image_scales, self.image_tokens_per_side]:
+            spans.append((side, False))
+            if self.dual_input:
+                spans.append((side, True))
+        return spans
+
     @property
     def num_image_tokens(self) -> int:
-        return self.image_tokens_per_side**2
+        """Tokens per image, over all of its spans."""
+        return sum(side * side for side, _ in self.image_spans())
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot work."""
@@ -79,6 +113,27 @@ class ModelConfig:
             raise ValueError(
                 f"model.image_attention={self.image_attention!r}; valid: bidirectional, causal"
             )
+        if self.image_positions not in ("sequential", "shared", "2d"):
+            raise ValueError(
+                f"model.image_positions={self.image_positions!r}; valid: sequential, shared, 2d"
+            )
+        if self.image_blocks_init not in ("fresh", "copy"):
+            raise ValueError(
+                f"model.image_blocks_init={self.image_blocks_init!r}; valid: fresh, copy"
+            )
+        full = self.image_tokens_per_side
+        if any(not 0 < side < full for side in self.image_scales) or self.image_scales != sorted(
+            set(self.image_scales)
+        ):
+            raise ValueError(
+                f"model.image_scales must be increasing grid sides below the full grid ({full})"
+            )
+        if self.image_positions == "2d" and self.head_dim % 4:
+            raise ValueError("model.image_positions=2d needs a head dim divisible by 4")
+        if not 0.0 <= self.full_mask_prob <= 1.0:
+            raise ValueError("model.full_mask_prob must be in [0, 1]")
+        if self.diffusion_head and self.diffusion_steps < 2:
+            raise ValueError("model.diffusion_steps must be >= 2")
         if self.image_target not in ("encoder", "pixels"):
             raise ValueError(f"model.image_target={self.image_target!r}; valid: encoder, pixels")
         if self.image_loss not in ("mse", "cosine"):

@@ -3,13 +3,16 @@
     text ids → embed → text-in blocks (text only, causal) ─┐
                                                           ├→ scatter → core → text-head blocks → LM head
     image → SigLIP → adaptor → [mask] → image-in blocks ─┘              └→ image-head blocks → image head
+                                                                                             └→ diffusion head
 
 With every depth but the core at 0 and `image_attention="causal"` this is a LLaVA-style decoder.
-The forward pass takes one packed micro-batch and returns summed losses; the engine divides by
-global target counts so the gradient does not depend on how samples were split or sharded.
+`forward` takes one packed micro-batch and returns summed losses; the engine divides by global
+target counts so the gradient does not depend on how samples were split or sharded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from torch import nn
 
 from models.blocks import Block, RMSNorm, rope_tables, run_blocks
 from models.config import ModelConfig
+from models.diffusion import DiffusionHead
 from models.vision import (
     build_adaptor,
     build_vision_tower,
@@ -24,6 +28,15 @@ from models.vision import (
     normalize_targets,
     patchify,
 )
+
+
+@dataclass
+class Trunk:
+    """What the shared part of the network produces for one micro-batch."""
+
+    hidden_TC: torch.Tensor  # core output, merged sequence
+    rope: tuple[torch.Tensor, torch.Tensor]
+    image_targets: torch.Tensor | None  # (T_image, target_dim)
 
 
 class SplitVLM(nn.Module):
@@ -50,8 +63,16 @@ class SplitVLM(nn.Module):
         self.text_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.image_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.image_head = nn.Linear(cfg.d_model, image_target_dim(cfg, vision_dim))
+        self.target_dim = image_target_dim(cfg, vision_dim)
+        self.image_head = nn.Linear(cfg.d_model, self.target_dim)
+        self.diffusion = (
+            DiffusionHead(self.target_dim, cfg.d_model, cfg.diffusion_hidden, cfg.diffusion_steps)
+            if cfg.diffusion_head
+            else None
+        )
         self._init_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     def _init_weights(self) -> None:
         for name, module in self.named_modules():
@@ -68,16 +89,50 @@ class SplitVLM(nn.Module):
         groups = (self.text_in, self.image_in, self.core, self.text_head_blocks)
         return [b for group in (*groups, self.image_head_blocks) for b in group]
 
+    # -- image tokens ---------------------------------------------------------------------------
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, P, vision_dim) encoder features; no graph when the tower is frozen."""
         with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
             return self.vision(pixel_values=pixel_values).last_hidden_state
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        """Summed losses of one `PackedBatch`: text_loss_sum over text targets, image_loss_sum
-        over masked image tokens."""
+    def image_inputs_and_targets(self, pixel_values: torch.Tensor, image_mask: torch.Tensor):
+        """Adapted tokens (N, tokens_per_image, C) and targets (N, tokens_per_image, target_dim)
+        for every span of every image, in the order `cfg.image_spans()` lays them out.
+
+        No target leaks into the inputs: the encoder attends across the whole image, so the
+        inputs of a span are encoded from the image with that span's masked regions blanked,
+        while targets (and the unmasked dual copies) come from the clean image.
+        """
         cfg = self.cfg
-        rope = rope_tables(batch.layout.position_ids, cfg.head_dim, cfg.rope_theta)
+        full = cfg.image_tokens_per_side
+        clean = self.encode_images(pixel_values)
+        per_image_mask = image_mask.view(pixel_values.shape[0], cfg.num_image_tokens)
+        inputs, targets, offset = [], [], 0
+        for side, is_copy in cfg.image_spans():
+            span_mask = per_image_mask[:, offset : offset + side * side]
+            offset += side * side
+            if is_copy or not bool(span_mask.any()):
+                features = clean
+            else:
+                features = self.encode_images(blank_regions(pixel_values, span_mask, side))
+            inputs.append(self.adaptor(pool_grid(features, full, side)))
+            if cfg.image_target == "encoder":
+                targets.append(normalize_targets(pool_grid(clean.detach(), full, side)))
+            else:
+                targets.append(pixel_targets(pixel_values, side, cfg))
+        return torch.cat(inputs, dim=1), torch.cat(targets, dim=1)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def trunk(self, batch, image_tokens: torch.Tensor | None = None) -> Trunk:
+        """Embed, run the modality input blocks, merge, run the core.
+
+        `image_tokens` (T_image, C) replaces the adapted image tokens (generation feeds its own);
+        masked positions still get the mask embedding.
+        """
+        cfg = self.cfg
+        rope = rope_tables(batch.rope_positions, cfg.head_dim, cfg.rope_theta)
 
         def gather_rope(index):
             return rope[0][index], rope[1][index]
@@ -92,44 +147,85 @@ class SplitVLM(nn.Module):
             )
             x_TC = x_TC.index_copy(0, batch.text_index, text_TC)
 
-        image_targets = None
+        targets = None
         if batch.image_layout is not None:
-            features = self.encode_images(batch.pixel_values)
-            adapted = self.adaptor(features).reshape(-1, cfg.d_model)
+            adapted, targets = self.image_inputs_and_targets(batch.pixel_values, batch.image_mask)
+            adapted = adapted.reshape(-1, cfg.d_model) if image_tokens is None else image_tokens
+            targets = targets.reshape(-1, targets.shape[-1])
             mask = batch.image_mask[:, None]
             image_TC = torch.where(mask, self.mask_embedding.to(adapted.dtype), adapted)
             image_TC = run_blocks(
-                self.image_in,
-                image_TC,
-                batch.image_layout,
-                gather_rope(batch.image_index),
+                self.image_in, image_TC, batch.image_layout, gather_rope(batch.image_index)
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
-            if cfg.image_target == "encoder":
-                raw_targets = features.detach()
-            else:
-                raw_targets = patchify(batch.pixel_values, cfg.vision.patch_size)
-            image_targets = normalize_targets(raw_targets.reshape(-1, raw_targets.shape[-1]))
+        hidden = run_blocks(self.core, x_TC, batch.layout, rope)
+        return Trunk(hidden, rope, targets)
 
-        x_TC = run_blocks(self.core, x_TC, batch.layout, rope)
+    def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor) -> torch.Tensor:
+        hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
+        return self.lm_head(self.text_norm(hidden[positions]))
 
+    def image_condition(self, batch, trunk: Trunk, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalized image-head hidden states that predict the given image tokens (indices into
+        the image stream). Shift by one: token j is predicted at position j - 1 — the previous
+        image token, or the <image_start> token before the first span."""
+        read_at = batch.image_index[image_tokens] - 1
+        hidden = run_blocks(self.image_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
+        return self.image_norm(hidden[read_at])
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Summed losses of one `PackedBatch`: text over text targets, image (and diffusion)
+        over masked image tokens (of fully masked spans, for diffusion)."""
+        trunk = self.trunk(batch)
         text_positions = (batch.labels != -100).nonzero().squeeze(1)
-        text_TC = run_blocks(self.text_head_blocks, x_TC, batch.layout, rope)
-        logits = self.lm_head(self.text_norm(text_TC[text_positions]))
-        text_loss_sum = F.cross_entropy(
-            logits.float(), batch.labels[text_positions], reduction="sum"
-        )
+        logits = self.text_logits(batch, trunk, text_positions)
+        losses = {
+            "text_loss_sum": F.cross_entropy(
+                logits.float(), batch.labels[text_positions], reduction="sum"
+            )
+        }
+        zero = trunk.hidden_TC.new_zeros(())
+        losses["image_loss_sum"] = zero
+        if self.diffusion is not None:
+            losses["diffusion_loss_sum"] = zero
+        if trunk.image_targets is None or not bool(batch.image_mask.any()):
+            return losses
+        masked = batch.image_mask.nonzero().squeeze(1)
+        condition = self.image_condition(batch, trunk, masked)
+        prediction = self.image_head(condition).float()
+        targets = trunk.image_targets[masked].float()
+        losses["image_loss_sum"] = image_loss(prediction, targets, self.cfg.image_loss)
+        if self.diffusion is not None:
+            full = batch.image_span_full[masked]
+            losses["diffusion_loss_sum"] = self.diffusion.loss(condition[full], targets[full])
+        return losses
 
-        image_loss_sum = x_TC.new_zeros(())
-        if image_targets is not None and bool(batch.image_mask.any()):
-            masked = batch.image_mask.nonzero().squeeze(1)
-            # Shift by one: the prediction for image token j is read at position j - 1, which is
-            # the previous image token or the <image_start> token before the span.
-            read_at = batch.image_index[masked] - 1
-            image_TC = run_blocks(self.image_head_blocks, x_TC, batch.layout, rope)
-            prediction = self.image_head(self.image_norm(image_TC[read_at])).float()
-            image_loss_sum = image_loss(prediction, image_targets[masked].float(), cfg.image_loss)
-        return {"text_loss_sum": text_loss_sum, "image_loss_sum": image_loss_sum}
+
+def blank_regions(pixel_values: torch.Tensor, mask: torch.Tensor, side: int) -> torch.Tensor:
+    """Set the image regions of masked tokens of a `side`×`side` grid to 0 (mid-grey after
+    normalization). `mask` is (N, side²)."""
+    size = pixel_values.shape[-1]
+    keep = (~mask).to(pixel_values.dtype).view(-1, 1, side, side)
+    return pixel_values * F.interpolate(keep, size=(size, size), mode="nearest")
+
+
+def pool_grid(features: torch.Tensor, side: int, new_side: int) -> torch.Tensor:
+    """(N, side², C) on a row-major grid → (N, new_side², C) by area averaging."""
+    if new_side == side:
+        return features
+    n, _, c = features.shape
+    grid = features.transpose(1, 2).reshape(n, c, side, side)
+    pooled = F.adaptive_avg_pool2d(grid, new_side)
+    return pooled.reshape(n, c, new_side * new_side).transpose(1, 2)
+
+
+def pixel_targets(pixel_values: torch.Tensor, side: int, cfg: ModelConfig) -> torch.Tensor:
+    """Patches of the image shown at `side`×`side` patches: (N, side², 3·p²), raw pixels in
+    [-1, 1], so a prediction can be turned back into an image."""
+    patch = cfg.vision.patch_size
+    if side != cfg.image_tokens_per_side:
+        pixel_values = F.interpolate(pixel_values, size=(side * patch, side * patch), mode="area")
+    return patchify(pixel_values, patch)
 
 
 def image_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

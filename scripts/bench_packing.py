@@ -66,6 +66,7 @@ def make_document(index: int, segments, vocab_size: int, image_size: int, pad: i
         segments=segments,
         pixel_values=torch.randn(num_images, 3, image_size, image_size, generator=generator),
         image_mask=torch.rand(num_images * IMAGE_TOKENS, generator=generator) < 0.5,
+        image_span_full=torch.zeros(num_images * IMAGE_TOKENS, dtype=torch.bool),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from models.pretrained import build_model as build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.callbacks import Checkpointer, MetricsLogger
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -40,7 +41,7 @@ def build_model(cfg: Config, tokenizer) -> SplitVLM:
         cfg.model.vocab_size = len(tokenizer)
     # Same seed on every rank: replicas start identical before any sharding.
     torch.manual_seed(cfg.run.seed)
-    return SplitVLM(cfg.model)
+    return build_split_vlm(cfg.model)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,6 +122,7 @@ class TrainLoop:
             cfg.data.max_tokens,
             cfg.model.image_attention,
             agree_num_micro_batches=all_reduce_max,
+            image_positions=cfg.model.image_positions,
         )
         losses = self.engine.forward_backward(micro_batches)
         lr = learning_rate(self.step, cfg.run.steps, cfg.optim)

@@ -45,9 +45,9 @@ def test_splits_differ_and_token_counts_are_exact(demo):
     decoder = Decoder(tokenizer, ModelConfig(), max_tokens=512)
     train = StreamingDataset(local=str(demo / "train"), shuffle=False, batch_size=1)
     heldout = StreamingDataset(local=str(demo / "heldout"), shuffle=False, batch_size=1)
-    assert {train[i]["images"] for i in range(10)}.isdisjoint(
-        {heldout[i]["images"] for i in range(10)}
-    )
+    train_images = {train[i]["images"] for i in range(30)} - {b""}
+    heldout_images = {heldout[i]["images"] for i in range(10)} - {b""}
+    assert train_images and heldout_images and train_images.isdisjoint(heldout_images)
     n_image = ModelConfig().num_image_tokens
     for index in range(60):
         raw = train[index]

@@ -24,6 +24,7 @@ def make_doc(sample_id: str, segments: list[tuple[str, int]], seed: int = 0) -> 
         segments=segments,
         pixel_values=torch.randn(num_images, 3, 4, 4, generator=generator),
         image_mask=torch.rand(num_image, generator=generator) > 0.5,
+        image_span_full=torch.zeros(num_image, dtype=torch.bool),
     )
 
 
@@ -128,3 +129,17 @@ def test_ranks_agree_on_the_micro_batch_count_over_gloo():
     assert count0 == count1 == 8  # rank 1 needs 16 × 90 / 200 → 8 micro-batches; rank 0 follows
     assert ids0 == sorted(f"s{i}" for i in range(16))
     assert ids1 == sorted(f"l{i}" for i in range(16))
+
+
+def test_image_rope_positions_by_mode():
+    doc = make_doc("a", [("text", 2), ("image", 4), ("text", 1)])
+    sequential = collate([doc]).rope_positions
+    assert sequential.tolist() == [[t, t] for t in range(7)]
+    shared = collate([doc], image_positions="shared").rope_positions
+    assert shared[:, 0].tolist() == [0, 1, 2, 2, 2, 2, 6] and torch.equal(
+        shared[:, 0], shared[:, 1]
+    )
+    grid = collate([doc], image_positions="2d").rope_positions
+    # A 2×2 span starting at position 2: (row, column) offsets from the span's first position.
+    assert grid[2:6].tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]
+    assert grid[6].tolist() == [6, 6]  # text continues at its own position

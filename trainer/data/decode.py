@@ -37,6 +37,7 @@ class Document:
     segments: list[tuple[str, int]]  # ("text" | "image", length), in order
     pixel_values: torch.Tensor  # float32 (num_images, 3, H, W)
     image_mask: torch.Tensor  # bool (num_image_tokens,): replaced by the mask embedding
+    image_span_full: torch.Tensor  # bool (num_image_tokens,): the token's span is masked entirely
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +59,11 @@ class Decoder:
         self.image_end_id = ids("<image_end>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def __call__(self, sample: dict, sample_index: int, epoch: int = 0) -> Document:
+    def __call__(
+        self, sample: dict, sample_index: int, epoch: int = 0, prompt_only: bool = False
+    ) -> Document:
+        """Decode for training; with `prompt_only` (inference), stop after the last assistant
+        marker, drop the final assistant turn's content and mask nothing."""
         rng = np.random.default_rng([self.seed, epoch, sample_index])
         images = [self._load_image(blob) for blob in unpack_blobs(sample.get("images") or b"")]
         ids: list[int] = [self.tokenizer.bos_token_id]
@@ -72,7 +77,11 @@ class Decoder:
             turns = [(m["role"], m["content"]) for m in sample["messages"]]
         else:
             raise DecodeError("empty", "no text and no messages")
-        n_image = self.model_cfg.num_image_tokens
+        spans = self.model_cfg.image_spans()
+        if prompt_only:
+            if turns[-1][0] != "assistant":
+                raise DecodeError("empty", "a prompt needs a final assistant turn to complete")
+            turns = [*turns[:-1], ("assistant", "")]
         for role, content in turns:
             is_target = role in ("text", "assistant")
             if role in self.role_ids:
@@ -88,9 +97,10 @@ class Decoder:
                     ids.append(self.image_start_id)
                     targets.append(False)
                     segments.append(("text", text_run + 1))
-                    ids.extend([self.pad_id] * n_image)
-                    targets.extend([False] * n_image)
-                    segments.append(("image", n_image))
+                    for side, _ in spans:
+                        ids.extend([self.pad_id] * side * side)
+                        targets.extend([False] * side * side)
+                        segments.append(("image", side * side))
                     ids.append(self.image_end_id)
                     targets.append(False)
                     text_run = 1
@@ -98,7 +108,7 @@ class Decoder:
                 ids.extend(piece_ids)
                 targets.extend([is_target] * len(piece_ids))
                 text_run += len(piece_ids)
-            if is_target:
+            if is_target and not (prompt_only and role == "assistant" and not content):
                 ids.append(self.tokenizer.eos_token_id)
                 targets.append(True)
                 text_run += 1
@@ -107,7 +117,12 @@ class Decoder:
         segments.append(("text", text_run))
         if len(ids) > self.max_tokens:
             raise DecodeError("too_long", f"{len(ids)} tokens > data.max_tokens={self.max_tokens}")
-        image_mask = [self._sample_mask(n_image, rng) for _ in images]
+        image_mask = [
+            self._sample_mask(side * side, rng, is_copy or prompt_only)
+            for _ in images
+            for side, is_copy in spans
+        ]
+        span_full = [mask.all().expand_as(mask) for mask in image_mask]
         size = self.model_cfg.vision.image_size
         return Document(
             sample_id=sample.get("id", str(sample_index)),
@@ -116,10 +131,19 @@ class Decoder:
             segments=segments,
             pixel_values=torch.stack(images) if images else torch.zeros(0, 3, size, size),
             image_mask=torch.cat(image_mask) if image_mask else torch.zeros(0, dtype=torch.bool),
+            image_span_full=torch.cat(span_full) if span_full else torch.zeros(0, dtype=torch.bool),
         )
 
-    def _sample_mask(self, num_tokens: int, rng: np.random.Generator) -> torch.Tensor:
+    def _sample_mask(
+        self, num_tokens: int, rng: np.random.Generator, is_copy: bool
+    ) -> torch.Tensor:
+        # Draw every random number whether or not it is used, so the stream does not depend on
+        # which spans are copies.
         rate = rng.uniform(self.model_cfg.mask_rate_min, self.model_cfg.mask_rate_max)
+        if rng.uniform() < self.model_cfg.full_mask_prob:
+            rate = 1.0
+        if is_copy:
+            rate = 0.0
         num_masked = int(round(rate * num_tokens))
         mask = np.zeros(num_tokens, dtype=bool)
         mask[rng.permutation(num_tokens)[:num_masked]] = True

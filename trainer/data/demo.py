@@ -89,7 +89,7 @@ def render_shape(
 
 
 def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
-    kind = rng.choices(("caption", "question", "text"), weights=(3, 5, 2))[0]
+    kind = rng.choices(("caption", "question", "text", "draw"), weights=(3, 5, 2, 1))[0]
     sample = {
         "id": f"demo-{index:07d}",
         "text": "",
@@ -105,6 +105,12 @@ def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
     color, shape, position = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(POSITIONS)
     sample["images"] = [render_shape(color, shape, position, rng, image_size)]
     sample["image_sizes"] = [[image_size, image_size]]
+    if kind == "draw":  # text → image: the image is the assistant's answer
+        sample["messages"] = [
+            {"role": "user", "content": f"draw a {color} {shape} at the {position} ."},
+            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
+        ]
+        return sample
     if kind == "caption":
         prompt, answer = "describe the image .", f"a {color} {shape} at the {position} ."
     else:
@@ -119,7 +125,7 @@ def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
 
 
 def vocabulary() -> list[str]:
-    words = set("count : a at the . ? describe image what color is shape it where".split())
+    words = set("count : a at the . ? describe draw image what color is shape it where".split())
     words |= set(NUMBERS) | set(SHAPES) | set(COLORS)
     words |= {word for position in POSITIONS for word in position.split()}
     return list(SPECIAL_TOKENS) + sorted(words)

@@ -7,6 +7,7 @@ fewer split their bins further. No sample is dropped or split across micro-batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -25,12 +26,14 @@ class PackedBatch:
     input_ids: torch.Tensor  # int64 (T,)
     labels: torch.Tensor  # int64 (T,): next-token target at each position, IGNORE_INDEX if none
     layout: PackedLayout  # the merged sequence
+    rope_positions: torch.Tensor  # int64 (T, 2): RoPE position of each token, two axes (2-D RoPE)
     text_index: torch.Tensor  # int64 (T_text,): positions of text tokens in the merged sequence
     text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
     image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
     image_layout: PackedLayout | None  # every image its own document (image-in blocks)
     pixel_values: torch.Tensor  # float32 (num_images, 3, H, W)
     image_mask: torch.Tensor  # bool (T_image,)
+    image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
     sample_ids: list[str]
 
     @property
@@ -44,6 +47,10 @@ class PackedBatch:
     @property
     def num_masked_image_tokens(self) -> int:
         return int(self.image_mask.sum())
+
+    @property
+    def num_diffusion_targets(self) -> int:
+        return int((self.image_mask & self.image_span_full).sum())
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {}
@@ -91,6 +98,7 @@ def pack_step(
     max_tokens: int,
     image_attention: str = "bidirectional",
     agree_num_micro_batches: Callable[[int], int] = lambda m: m,
+    image_positions: str = "sequential",
 ) -> list[PackedBatch]:
     """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max."""
     if not docs:
@@ -99,10 +107,14 @@ def pack_step(
     num_micro_batches = agree_num_micro_batches(len(bins))
     if num_micro_batches != len(bins):
         bins = plan_micro_batches([d.num_tokens for d in docs], max_tokens, num_micro_batches)
-    return [collate([docs[i] for i in b], image_attention) for b in bins]
+    return [collate([docs[i] for i in b], image_attention, image_positions) for b in bins]
 
 
-def collate(docs: list[Document], image_attention: str = "bidirectional") -> PackedBatch:
+def collate(
+    docs: list[Document],
+    image_attention: str = "bidirectional",
+    image_positions: str = "sequential",
+) -> PackedBatch:
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
     labels, text_index, image_index = [], [], []
@@ -128,15 +140,41 @@ def collate(docs: list[Document], image_attention: str = "bidirectional") -> Pac
             text_docs.append([("text", num_text)])
         offset += doc.num_tokens
     empty = torch.zeros(0, dtype=torch.long)
+    layout = PackedLayout.from_docs(merged_docs)
     return PackedBatch(
         input_ids=torch.cat([d.input_ids for d in docs]),
         labels=torch.cat(labels),
-        layout=PackedLayout.from_docs(merged_docs),
+        layout=layout,
+        rope_positions=rope_positions(layout.position_ids, image_index, image_positions),
         text_index=torch.cat(text_index) if text_index else empty,
         text_layout=PackedLayout.from_docs(text_docs) if text_docs else None,
         image_index=torch.cat(image_index) if image_index else empty,
         image_layout=PackedLayout.from_docs(image_docs) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
         image_mask=torch.cat([d.image_mask for d in docs]),
+        image_span_full=torch.cat([d.image_span_full for d in docs]),
         sample_ids=[d.sample_id for d in docs],
     )
+
+
+def rope_positions(
+    position_ids: torch.Tensor, image_spans: list[torch.Tensor], mode: str
+) -> torch.Tensor:
+    """(T, 2) RoPE positions. Text uses its 1-D position on both axes (so a pretrained LLM sees
+    exactly its own RoPE); image spans follow `mode`. Text after an image continues at its own
+    sequential position."""
+    positions = position_ids[:, None].repeat(1, 2)
+    if mode == "sequential":
+        return positions
+    for span in image_spans:
+        start = int(span[0])
+        first = int(positions[start, 0])
+        if mode == "shared":
+            positions[span] = first
+            continue
+        side = math.isqrt(len(span))
+        assert side * side == len(span), "2-D positions need square image spans"
+        offsets = torch.arange(len(span))
+        positions[span, 0] = first + offsets // side
+        positions[span, 1] = first + offsets % side
+    return positions

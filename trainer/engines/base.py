@@ -25,32 +25,40 @@ class Engine(ABC):
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg = cfg
         self.world = world
-        self.image_loss_weight = cfg.model.image_loss_weight
 
     def forward_backward(self, micro_batches: list) -> dict[str, float]:
         """Accumulate gradients over the step's micro-batches; returns the step's global losses."""
-        local_counts = [
-            sum(mb.num_text_targets for mb in micro_batches),
-            sum(mb.num_masked_image_tokens for mb in micro_batches),
-        ]
-        num_text, num_image = all_reduce_sum(local_counts)
+        # Each loss is divided by the global count of its own targets.
+        counts = all_reduce_sum(
+            [
+                sum(mb.num_text_targets for mb in micro_batches),
+                sum(mb.num_masked_image_tokens for mb in micro_batches),
+                sum(mb.num_diffusion_targets for mb in micro_batches),
+            ]
+        )
+        weights = {
+            "text": 1.0,
+            "image": self.cfg.model.image_loss_weight,
+            "diffusion": self.cfg.model.diffusion_loss_weight,
+        }
         # Gradient reduction averages over ranks; multiplying by world size turns it into a sum.
         grad_scale = self.world.world_size
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = dict.fromkeys(weights, torch.zeros((), dtype=torch.float64))
         self.model.train()
         for micro_batch in micro_batches:
             out = self.model(micro_batch.to(self.device))
-            loss = out["text_loss_sum"] / max(num_text, 1.0)
-            loss = loss + self.image_loss_weight * out["image_loss_sum"] / max(num_image, 1.0)
+            loss = 0.0
+            for (name, weight), count in zip(weights.items(), counts, strict=True):
+                if f"{name}_loss_sum" in out:
+                    loss = loss + weight * out[f"{name}_loss_sum"] / max(count, 1.0)
+                    sums[name] = sums[name] + out[f"{name}_loss_sum"].detach().double()
             self.backward(loss * grad_scale)
-            sums += (
-                torch.stack([out["text_loss_sum"], out["image_loss_sum"]]).detach().double().cpu()
-            )
-        text_sum, image_sum = all_reduce_sum(sums.tolist())
-        metrics = {"text_loss": text_sum / max(num_text, 1.0)}
-        if num_image:
-            metrics["image_loss"] = image_sum / num_image
-        metrics["text_targets"], metrics["image_targets"] = num_text, num_image
+        totals = all_reduce_sum([float(v) for v in sums.values()])
+        metrics = {}
+        for name, total, count in zip(weights, totals, counts, strict=True):
+            if count:
+                metrics[f"{name}_loss"] = total / count
+        metrics["text_targets"], metrics["image_targets"] = counts[0], counts[1]
         return metrics
 
     @abstractmethod

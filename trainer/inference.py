@@ -1,0 +1,221 @@
+"""Inference on one device: load a checkpoint, generate text (greedy) or images (coarse to fine),
+and evaluate on a held-out split."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import yaml
+from models.pretrained import build_model
+from models.split_vlm import SplitVLM, pool_grid
+from trainer.config import Config, config_from_dict
+from trainer.data.decode import Decoder, Document
+from trainer.data.packing import collate
+from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
+
+
+def find_weights(path: Path) -> Path:
+    """`path` is a checkpoint step directory, a run directory or an exported model directory."""
+    path = Path(path)
+    if (path / "checkpoints" / "latest").is_file():
+        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+    for candidate in (path / "model.safetensors", path / "engine" / "model.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"no model.safetensors under {path} (a checkpoint, run or export directory)")
+
+
+def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Config, Decoder]:
+    from trainer.loop import load_tokenizer
+
+    weights = find_weights(path)
+    config_file = next(
+        (
+            p / "config.yaml"
+            for p in (weights.parent, weights.parent.parent)
+            if (p / "config.yaml").is_file()
+        ),
+        None,
+    )
+    if config_file is None:
+        raise ValueError(f"no config.yaml next to {weights}")
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    tokenizer = load_tokenizer(cfg)
+    # The weights replace every parameter, so skip loading the pretrained LLM a second time.
+    cfg.model.pretrained_llm = ""
+    model = build_model(cfg.model)
+    model.load_state_dict(load_file(str(weights), device=device))
+    model.to(device).eval()
+    return model, cfg, Decoder(tokenizer, cfg.model, max_tokens=1 << 30, seed=cfg.run.seed)
+
+
+def extend(doc: Document, token_ids: list[int]) -> Document:
+    """`doc` with `token_ids` appended as text."""
+    new = torch.tensor(token_ids, dtype=torch.long)
+    segments = list(doc.segments)
+    kind, length = segments[-1]
+    if kind == "text":
+        segments[-1] = ("text", length + len(token_ids))
+    else:
+        segments.append(("text", len(token_ids)))
+    return Document(
+        sample_id=doc.sample_id,
+        input_ids=torch.cat([doc.input_ids, new]),
+        target_mask=torch.cat([doc.target_mask, torch.zeros(len(token_ids), dtype=torch.bool)]),
+        segments=segments,
+        pixel_values=doc.pixel_values,
+        image_mask=doc.image_mask,
+        image_span_full=doc.image_span_full,
+    )
+
+
+@torch.no_grad()
+def generate_text(
+    model: SplitVLM, decoder: Decoder, prompts: list[Document], max_new_tokens: int = 16
+) -> list[list[int]]:
+    """Greedy completions of many prompts at once, packed into one sequence per step (no KV
+    cache: the prompts here are short, and packing keeps every step a single forward)."""
+    eos = decoder.tokenizer.eos_token_id
+    docs, outputs = list(prompts), [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    cfg = model.cfg
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        batch = collate([docs[i] for i in active], cfg.image_attention, cfg.image_positions)
+        trunk = model.trunk(batch)
+        last = batch.layout.cu_seqlens[1:].long() - 1
+        next_ids = model.text_logits(batch, trunk, last).argmax(dim=-1).tolist()
+        still = []
+        for i, token in zip(active, next_ids, strict=True):
+            if token == eos:
+                continue
+            outputs[i].append(token)
+            docs[i] = extend(docs[i], [token])
+            still.append(i)
+        active = still
+    return outputs
+
+
+@torch.no_grad()
+def evaluate(
+    model: SplitVLM, cfg: Config, decoder: Decoder, split: str = "heldout", limit: int = 0
+):
+    """Exact-match accuracy of greedy answers per prompt, and teacher-forced text loss."""
+    from streaming import StreamingDataset
+
+    from trainer.data.shards import check_split_dir
+
+    local = Path(cfg.data.path) / split
+    check_split_dir(local)
+    dataset = StreamingDataset(local=str(local), shuffle=False, batch_size=1)
+    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    samples = [dataset[i] for i in range(count)]
+    tokenizer = decoder.tokenizer
+    correct, total = defaultdict(int), defaultdict(int)
+    loss_sum, loss_count = 0.0, 0
+    conversations = [
+        (i, s)
+        for i, s in enumerate(samples)
+        if s["messages"] and IMAGE_PLACEHOLDER not in s["messages"][-1]["content"]
+    ]
+    for start in range(0, len(conversations), 64):
+        chunk = conversations[start : start + 64]
+        prompts = [decoder(sample, i, prompt_only=True) for i, sample in chunk]
+        answers = generate_text(model, decoder, prompts)
+        for (_, sample), answer in zip(chunk, answers, strict=True):
+            prompt = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+            reference = sample["messages"][-1]["content"].strip()
+            generated = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            total[prompt] += 1
+            correct[prompt] += int(generated == reference)
+    for start in range(0, count, 64):
+        docs = [decoder(samples[i], i) for i in range(start, min(start + 64, count))]
+        batch = collate(docs, model.cfg.image_attention, model.cfg.image_positions)
+        out = model(batch)
+        loss_sum += float(out["text_loss_sum"])
+        loss_count += batch.num_text_targets
+    accuracy = {prompt: correct[prompt] / total[prompt] for prompt in sorted(total)}
+    answered = sum(total.values())
+    return {
+        "samples": count,
+        "questions": answered,
+        "exact_match": sum(correct.values()) / answered if answered else None,
+        "exact_match_by_prompt": accuracy,
+        "text_loss": loss_sum / max(loss_count, 1),
+    }
+
+
+@torch.no_grad()
+def generate_image(
+    model: SplitVLM, decoder: Decoder, prompt: str, seed: int = 0
+) -> tuple[Image.Image, list[Image.Image]]:
+    """Fill 100%-masked image spans coarse to fine; returns the final image and each scale's.
+
+    Each span is predicted (diffusion sampler if the model has one, else the regression head),
+    turned back into pixels, re-encoded by the vision tower at its scale and fed in unmasked —
+    so every finer span is conditioned on the coarser ones.
+    """
+    cfg = model.cfg
+    if cfg.image_target != "pixels":
+        raise ValueError("image generation needs model.image_target=pixels")
+    size, patch = cfg.vision.image_size, cfg.vision.patch_size
+    blank = Image.new("RGB", (size, size))
+    buffer = io.BytesIO()
+    blank.save(buffer, format="PNG")
+    sample = {
+        "text": "",
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
+        ],
+        "images": pack_blobs([buffer.getvalue()]),
+    }
+    doc = decoder(sample, 0)
+    spans = cfg.image_spans()
+    doc.image_mask = torch.ones_like(doc.image_mask)
+    batch = collate([doc], cfg.image_attention, cfg.image_positions)
+    tokens = torch.zeros(cfg.num_image_tokens, cfg.d_model)
+    generator = torch.Generator().manual_seed(seed)
+    scales, offset = [], 0
+    for index, (side, is_copy) in enumerate(spans):
+        span = torch.arange(offset, offset + side * side)
+        offset += side * side
+        if is_copy:
+            continue
+        trunk = model.trunk(batch, image_tokens=tokens)
+        condition = model.image_condition(batch, trunk, span)
+        if model.diffusion is not None:
+            patches = model.diffusion.sample(condition, model.target_dim, generator)
+        else:
+            patches = model.image_head(condition)
+        small = unpatchify(patches.clamp(-1, 1), side, patch)
+        scales.append(to_pil(small))
+        full = F.interpolate(small[None], size=(size, size), mode="bilinear", align_corners=False)
+        features = model.encode_images(full)
+        adapted = model.adaptor(pool_grid(features, cfg.image_tokens_per_side, side))[0]
+        filled = [span]
+        if index + 1 < len(spans) and spans[index + 1][1]:  # its dual copy comes next
+            filled.append(span + side * side)
+        for target in filled:
+            tokens[target] = adapted
+            batch.image_mask[target] = False
+    return scales[-1], scales
+
+
+def unpatchify(patches: torch.Tensor, side: int, patch: int) -> torch.Tensor:
+    """(side², 3·p²) row-major patches → (3, side·p, side·p)."""
+    grid = patches.reshape(side, side, 3, patch, patch)
+    return grid.permute(2, 0, 3, 1, 4).reshape(3, side * patch, side * patch)
+
+
+def to_pil(image_CHW: torch.Tensor) -> Image.Image:
+    pixels = ((image_CHW.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
