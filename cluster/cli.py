@@ -1,19 +1,59 @@
 """`splitvlm`: the command line. The only place that parses argv.
 
-Exit codes: 0 ok, 2 usage or config error (one line on stderr, no traceback), 1 runtime failure.
+Exit codes: 0 ok; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure
+(one line on stderr; the traceback goes to RUN/error.log for `train`, to a file in the temp
+directory otherwise, and to stderr as well when SPLITVLM_DEBUG=1).
+
+Each subcommand is registered by its own `add_<name>_parser(commands)`, listed in `COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
-from PIL import Image
-
-EXIT_USAGE = 2
+EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _add_command(commands, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its one-line help and an example."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set optim.lr=1e-3",
+    )
+
+
+def _add_stub(commands, name: str, help: str, example: str) -> None:
+    # Until the subcommand lands: listed, documented, and an honest runtime failure when used.
+    parser = _add_command(commands, name, help, example)
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=_not_available)
+
+
+def _not_available(args) -> int:
+    print(f"splitvlm {args.command}: not available in this version", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _cmd_train(args) -> int:
@@ -21,9 +61,43 @@ def _cmd_train(args) -> int:
     from trainer.config import load_config
 
     cfg = prepare_config(load_config(args.config, args.overrides))
+    args.error_log = Path(cfg.run.dir) / "error.log"
     summary = run_job(cfg)
     print("summary: " + json.dumps(summary), flush=True)
-    return 0
+    return EXIT_OK
+
+
+def add_train_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "train",
+        "train a model from a YAML config",
+        "splitvlm train yaml/tiny.yaml --set run.steps=50",
+    )
+    parser.add_argument("config", help="a YAML file, e.g. yaml/tiny.yaml")
+    _add_overrides(parser)
+    parser.set_defaults(func=_cmd_train)
+
+
+def add_submit_parser(commands) -> None:
+    _add_stub(
+        commands,
+        "submit",
+        "submit a training job to a Ray cluster and return",
+        "splitvlm submit yaml/tiny.yaml --set cluster.address=ray://HEAD:10001",
+    )
+
+
+def add_status_parser(commands) -> None:
+    _add_stub(commands, "status", "show the state of submitted jobs", "splitvlm status JOB_ID")
+
+
+def add_logs_parser(commands) -> None:
+    _add_stub(commands, "logs", "print or follow a job's logs", "splitvlm logs JOB_ID")
+
+
+def add_stop_parser(commands) -> None:
+    _add_stub(commands, "stop", "stop a submitted job", "splitvlm stop JOB_ID")
 
 
 def _cmd_shards(args) -> int:
@@ -33,7 +107,17 @@ def _cmd_shards(args) -> int:
         raise ValueError(f"unknown shard source {args.source!r}; valid: demo")
     written = write_demo(Path(args.out), seed=args.seed)
     print(f"wrote {written} samples and a tokenizer to {args.out}")
-    return 0
+    return EXIT_OK
+
+
+def add_shards_parser(commands) -> None:
+    parser = _add_command(
+        commands, "shards", "write MDS shards", "splitvlm shards demo --out data/demo"
+    )
+    parser.add_argument("source", help="what to convert: 'demo' writes the built-in demo task")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_cmd_shards)
 
 
 def _cmd_eval(args) -> int:
@@ -44,10 +128,57 @@ def _cmd_eval(args) -> int:
         cfg.data.path = args.data
     result = evaluate(model, cfg, decoder, split=args.split, limit=args.limit)
     print(json.dumps(result, indent=1))
-    return 0
+    return EXIT_OK
+
+
+def add_eval_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "eval",
+        "exact-match accuracy of greedy answers and text loss on a held-out split",
+        "splitvlm eval runs/tiny",
+    )
+    parser.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
+    parser.add_argument("--split", default="heldout")
+    parser.add_argument("--data", default="", help="shard directory (default: the run's)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N samples")
+    parser.set_defaults(func=_cmd_eval)
+
+
+def add_export_parser(commands) -> None:
+    _add_stub(
+        commands,
+        "export",
+        "export a checkpoint as a single-file model",
+        "splitvlm export runs/tiny --out tiny-model/",
+    )
+
+
+def _cmd_plot(args) -> int:
+    from trainer.plot import plot_run
+
+    path = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def add_plot_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "plot",
+        "plot a run's losses, learning rate, throughput and MFU to a PNG",
+        "splitvlm plot runs/tiny --out tiny.png",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
+    parser.add_argument(
+        "--out", metavar="FILE", help="the PNG to write (default RUN_DIR/metrics.png)"
+    )
+    parser.set_defaults(func=_cmd_plot)
 
 
 def _cmd_generate(args) -> int:
+    from PIL import Image
+
     from trainer.inference import generate_image, load_for_inference
 
     model, _, decoder = load_for_inference(Path(args.checkpoint))
@@ -61,66 +192,73 @@ def _cmd_generate(args) -> int:
         strip.paste(scale.resize((cell, cell), Image.NEAREST), (i * cell, 0))
     strip.save(out)
     print(f"wrote {out} ({len(scales)} scales, coarse to fine)")
-    return 0
+    return EXIT_OK
+
+
+def add_generate_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "generate",
+        "generate an image coarse to fine from a text prompt (pixel-target models)",
+        'splitvlm generate runs/tiny_gen --prompt "draw a red circle at the top left ." '
+        "--out red.png",
+    )
+    parser.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--out", default="generated.png")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_cmd_generate)
+
+
+COMMANDS = (
+    add_train_parser,
+    add_submit_parser,
+    add_status_parser,
+    add_logs_parser,
+    add_stop_parser,
+    add_shards_parser,
+    add_eval_parser,
+    add_export_parser,
+    add_plot_parser,
+    add_generate_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="splitvlm", description="Train split-head, late-merge vision-language models on Ray."
+        prog="splitvlm",
+        description="Train split-head, late-merge vision-language models on Ray.",
+        epilog="exit codes: 0 ok, 2 usage or config error, 1 runtime failure "
+        "(SPLITVLM_DEBUG=1 prints tracebacks)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser(
-        "train",
-        help="train a model from a YAML config",
-        description="Train from a YAML config. Example: splitvlm train yaml/tiny.yaml --set run.steps=50",
-    )
-    train.add_argument("config", help="a YAML file, e.g. yaml/tiny.yaml")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), e.g. --set optim.lr=1e-3",
-    )
-    train.set_defaults(func=_cmd_train)
-
-    shards = commands.add_parser(
-        "shards",
-        help="write MDS shards",
-        description="Write MDS shards. Example: splitvlm shards demo --out data/demo",
-    )
-    shards.add_argument("source", help="what to convert: 'demo' writes the built-in demo task")
-    shards.add_argument("--out", required=True, help="output directory")
-    shards.add_argument("--seed", type=int, default=0)
-    shards.set_defaults(func=_cmd_shards)
-
-    evaluate = commands.add_parser(
-        "eval",
-        help="exact-match accuracy and text loss on a held-out split",
-        description="Evaluate a checkpoint. Example: splitvlm eval runs/tiny",
-    )
-    evaluate.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
-    evaluate.add_argument("--split", default="heldout")
-    evaluate.add_argument("--data", default="", help="shard directory (default: the run's)")
-    evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N samples")
-    evaluate.set_defaults(func=_cmd_eval)
-
-    generate = commands.add_parser(
-        "generate",
-        help="generate an image coarse to fine from a text prompt (pixel-target models)",
-        description=(
-            "Generate an image. Example: splitvlm generate runs/tiny_gen "
-            '--prompt "draw a red circle at the top left ." --out red.png'
-        ),
-    )
-    generate.add_argument("checkpoint", help="a run directory, checkpoint or exported model")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--out", default="generated.png")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.set_defaults(func=_cmd_generate)
+    for add_parser in COMMANDS:
+        add_parser(commands)
     return parser
+
+
+def _report_failure(args, err: BaseException) -> None:
+    """One line on stderr; the traceback into a log file (and stderr with SPLITVLM_DEBUG=1)."""
+    text = "".join(traceback.format_exception(err))
+    log = getattr(args, "error_log", None)
+    try:
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix=f"splitvlm-{args.command}-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text)
+        where = f" (traceback in {log})"
+    except OSError:
+        where = ""
+    if os.environ.get("SPLITVLM_DEBUG") == "1":
+        print(text, file=sys.stderr, end="")
+    first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+    print(
+        f"splitvlm {args.command}: failed: {type(err).__name__}: {first_line}{where}",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"splitvlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        _report_failure(args, err)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -23,4 +23,7 @@ def tiny_overrides(demo_data, tmp_path):
         f"run.dir={tmp_path / 'run'}",
         "data.batch_size=8",
         "run.log_every=1000",
+        # Tests that need W&B or the end-of-run plot turn them on (tests/trainer/test_metrics.py).
+        "logging.wandb.mode=disabled",
+        "logging.plot=false",
     ]

@@ -19,36 +19,40 @@ class Callback:
 
 
 class MetricsLogger(Callback):
-    """One JSON line per step in RUN/metrics.jsonl (rank 0), a console line every `log_every`."""
+    """One JSON line per step in RUN/metrics.jsonl (rank 0). Console output: trainer/reporting.py."""
 
-    def __init__(self, run_dir: Path, log_every: int):
+    def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.log_every = max(1, log_every)
         self.file = None
 
     def on_train_start(self, loop) -> None:
-        if loop.world.is_main:
-            self.file = self.path.open("a")
+        if not loop.world.is_main:
+            return
+        if self.path.is_file():
+            # A resumed run repeats the steps after its checkpoint: drop their old lines so the
+            # file holds each step once, from the run that continued.
+            # A line cut short by a crash is dropped too.
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if 0 < _step_of(line) <= loop.step]
+            if len(kept) < len(lines):
+                self.path.write_text("".join(kept))
+        self.file = self.path.open("a")
 
     def on_step_end(self, loop, metrics: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        step = metrics["step"]
-        if step % self.log_every == 0 or step == loop.cfg.run.steps:
-            losses = "  ".join(
-                f"{k} {metrics[k]:.4f}" for k in ("text_loss", "image_loss") if k in metrics
-            )
-            print(
-                f"step {step:>6}/{loop.cfg.run.steps}  {losses}  lr {metrics['lr']:.2e}  "
-                f"tokens/s {metrics['tokens_per_s']:,.0f}",
-                flush=True,
-            )
+        if self.file is not None:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
 
     def on_train_end(self, loop) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return -1
 
 
 class Checkpointer(Callback):

@@ -75,6 +75,31 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline (files under RUN/wandb, no network, no key) | disabled
+    project: str = "splitvlm"
+    entity: str = ""  # empty: your default W&B entity
+    tags: list[str] = field(default_factory=list)
+    name: str = ""  # empty: run.name
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: str = "auto"  # auto (a bar on a terminal, else lines) | bar | lines
+    peak_flops_per_device: float = 0.0  # bf16 dense FLOP/s for MFU; 0: from the device table
+    plot: bool = True  # write RUN/metrics.png at the end of a run
+
+    def validate(self) -> None:
+        if self.wandb.mode not in ("online", "offline", "disabled"):
+            raise ValueError(
+                f"logging.wandb.mode={self.wandb.mode!r}; valid: online, offline, disabled"
+            )
+        if self.progress not in ("auto", "bar", "lines"):
+            raise ValueError(f"logging.progress={self.progress!r}; valid: auto, bar, lines")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,6 +108,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -117,6 +143,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _merge(cfg, nested, prefix="", source="--set")
     try:
         cfg.model.validate()
+        cfg.logging.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg

@@ -66,6 +66,15 @@ def all_reduce_max(value: int) -> int:
     return int(tensor.item())
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled: for a few small values per step)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -20,9 +20,11 @@ from trainer.config import Config, save_config
 from trainer.data.decode import Decoder
 from trainer.data.packing import pack_step
 from trainer.data.stream import StepBatches
-from trainer.distributed import WorldInfo, all_reduce_max, all_reduce_sum, world_info
+from trainer.distributed import WorldInfo, all_reduce_max, world_info
 from trainer.engines import build_engine
+from trainer.metrics import ModelFlops, StepMeter
 from trainer.optim import learning_rate
+from trainer.reporting import reporting_callbacks
 
 
 def tokenizer_path(cfg: Config) -> Path:
@@ -63,6 +65,10 @@ class TrainLoop:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
+        # Counted before the engine shards the model, so parameter counts are global.
+        self.meter = StepMeter(
+            ModelFlops(model), self.world, device, cfg.logging.peak_flops_per_device
+        )
         self.engine = build_engine(cfg, self.world, model, device)
         decoder = Decoder(tokenizer, cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
         self.data = StepBatches(cfg.data, decoder, self.world)
@@ -70,7 +76,8 @@ class TrainLoop:
         self.samples_seen = 0
         self.tokens_seen = 0
         self.callbacks = [
-            MetricsLogger(self.run_dir, cfg.run.log_every),
+            MetricsLogger(self.run_dir),
+            *reporting_callbacks(cfg, self.run_dir, self.world),
             Checkpointer(self.run_dir, cfg.checkpoint.every, cfg.checkpoint.keep_last),
         ]
 
@@ -128,20 +135,17 @@ class TrainLoop:
         lr = learning_rate(self.step, cfg.run.steps, cfg.optim)
         grad_norm = self.engine.step(lr)
         self.step += 1
-        num_tokens, num_samples = all_reduce_sum([sum(d.num_tokens for d in docs), len(docs)])
-        self.tokens_seen += int(num_tokens)
-        self.samples_seen += self.data.global_batch_size
         seconds = time.perf_counter() - step_started
+        measured = self.meter.measure(docs, skipped, micro_batches, data_seconds, seconds)
+        self.tokens_seen += measured["tokens"]
+        self.samples_seen += self.data.global_batch_size
         return {
             "step": self.step,
             **{k: v for k, v in losses.items() if k.endswith("_loss")},
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": num_tokens / seconds,
-            "samples_per_s": num_samples / seconds,
-            "data_wait_fraction": data_seconds / seconds,
-            "micro_batches": len(micro_batches),
-            "skipped": len(skipped),
+            **measured,
+            "tokens_seen": self.tokens_seen,
         }
 
     def summary(self, last: dict, elapsed: float) -> dict:

@@ -44,6 +44,7 @@ class Engine(ABC):
         # Gradient reduction averages over ranks; multiplying by world size turns it into a sum.
         grad_scale = self.world.world_size
         sums = dict.fromkeys(weights, torch.zeros((), dtype=torch.float64))
+        produced = set()
         self.model.train()
         for micro_batch in micro_batches:
             out = self.model(micro_batch.to(self.device))
@@ -52,11 +53,12 @@ class Engine(ABC):
                 if f"{name}_loss_sum" in out:
                     loss = loss + weight * out[f"{name}_loss_sum"] / max(count, 1.0)
                     sums[name] = sums[name] + out[f"{name}_loss_sum"].detach().double()
+                    produced.add(name)
             self.backward(loss * grad_scale)
         totals = all_reduce_sum([float(v) for v in sums.values()])
         metrics = {}
         for name, total, count in zip(weights, totals, counts, strict=True):
-            if count:
+            if count and name in produced:
                 metrics[f"{name}_loss"] = total / count
         metrics["text_targets"], metrics["image_targets"] = counts[0], counts[1]
         return metrics
