@@ -40,9 +40,10 @@ class MetricsLogger(Callback):
             losses = "  ".join(
                 f"{k} {metrics[k]:.4f}" for k in ("text_loss", "image_loss") if k in metrics
             )
+            skipped = f"  skipped {metrics['skipped']}" if metrics.get("skipped") else ""
             print(
                 f"step {step:>6}/{loop.cfg.run.steps}  {losses}  lr {metrics['lr']:.2e}  "
-                f"tokens/s {metrics['tokens_per_s']:,.0f}",
+                f"tokens/s {metrics['tokens_per_s']:,.0f}{skipped}",
                 flush=True,
             )
 
