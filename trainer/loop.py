@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from models.split_vlm import SplitVLM
 from trainer.callbacks import Checkpointer, MetricsLogger
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint
-from trainer.config import Config, save_config
+from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import SKIP_REASONS, Decoder, prepare_tokenizer
 from trainer.data.packing import pack_step
 from trainer.data.stream import StepBatches
@@ -43,7 +43,7 @@ def load_tokenizer(cfg: Config):
     return tokenizer
 
 
-def check_bad_fraction(skipped: Counter, samples_seen: int, cfg) -> None:
+def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> None:
     """Raise DataError when more than `cfg.max_bad_fraction` of the samples seen were skipped."""
     num_skipped = sum(skipped.values())
     if (

@@ -135,6 +135,7 @@ class ChatRenderer:
                 f"tokenizer lacks special tokens {missing}; call prepare_tokenizer() first"
             )
         self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers only
         self.role_ids = {role: ids(token) for role, token in ROLE_TOKENS.items() if token in vocab}
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -153,9 +154,7 @@ class ChatRenderer:
                 if part:
                     pieces.append((part, is_target))
         texts = [content for content, _ in pieces if isinstance(content, str)]
-        encoded = iter(
-            self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        )
+        encoded = iter(self._encode(texts))
         ids: list[int] = []
         targets: list[bool] = []
         positions: list[int] = []
@@ -170,6 +169,13 @@ class ChatRenderer:
                 ids.extend(piece_ids)
                 targets.extend([is_target] * len(piece_ids))
         return TokenizedText(ids, targets, positions)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            # The Rust tokenizer directly: 5x less overhead than the Python wrapper for the few
+            # short pieces of one sample (batch encoding hands them to a thread pool).
+            return [self.backend.encode(text, add_special_tokens=False).ids for text in texts]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def _chunks(self, sample: dict) -> list[tuple[str | int, bool]]:
         bos = [(self.bos_id, False)] if self.bos_id is not None else []

@@ -47,8 +47,13 @@ from trainer.data.shards import IMAGE_PLACEHOLDER, MDS_COLUMNS, estimate_text_to
 MANIFEST = "splitvlm_shards.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_FILES = ("metadata.jsonl", "metadata.csv", "captions.jsonl", "captions.csv")
-LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-LLAVA_ROLES["system"] = "system"
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
 MAX_EXAMPLES = 5  # example record ids kept per skip reason
 

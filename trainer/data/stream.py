@@ -15,9 +15,11 @@ import json
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
@@ -66,6 +68,39 @@ class DataCursor:
 
 def _keep_list(batch):
     return batch
+
+
+@dataclass
+class _DocumentArrays:
+    """A Document with numpy arrays in place of tensors, for the trip out of a loader worker."""
+
+    fields: dict
+
+
+def _to_arrays(batch: list) -> list:
+    # Runs in the loader worker. Each tensor would cross to the main process through its own
+    # shared-memory segment (measured: about 1 ms per sample); arrays are pickled inline (µs).
+    return [
+        _DocumentArrays({f.name: _as_array(getattr(item, f.name)) for f in fields(Document)})
+        if isinstance(item, Document)
+        else item
+        for item in batch
+    ]
+
+
+def _as_array(value):
+    return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _from_arrays(item):
+    if not isinstance(item, _DocumentArrays):
+        return item
+    return Document(
+        **{
+            name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            for name, value in item.fields.items()
+        }
+    )
 
 
 def stream_configs(cfg: DataConfig) -> list[StreamConfig]:
@@ -133,7 +168,7 @@ class StepBatches:
         self.loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
-            collate_fn=_keep_list,
+            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
             drop_last=True,
             num_workers=cfg.num_workers,
         )
@@ -168,6 +203,7 @@ class StepBatches:
                 f"{self.cfg.path}: fewer samples than one global batch ({self.global_batch_size})"
             )
         self.cursor.sample_in_epoch += self.global_batch_size
+        batch = [_from_arrays(item) for item in batch]
         docs = [item for item in batch if isinstance(item, Document)]
         skipped = [item for item in batch if isinstance(item, Skipped)]
         self.cursor.skipped.update(s.reason for s in skipped)
