@@ -101,23 +101,104 @@ def add_stop_parser(commands) -> None:
 
 
 def _cmd_shards(args) -> int:
-    from trainer.data.demo import write_demo
+    if args.source == "demo" and args.format in (None, "demo"):
+        from trainer.data.demo import write_demo
 
-    if args.source != "demo":
-        raise ValueError(f"unknown shard source {args.source!r}; valid: demo")
-    written = write_demo(Path(args.out), seed=args.seed)
-    print(f"wrote {written} samples and a tokenizer to {args.out}")
-    return EXIT_OK
+        written = write_demo(Path(args.out), seed=args.seed)
+        print(f"wrote {written} samples and a tokenizer to {args.out}")
+        return 0
+    from trainer.data.formats import READERS, convert
+
+    if args.format is None:
+        raise ValueError(f"--format is required for {args.source!r}; valid: {', '.join(READERS)}")
+    report = convert(
+        args.source,
+        args.format,
+        args.out,
+        image_root=args.image_root,
+        tokenizer=args.tokenizer,
+        max_tokens=args.max_tokens,
+        max_image_pixels=args.max_image_pixels,
+        num_workers=args.workers,
+        compression=None if args.compression == "none" else args.compression,
+        size_limit=args.size_limit,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(report.table(), flush=True)
+    if report.num_samples == 0:
+        print(f"splitvlm shards: error: no usable samples in {args.source}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def add_shards_parser(commands) -> None:
     parser = _add_command(
-        commands, "shards", "write MDS shards", "splitvlm shards demo --out data/demo"
+        commands,
+        "shards",
+        "convert a data set into MDS shards, or write the built-in demo task",
+        "splitvlm shards llava.json --format llava --image-root images --out data/llava/train",
     )
-    parser.add_argument("source", help="what to convert: 'demo' writes the built-in demo task")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "source", help="'demo', or a file or folder in the format given by --format"
+    )
+    parser.add_argument("--out", required=True, help="output directory (the MDS index goes here)")
+    parser.add_argument(
+        "--format",
+        choices=["text", "llava", "captions", "webdataset"],
+        help="text: JSONL {text}; llava: conversation JSON/JSONL; captions: images + a "
+        "JSONL/CSV of captions; webdataset: .tar files",
+    )
+    parser.add_argument(
+        "--image-root", default="", help="where image paths point (default: the source's folder)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="",
+        help="a local transformers tokenizer directory: exact token counts (default: estimates)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="skip samples with more text tokens (needs --tokenizer)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=1 << 26,
+        help="skip images with more pixels (decompression bombs); 0: no limit",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="worker processes (default: every core)"
+    )
+    parser.add_argument("--compression", default="zstd", help="MDS shard compression, or 'none'")
+    parser.add_argument(
+        "--size-limit", type=int, default=1 << 26, help="bytes per shard before compression"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is up to date"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="demo only: the generator seed")
     parser.set_defaults(func=_cmd_shards)
+
+
+def _data_error(err: BaseException):
+    """The trainer's DataError behind `err`, also when it comes back wrapped by Ray Train."""
+    from trainer.loop import DataError
+
+    seen = set()
+    pending = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DataError):
+            return current
+        pending += [current.__cause__, current.__context__]
+        pending += list(getattr(current, "worker_failures", {}).values())
+    return None
 
 
 def _cmd_eval(args) -> int:
@@ -273,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitvlm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        data_error = _data_error(err)
+        if data_error is not None:
+            # The data went bad during a run: a runtime failure, but one line says all there is.
+            print(f"splitvlm {args.command}: data error: {data_error}", file=sys.stderr)
+            return EXIT_FAILURE
         _report_failure(args, err)
         return EXIT_FAILURE
 

@@ -18,6 +18,8 @@ for _name, _value in (
     ("RAY_USAGE_STATS_ENABLED", "0"),
     ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
     ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+    # A fixed thread count in MKL: results must not depend on machine load (exact resume).
+    ("MKL_DYNAMIC", "FALSE"),
 ):
     os.environ.setdefault(_name, _value)
 
@@ -25,16 +27,20 @@ for _name, _value in (
 def prepare_config(cfg: Config) -> Config:
     """Driver-side checks and path resolution; raises ValueError for user errors."""
     from trainer.data.demo import write_demo
-    from trainer.data.shards import check_split_dir
+    from trainer.data.stream import check_streams
 
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
     cfg.data.path = str(Path(cfg.data.path).resolve())
+    for stream in cfg.data.streams:
+        stream.path = str(Path(stream.path).resolve()) if stream.path else ""
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
     if cfg.data.tokenizer:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
     if cfg.data.generate_demo and not Path(cfg.data.path).exists():
         print(f"writing demo shards to {cfg.data.path}", flush=True)
         write_demo(Path(cfg.data.path))
-    check_split_dir(Path(cfg.data.path) / cfg.data.split)
+    check_streams(cfg.data)
     if cfg.cluster.num_workers > 1 and cfg.engine.name == "local":
         raise ValueError("engine.name=local runs one worker; set cluster.num_workers=1")
     return cfg

@@ -3,6 +3,9 @@ import os
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# MKL may otherwise use fewer threads when the machine is busy, which changes summation order:
+# the bitwise resume tests must not depend on load.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

@@ -30,17 +30,74 @@ class RunConfig:
     log_every: int = 10
 
 
+SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")  # mosaicml-streaming's
+
+
+@dataclass
+class StreamConfig:
+    """One shard set of a mixture. Give at most one of proportion, repeat, choose; proportions
+    are relative (normalized over the streams), repeat and choose are absolute, and streaming
+    does not allow mixing the two kinds."""
+
+    path: str = ""  # a directory of MDS splits, like data.path; with `remote`: its local cache
+    remote: str = ""  # remote directory of MDS splits (s3://, gs://, oci://, hf://, or a path)
+    proportion: float | None = None  # share of each epoch
+    repeat: float | None = None  # passes over this stream per epoch (0.5: a random half)
+    choose: int | None = None  # samples drawn from this stream per epoch
+
+
 @dataclass
 class DataConfig:
     path: str = "data/demo"  # a directory of MDS splits: PATH/train, PATH/heldout
     split: str = "train"
+    # A mixture of shard sets; empty: the single stream at `path` (or `remote`).
+    streams: list[StreamConfig] = field(default_factory=list)
+    remote: str = ""  # without streams: read the splits from here, cached under `path`
+    cache_dir: str = ""  # cache of remote streams that give no `path`; empty: a temp directory
     tokenizer: str = ""  # empty: PATH/tokenizer (written by `splitvlm shards demo`)
     generate_demo: bool = False  # write the demo shards to `path` when it does not exist
     batch_size: int = 16  # samples per rank per optimizer step
     max_tokens: int = 2048  # tokens per micro-batch
+    epoch_size: int = 0  # samples per epoch of the mixture; 0: what the stream weights give
     num_canonical_nodes: int = 1  # fixed, so the sample order does not depend on world size
     shuffle: bool = True
+    shuffle_algo: str = "py1e"
     shuffle_seed: int = 0
+    shuffle_block_size: int = 0  # 0: streaming's default, max(4e6 / num_canonical_nodes, 2^18)
+    num_workers: int = 0  # DataLoader worker processes that read and decode samples
+    max_image_pixels: int = 1 << 26  # larger images are skipped (decompression bombs); 0: no limit
+    # Stop the run when more than this fraction of the samples seen were skipped, judged once
+    # `bad_fraction_min_samples` samples have been seen (a few bad samples early are noise).
+    max_bad_fraction: float = 0.05
+    bad_fraction_min_samples: int = 1000
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot work."""
+        if self.shuffle_algo not in SHUFFLE_ALGOS:
+            raise ValueError(
+                f"data.shuffle_algo={self.shuffle_algo!r}; valid: {', '.join(SHUFFLE_ALGOS)}"
+            )
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError("data.max_bad_fraction must be between 0 and 1")
+        relative = [stream.proportion is not None for stream in self.streams]
+        for index, stream in enumerate(self.streams):
+            name = f"data.streams[{index}]"
+            if not stream.path and not stream.remote:
+                raise ValueError(f"{name} needs a path or a remote")
+            weights = [
+                w for w in (stream.proportion, stream.repeat, stream.choose) if w is not None
+            ]
+            if len(weights) > 1:
+                raise ValueError(f"{name}: give at most one of proportion, repeat, choose")
+            if any(w < 0 for w in weights):
+                raise ValueError(f"{name}: weights must be >= 0")
+            if relative[index] != relative[0]:
+                raise ValueError(
+                    f"{name}: proportion (relative) and repeat/choose (absolute) cannot be mixed; "
+                    "give every stream a proportion, or none"
+                )
 
 
 @dataclass
@@ -144,6 +201,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     try:
         cfg.model.validate()
         cfg.logging.validate()
+        cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg
@@ -193,6 +251,8 @@ def _coerce(value, expected, name: str, source: str):
     elif origin in (list, tuple):
         (item_type, *_) = typing.get_args(expected) or (object,)
         if isinstance(value, list | tuple):
+            if dataclasses.is_dataclass(item_type):
+                return [_section(v, item_type, f"{name}[{i}]", source) for i, v in enumerate(value)]
             return [_coerce(v, item_type, name, source) for v in value]
     elif expected is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -212,3 +272,14 @@ def _coerce(value, expected, name: str, source: str):
         return value
     shown = getattr(expected, "__name__", str(expected))
     raise ConfigError(f"{source}: '{name}' must be {shown}, got {type(value).__name__} {value!r}")
+
+
+def _section(value, cls, name: str, source: str):
+    """A list item that is a config section, e.g. one of `data.streams`."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{name}' is a section and needs a mapping")
+    section = cls()
+    _merge(section, value, prefix=f"{name}.", source=source)
+    return section

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from models.pretrained import build_model as build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.callbacks import Checkpointer, MetricsLogger
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint
-from trainer.config import Config, save_config
-from trainer.data.decode import Decoder
+from trainer.config import Config, DataConfig, save_config
+from trainer.data.decode import Decoder, prepare_tokenizer
 from trainer.data.packing import pack_step
 from trainer.data.stream import StepBatches
 from trainer.distributed import WorldInfo, all_reduce_max, world_info
@@ -31,11 +32,34 @@ def tokenizer_path(cfg: Config) -> Path:
     return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.path) / "tokenizer"
 
 
+class DataError(RuntimeError):
+    """The data went bad at run time (too many skipped samples): the run stops, exit code 1."""
+
+
 def load_tokenizer(cfg: Config):
+    """The tokenizer with the special tokens decoding needs (added if missing)."""
     path = tokenizer_path(cfg)
     if not path.is_dir():
         raise ValueError(f"tokenizer directory not found: {path} (set data.tokenizer)")
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> None:
+    """Raise DataError when more than `cfg.max_bad_fraction` of the samples seen were skipped."""
+    num_skipped = sum(skipped.values())
+    if (
+        samples_seen < cfg.bad_fraction_min_samples
+        or num_skipped <= cfg.max_bad_fraction * samples_seen
+    ):
+        return
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.most_common())
+    raise DataError(
+        f"{num_skipped} of {samples_seen} samples skipped "
+        f"({num_skipped / samples_seen:.1%} > data.max_bad_fraction={cfg.max_bad_fraction:g}): "
+        f"{reasons}"
+    )
 
 
 def build_model(cfg: Config, tokenizer) -> SplitVLM:
@@ -70,11 +94,18 @@ class TrainLoop:
             ModelFlops(model), self.world, device, cfg.logging.peak_flops_per_device
         )
         self.engine = build_engine(cfg, self.world, model, device)
-        decoder = Decoder(tokenizer, cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
+        decoder = Decoder(
+            tokenizer,
+            cfg.model,
+            cfg.data.max_tokens,
+            seed=cfg.run.seed,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
         self.data = StepBatches(cfg.data, decoder, self.world)
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.skipped: Counter = Counter()  # all ranks, by reason, since the run's first step
         self.callbacks = [
             MetricsLogger(self.run_dir),
             *reporting_callbacks(cfg, self.run_dir, self.world),
@@ -85,6 +116,7 @@ class TrainLoop:
         return {
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
+            "skipped": dict(self.skipped),
             "data": self.data.cursor.to_dict(),
         }
 
@@ -96,6 +128,7 @@ class TrainLoop:
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.tokens_seen = state["tokens_seen"]
+        self.skipped = Counter(state.get("skipped", {}))
         self.data.seek(state["data"]["epoch"], state["data"]["sample_in_epoch"])
         if self.world.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
@@ -139,6 +172,8 @@ class TrainLoop:
         measured = self.meter.measure(docs, skipped, micro_batches, data_seconds, seconds)
         self.tokens_seen += measured["tokens"]
         self.samples_seen += self.data.global_batch_size
+        self.skipped.update(measured["skipped_by_reason"])
+        check_bad_fraction(self.skipped, self.samples_seen, cfg.data)
         return {
             "step": self.step,
             **{k: v for k, v in losses.items() if k.endswith("_loss")},
@@ -155,7 +190,7 @@ class TrainLoop:
             "tokens_seen": self.tokens_seen,
             "seconds": round(elapsed, 1),
             **{k: last[k] for k in ("text_loss", "image_loss") if k in last},
-            "skipped": dict(self.data.cursor.skipped),
+            "skipped": dict(self.skipped),
             "run_dir": str(self.run_dir),
         }
         if self.world.is_main:

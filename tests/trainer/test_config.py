@@ -129,3 +129,44 @@ def test_cli_rejects_an_empty_data_directory(tmp_path):
         result.stderr.strip()
         == f"splitvlm train: error: no MDS shards in {tmp_path}/train (index.json is missing)"
     )
+
+
+def test_stream_mixtures_load_from_yaml_and_overrides(tmp_path):
+    path = write(
+        tmp_path,
+        "data:\n  streams:\n    - {path: data/a, proportion: 0.7}\n"
+        "    - {remote: 's3://bucket/b', proportion: 0.3}\n  shuffle_algo: py1br\n",
+    )
+    cfg = load_config(path)
+    assert [(s.path, s.remote, s.proportion) for s in cfg.data.streams] == [
+        ("data/a", "", 0.7),
+        ("", "s3://bucket/b", 0.3),
+    ]
+    assert cfg.data.streams[0].repeat is None and cfg.data.shuffle_algo == "py1br"
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    assert again == cfg
+    cfg = load_config(None, ["data.streams=[{path: a, repeat: 2}, {path: b, choose: 10}]"])
+    assert [(s.repeat, s.choose) for s in cfg.data.streams] == [(2.0, None), (None, 10)]
+
+
+@pytest.mark.parametrize(
+    "streams, message",
+    [
+        ("[{path: a, proportoin: 1}]", r"unknown key 'data.streams\[0\].proportoin'"),
+        ("[{path: a}, 3]", r"'data.streams\[1\]' is a section"),
+        ("[{path: a, choose: 1.5}]", r"'data.streams\[0\].choose' must be int \| None"),
+        ("[{path: a, proportion: 1, repeat: 2}]", r"data.streams\[0\]: give at most one"),
+        ("[{path: a, proportion: 1}, {path: b, repeat: 2}]", r"data.streams\[1\]: proportion"),
+        ("[{proportion: 1}]", r"data.streams\[0\] needs a path or a remote"),
+    ],
+)
+def test_bad_streams_name_the_item(streams, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"data.streams={streams}"])
+
+
+def test_bad_data_options_are_config_errors():
+    with pytest.raises(ConfigError, match=r"data.shuffle_algo='py9'; valid: py1e"):
+        load_config(None, ["data.shuffle_algo=py9"])
+    with pytest.raises(ConfigError, match=r"data.max_bad_fraction must be between 0 and 1"):
+        load_config(None, ["data.max_bad_fraction=2"])

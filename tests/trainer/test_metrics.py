@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,7 +116,13 @@ def test_a_short_run_reports_every_metric_to_jsonl_console_wandb_and_a_png(
 
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (offline_run,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
-    history = (offline_run / f"run-{run_id}.wandb").read_bytes()
+    history_file = offline_run / f"run-{run_id}.wandb"
+    # The wandb service process writes this file; under load it can land just after finish().
+    for _ in range(100):
+        if history_file.is_file():
+            break
+        time.sleep(0.1)
+    history = history_file.read_bytes()
     assert b"text_loss" in history and b"peak_flops_per_device" in history  # metrics + config
 
     png = run_dir / "metrics.png"

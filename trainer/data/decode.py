@@ -3,11 +3,23 @@
 Runs on the CPU side of the pipeline (inside the streaming dataset), so the model sees only
 tensors. Everything random here (image mask rates and positions) is seeded by the sample's
 global index and epoch, which makes a resumed run see exactly the masks an uninterrupted one did.
+
+Text is rendered in two ways (`ChatRenderer`):
+- with the tokenizer's chat template when it has one: the conversation is rendered prefix by
+  prefix, and what the template adds for an assistant turn after its generation prompt (the
+  answer and the template's end-of-turn marker) is the loss target;
+- otherwise with a simple default: `<bos> <|user|> … <|assistant|> … <eos>`, loss on the assistant
+  turns and their `<eos>`.
+Plain text is `<bos> text <eos>` with loss on every token. Each `<image>` placeholder becomes
+`<image_start> [span] [span] … <image_end>`: one image span per entry of
+`ModelConfig.image_spans()` (coarse-to-fine scales, each optionally followed by its unmasked dual
+copy), back to back, so the first token of a finer scale is predicted from the coarser one.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,16 +29,226 @@ from PIL import Image
 from models.config import ModelConfig
 from trainer.data.shards import IMAGE_PLACEHOLDER, unpack_blobs
 
+# Every reason a sample can be skipped for, at shard time or at decode time. A fixed list, so
+# ranks can sum their counts with one all_reduce.
+SKIP_REASONS = (
+    "invalid_json",  # a source record that is not JSON
+    "invalid_record",  # JSON, but without the format's fields, or with wrong types or roles
+    "invalid_utf8",
+    "empty",  # no text and no conversation, or only blank turns
+    "image_missing",  # an <image> without an image, or an image file that does not exist
+    "image_unused",  # more images than <image> placeholders
+    "image_corrupt",
+    "image_too_large",  # more pixels than the limit (a decompression bomb guard)
+    "too_long",  # more tokens than data.max_tokens (shards: --max-tokens)
+    "chat_template",  # the tokenizer's chat template rejects the conversation
+    "unreadable",  # any other failure while reading a source record (shard time only)
+)
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>"}
-REQUIRED_SPECIAL_TOKENS = ("<|user|>", "<|assistant|>", "<image_start>", "<image_end>")
+IMAGE_TOKENS = ("<image_start>", "<image_end>")
 
 
 class DecodeError(ValueError):
-    """A sample that cannot be used; `reason` is the counter it is skipped under."""
+    """A sample that cannot be used; `reason` (one of SKIP_REASONS) is what it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+
+
+def prepare_tokenizer(tokenizer) -> int:
+    """Add the special tokens decoding needs and `tokenizer` lacks; returns how many were added.
+
+    Always `<image_start>` and `<image_end>`; without a chat template also the default role
+    tokens. Call it before building the model: `model.vocab_size` is taken from `len(tokenizer)`,
+    so added tokens get embedding rows.
+    """
+    needed = list(IMAGE_TOKENS)
+    if not tokenizer.chat_template:
+        needed += ROLE_TOKENS.values()
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in needed if token not in vocab]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set one (it ends every document)")
+    return len(missing)
+
+
+def open_image(blob: bytes, max_pixels: int) -> Image.Image:
+    """Open encoded image bytes; refuses more than `max_pixels` (0: no limit) before decoding."""
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own limit below; PIL's warning would fire on every large image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(blob))
+    except Image.DecompressionBombError as err:
+        raise DecodeError("image_too_large", str(err)) from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("image_corrupt", "not an image format PIL can read") from None
+    except Exception as err:  # PIL raises many types on hostile bytes
+        raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
+    width, height = image.size
+    if max_pixels and width * height > max_pixels:
+        raise DecodeError("image_too_large", f"{width}x{height} pixels > {max_pixels}")
+    return image
+
+
+def check_image(blob: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an image that decodes completely; DecodeError otherwise."""
+    with open_image(blob, max_pixels) as image:
+        size = image.size
+        try:
+            # JPEG: decode at 1/8 scale; every byte is still read, so truncation is still found.
+            image.draft("RGB", (1, 1))
+            image.load()
+        except Exception as err:
+            raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
+    return size
+
+
+@dataclass
+class TokenizedText:
+    ids: list[int]
+    targets: list[bool]  # ids[t] is a loss target (predicted at t - 1)
+    image_positions: list[int]  # an image goes right before ids[p], in order
+
+    @property
+    def num_text_tokens(self) -> int:
+        """Tokens of the document without its image spans' contents (begin/end tokens count)."""
+        return len(self.ids) + 2 * len(self.image_positions)
+
+
+class ChatRenderer:
+    """Sample → token ids and loss targets, with image positions; no images are touched."""
+
+    def __init__(self, tokenizer):
+        ids = tokenizer.convert_tokens_to_ids
+        vocab = tokenizer.get_vocab()
+        self.use_chat_template = bool(tokenizer.chat_template)
+        needed = list(IMAGE_TOKENS) + ([] if self.use_chat_template else list(ROLE_TOKENS.values()))
+        missing = [token for token in needed if token not in vocab]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks special tokens {missing}; call prepare_tokenizer() first"
+            )
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers only
+        self.role_ids = {role: ids(token) for role, token in ROLE_TOKENS.items() if token in vocab}
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def __call__(self, sample: dict, prompt_only: bool = False) -> TokenizedText:
+        """With `prompt_only`, the final assistant turn is dropped and the assistant's generation
+        prompt appended: the input for generating that turn."""
+        # Chunks are strings to tokenize or ids to insert as they are; strings are split at each
+        # placeholder (None marks an image) and tokenized in one batched call.
+        pieces: list[tuple[str | int | None, bool]] = []
+        for content, is_target in self._chunks(sample, prompt_only):
+            if isinstance(content, int):
+                pieces.append((content, is_target))
+                continue
+            for index, part in enumerate(content.split(IMAGE_PLACEHOLDER)):
+                if index:
+                    pieces.append((None, False))
+                if part:
+                    pieces.append((part, is_target))
+        texts = [content for content, _ in pieces if isinstance(content, str)]
+        encoded = iter(self._encode(texts))
+        ids: list[int] = []
+        targets: list[bool] = []
+        positions: list[int] = []
+        for content, is_target in pieces:
+            if content is None:
+                positions.append(len(ids))
+            elif isinstance(content, int):
+                ids.append(content)
+                targets.append(is_target)
+            else:
+                piece_ids = next(encoded)
+                ids.extend(piece_ids)
+                targets.extend([is_target] * len(piece_ids))
+        return TokenizedText(ids, targets, positions)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            # The Rust tokenizer directly: 5x less overhead than the Python wrapper for the few
+            # short pieces of one sample (batch encoding hands them to a thread pool).
+            return [self.backend.encode(text, add_special_tokens=False).ids for text in texts]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _chunks(self, sample: dict, prompt_only: bool) -> list[tuple[str | int, bool]]:
+        bos = [(self.bos_id, False)] if self.bos_id is not None else []
+        text = sample.get("text") or ""
+        if text.strip() and not prompt_only:
+            return [*bos, (text, True), (self.eos_id, True)]
+        messages = sample.get("messages") or []
+        if not isinstance(messages, list):
+            raise DecodeError("invalid_record", "messages is not a list")
+        roles = ("system", "user", "assistant") if self.use_chat_template else tuple(ROLE_TOKENS)
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise DecodeError("invalid_record", "a message without string content")
+            if message.get("role") not in roles:
+                raise DecodeError(
+                    "invalid_record",
+                    f"role {message.get('role')!r} (valid with this tokenizer: {', '.join(roles)})",
+                )
+        if not any(message["content"].strip() for message in messages):
+            raise DecodeError("empty", "no text and no non-blank message")
+        if prompt_only:
+            if messages[-1]["role"] != "assistant":
+                raise DecodeError("invalid_record", "a prompt needs a final assistant turn")
+            messages = messages[:-1]
+        if self.use_chat_template:
+            return self._template_chunks(messages, prompt_only)
+        chunks = list(bos)
+        for message in messages:
+            is_target = message["role"] == "assistant"
+            chunks.append((self.role_ids[message["role"]], False))
+            chunks.append((message["content"], is_target))
+            if is_target:
+                chunks.append((self.eos_id, True))
+        if prompt_only:
+            chunks.append((self.role_ids["assistant"], False))
+        return chunks
+
+    def _template_chunks(self, messages: list[dict], prompt_only: bool) -> list[tuple[str, bool]]:
+        import jinja2
+
+        def render(prefix: list[dict], generation_prompt: bool = False) -> str:
+            return self.tokenizer.apply_chat_template(
+                prefix, tokenize=False, add_generation_prompt=generation_prompt
+            )
+
+        chunks: list[tuple[str, bool]] = []
+        rendered = ""
+
+        def extend(longer: str, is_target: bool) -> str:
+            if not longer.startswith(rendered):
+                raise DecodeError(
+                    "chat_template", "the template does not render the conversation prefix-wise"
+                )
+            chunks.append((longer[len(rendered) :], is_target))
+            return longer
+
+        try:
+            for index, message in enumerate(messages):
+                is_target = message["role"] == "assistant"
+                if is_target:  # the assistant header is the generation prompt: no loss on it
+                    rendered = extend(render(messages[:index], generation_prompt=True), False)
+                rendered = extend(render(messages[: index + 1]), is_target)
+            if prompt_only:
+                rendered = extend(render(messages, generation_prompt=True), False)
+        except DecodeError:
+            raise
+        except (jinja2.TemplateError, ValueError, TypeError, IndexError, KeyError) as err:
+            raise DecodeError("chat_template", f"{type(err).__name__}: {err}") from None
+        return chunks
 
 
 @dataclass
@@ -45,104 +267,98 @@ class Document:
 
 
 class Decoder:
-    def __init__(self, tokenizer, model_cfg: ModelConfig, max_tokens: int, seed: int = 0):
-        missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; add them before training")
+    def __init__(
+        self,
+        tokenizer,
+        model_cfg: ModelConfig,
+        max_tokens: int,
+        seed: int = 0,
+        max_image_pixels: int = 0,
+    ):
+        self.renderer = ChatRenderer(tokenizer)
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.max_tokens = max_tokens
+        self.max_image_pixels = max_image_pixels
         self.seed = seed
+        self.spans = model_cfg.image_spans()
         ids = tokenizer.convert_tokens_to_ids
-        self.role_ids = {role: ids(token) for role, token in ROLE_TOKENS.items()}
-        self.image_start_id = ids("<image_start>")
-        self.image_end_id = ids("<image_end>")
+        self.image_start_id = ids(IMAGE_TOKENS[0])
+        self.image_end_id = ids(IMAGE_TOKENS[1])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __call__(
         self, sample: dict, sample_index: int, epoch: int = 0, prompt_only: bool = False
     ) -> Document:
-        """Decode for training; with `prompt_only` (inference), stop after the last assistant
-        marker, drop the final assistant turn's content and mask nothing."""
+        """Decode for training; with `prompt_only` (inference), end at the assistant's generation
+        prompt instead of its final turn, and mask nothing."""
         rng = np.random.default_rng([self.seed, epoch, sample_index])
-        images = [self._load_image(blob) for blob in unpack_blobs(sample.get("images") or b"")]
-        ids: list[int] = [self.tokenizer.bos_token_id]
-        targets: list[bool] = [False]
+        text = self.renderer(sample, prompt_only)
+        try:
+            blobs = unpack_blobs(sample.get("images") or b"")
+        except ValueError as err:
+            raise DecodeError("image_corrupt", str(err)) from None
+        if len(text.image_positions) > len(blobs):
+            raise DecodeError(
+                "image_missing", f"{len(text.image_positions)} <image>, {len(blobs)} images"
+            )
+        if len(text.image_positions) < len(blobs):
+            raise DecodeError(
+                "image_unused", f"{len(blobs)} images, {len(text.image_positions)} <image>"
+            )
+        per_image = self.model_cfg.num_image_tokens + 2
+        num_tokens = len(text.ids) + per_image * len(blobs)
+        if num_tokens > self.max_tokens:
+            raise DecodeError(
+                "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
+            )
+        images = [self._load_image(blob) for blob in blobs]
+
+        ids: list[int] = []
+        targets: list[bool] = []
         segments: list[tuple[str, int]] = []
-        text_run = 1
-        images_used = 0
-        if sample.get("text"):
-            turns = [("text", sample["text"])]
-        elif sample.get("messages"):
-            turns = [(m["role"], m["content"]) for m in sample["messages"]]
-        else:
-            raise DecodeError("empty", "no text and no messages")
-        spans = self.model_cfg.image_spans()
-        if prompt_only:
-            if turns[-1][0] != "assistant":
-                raise DecodeError("empty", "a prompt needs a final assistant turn to complete")
-            turns = [*turns[:-1], ("assistant", "")]
-        for role, content in turns:
-            is_target = role in ("text", "assistant")
-            if role in self.role_ids:
-                ids.append(self.role_ids[role])
-                targets.append(False)
-                text_run += 1
-            pieces = content.split(IMAGE_PLACEHOLDER)
-            for i, piece in enumerate(pieces):
-                if i > 0:  # an image goes between two pieces
-                    if images_used == len(images):
-                        raise DecodeError("image_missing", "more <image> than images")
-                    images_used += 1
-                    ids.append(self.image_start_id)
-                    targets.append(False)
-                    segments.append(("text", text_run + 1))
-                    for side, _ in spans:
-                        ids.extend([self.pad_id] * side * side)
-                        targets.extend([False] * side * side)
-                        segments.append(("image", side * side))
-                    ids.append(self.image_end_id)
-                    targets.append(False)
-                    text_run = 1
-                piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                ids.extend(piece_ids)
-                targets.extend([is_target] * len(piece_ids))
-                text_run += len(piece_ids)
-            if is_target and not (prompt_only and role == "assistant" and not content):
-                ids.append(self.tokenizer.eos_token_id)
-                targets.append(True)
-                text_run += 1
-        if images_used != len(images):
-            raise DecodeError("image_unused", f"{len(images)} images but {images_used} <image>")
-        segments.append(("text", text_run))
-        if len(ids) > self.max_tokens:
-            raise DecodeError("too_long", f"{len(ids)} tokens > data.max_tokens={self.max_tokens}")
-        image_mask = [
+        run_start = cursor = 0
+        for position in text.image_positions:
+            ids.extend(text.ids[cursor:position])
+            targets.extend(text.targets[cursor:position])
+            cursor = position
+            ids.append(self.image_start_id)
+            segments.append(("text", len(ids) - run_start))
+            for side, _ in self.spans:
+                ids.extend([self.pad_id] * side * side)
+                segments.append(("image", side * side))
+            ids.append(self.image_end_id)
+            targets.extend([False] * per_image)
+            run_start = len(ids) - 1  # <image_end> opens the next text segment
+        ids.extend(text.ids[cursor:])
+        targets.extend(text.targets[cursor:])
+        segments.append(("text", len(ids) - run_start))
+        masks = [
             self._sample_mask(side * side, rng, is_copy or prompt_only)
             for _ in images
-            for side, is_copy in spans
+            for side, is_copy in self.spans
         ]
-        span_full = [mask.all().expand_as(mask) for mask in image_mask]
+        span_full = [mask.all().expand_as(mask) for mask in masks]
         size = self.model_cfg.vision.image_size
         return Document(
-            sample_id=sample.get("id", str(sample_index)),
+            sample_id=sample.get("id") or str(sample_index),
             input_ids=torch.tensor(ids, dtype=torch.long),
             target_mask=torch.tensor(targets, dtype=torch.bool),
             segments=segments,
             pixel_values=torch.stack(images) if images else torch.zeros(0, 3, size, size),
-            image_mask=torch.cat(image_mask) if image_mask else torch.zeros(0, dtype=torch.bool),
+            image_mask=torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool),
             image_span_full=torch.cat(span_full) if span_full else torch.zeros(0, dtype=torch.bool),
         )
 
     def _sample_mask(
-        self, num_tokens: int, rng: np.random.Generator, is_copy: bool
+        self, num_tokens: int, rng: np.random.Generator, unmasked: bool
     ) -> torch.Tensor:
-        # Draw every random number whether or not it is used, so the stream does not depend on
-        # which spans are copies.
+        # Every random number is drawn whether or not it is used, so the stream of draws does
+        # not depend on which spans are dual copies.
         rate = rng.uniform(self.model_cfg.mask_rate_min, self.model_cfg.mask_rate_max)
         if rng.uniform() < self.model_cfg.full_mask_prob:
             rate = 1.0
-        if is_copy:
+        if unmasked:
             rate = 0.0
         num_masked = int(round(rate * num_tokens))
         mask = np.zeros(num_tokens, dtype=bool)
@@ -151,11 +367,13 @@ class Decoder:
 
     def _load_image(self, blob: bytes) -> torch.Tensor:
         size = self.model_cfg.vision.image_size
-        try:
-            with Image.open(io.BytesIO(blob)) as image:
+        with open_image(blob, self.max_image_pixels) as image:
+            try:
+                # JPEG: let the decoder downscale by up to 8x (DCT scaling) before the resize.
+                image.draft("RGB", (size, size))
                 image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DecodeError("image_corrupt", str(err)) from None
+            except Exception as err:  # truncated or malformed data surfaces only here
+                raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
         # SigLIP normalization: mean 0.5, std 0.5 per channel.
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         return (pixels.permute(2, 0, 1) - 0.5) / 0.5

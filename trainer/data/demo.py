@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from trainer.data.shards import IMAGE_PLACEHOLDER, write_shards
+from trainer.data.shards import IMAGE_PLACEHOLDER, estimate_text_tokens, write_shards
 
 COLORS = {
     "red": (220, 40, 40),
@@ -149,16 +149,6 @@ def save_tokenizer(out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def count_text_tokens(sample: dict) -> int:
-    """Whitespace words plus bos/eos and role markers: exact for the demo's word-level tokenizer."""
-    if sample["text"]:
-        return len(sample["text"].split()) + 2
-    words = sum(
-        len(m["content"].replace(IMAGE_PLACEHOLDER, " ").split()) for m in sample["messages"]
-    )
-    return words + 2 + len(sample["messages"]) + 2 * len(sample["images"])
-
-
 def write_demo(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, int]:
     """Write the demo splits (MDS) and the tokenizer under `out`; returns samples per split."""
     out = Path(out)
@@ -171,7 +161,8 @@ def write_demo(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) ->
             for index in range(count):
                 sample = make_sample(index, rng)
                 sample["id"] = f"demo-{split}-{index:07d}"
-                sample["num_text_tokens"] = count_text_tokens(sample)
+                # Exact for the demo's word-level tokenizer.
+                sample["num_text_tokens"] = estimate_text_tokens(sample)
                 yield sample
 
         written[split] = write_shards(out / split, samples())

@@ -3,10 +3,15 @@
 Every rank must run the same number of forward/backward passes per step (FSDP and ZeRO-3 hang
 otherwise), so the micro-batch count M is agreed across ranks before packing: ranks that need
 fewer split their bins further. No sample is dropped or split across micro-batches.
+
+Skipped samples leave a rank with fewer documents, possibly none. Such a rank still runs M
+micro-batches: when it has fewer documents than M, the rest are `filler_micro_batch()`es — one
+token, no loss targets, so they add nothing to the loss or the gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -100,14 +105,52 @@ def pack_step(
     agree_num_micro_batches: Callable[[int], int] = lambda m: m,
     image_positions: str = "sequential",
 ) -> list[PackedBatch]:
-    """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max."""
-    if not docs:
-        raise ValueError("a step batch needs at least one sample")
-    bins = plan_micro_batches([d.num_tokens for d in docs], max_tokens)
-    num_micro_batches = agree_num_micro_batches(len(bins))
-    if num_micro_batches != len(bins):
-        bins = plan_micro_batches([d.num_tokens for d in docs], max_tokens, num_micro_batches)
-    return [collate([docs[i] for i in b], image_attention, image_positions) for b in bins]
+    """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max.
+
+    Always at least one micro-batch per rank, even when every sample of the step was skipped."""
+    lengths = [d.num_tokens for d in docs]
+    bins = plan_micro_batches(lengths, max_tokens) if docs else []
+    num_micro_batches = agree_num_micro_batches(max(len(bins), 1))
+    num_fillers = max(num_micro_batches - len(docs), 0)
+    if num_micro_batches != len(bins) and docs:
+        bins = plan_micro_batches(lengths, max_tokens, min(num_micro_batches, len(docs)))
+    with _one_intra_op_thread():
+        micro_batches = [
+            collate([docs[i] for i in b], image_attention, image_positions) for b in bins
+        ]
+        micro_batches += [filler_micro_batch(docs, image_attention) for _ in range(num_fillers)]
+    assert len(micro_batches) == num_micro_batches
+    return micro_batches
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Collating is many tiny integer ops, and some (repeat_interleave) fan out to the intra-op
+    thread pool however small the input. When the cores are busy (loader workers, other jobs)
+    every fork/join waits for a descheduled thread: 11 ms per call with 2 threads on a loaded
+    2-core machine, 8 us with one. Setting the thread count is a cheap (sub-microsecond) store;
+    it is process-wide, which is safe because packing runs between steps, never during compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def filler_micro_batch(docs: list[Document], image_attention: str) -> PackedBatch:
+    """One pad token, no targets: a forward/backward pass that contributes zero loss."""
+    image_size = docs[0].pixel_values.shape[-1] if docs else 1
+    filler = Document(
+        sample_id="<filler>",
+        input_ids=torch.zeros(1, dtype=torch.long),
+        target_mask=torch.zeros(1, dtype=torch.bool),
+        segments=[("text", 1)],
+        pixel_values=torch.zeros(0, 3, image_size, image_size),
+        image_mask=torch.zeros(0, dtype=torch.bool),
+        image_span_full=torch.zeros(0, dtype=torch.bool),
+    )
+    return collate([filler], image_attention)
 
 
 def collate(

@@ -1,0 +1,233 @@
+"""Data pipeline throughput: streaming + decode + pack against a raw MDS iteration of the same
+shards, measured in the same run, with 0, 2 and 4 DataLoader workers; and the time to the first
+batch when resuming deep into an epoch against a fresh start.
+
+    python scripts/bench_loader.py                     # writes the demo shards to a temp dir
+    python scripts/bench_loader.py --data data/demo --samples 4096 --json
+
+"raw" iterates the same StreamingDataset configuration (same streams, shuffle, batch size and
+workers) and returns the stored samples undecoded; "pipeline" is what training runs: decode
+(tokenize, images → tensors, spans, masks) in the loader workers, then pack in this process.
+Times per sample are measured after the first batch (startup is reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="", help="a directory of MDS splits (default: demo)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--tokenizer", default="", help="default: DATA/tokenizer")
+    parser.add_argument("--samples", type=int, default=4096, help="samples timed per case")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--image-size", type=int, default=32, help="model.vision.image_size")
+    parser.add_argument(
+        "--resume-at", type=int, default=1_000_000, help="sample to resume at (0: skip this part)"
+    )
+    parser.add_argument("--resume-workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
+    return parser.parse_args(argv)
+
+
+def data_config(args, data: Path, num_workers: int, **extra):
+    from trainer.config import DataConfig
+
+    return DataConfig(
+        path=str(data),
+        split=args.split,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        num_workers=num_workers,
+        **extra,
+    )
+
+
+def _keep_list(batch):
+    return batch
+
+
+def time_raw(args, cfg, num_image_tokens: int) -> dict:
+    """Plain StreamingDataset over the same streams: read and return the stored samples."""
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from trainer.data.stream import build_streams
+
+    dataset = StreamingDataset(
+        streams=build_streams(cfg, cfg.split),
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        shuffle_algo=cfg.shuffle_algo,
+        shuffle_seed=cfg.shuffle_seed,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        predownload=8 * cfg.batch_size,
+        shuffle_block_size=max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        collate_fn=_keep_list,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+    )
+
+    def tokens(batch):
+        return sum(s["num_text_tokens"] + num_image_tokens * len(s["image_sizes"]) for s in batch)
+
+    return _time_batches(iter(loader), args.samples, lambda batch: (len(batch), tokens(batch)))
+
+
+def build_pipeline(args, cfg, tokenizer, model_cfg):
+    from trainer.data.decode import Decoder
+    from trainer.data.stream import StepBatches
+    from trainer.distributed import WorldInfo
+
+    decoder = Decoder(tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels)
+    return StepBatches(cfg, decoder, WorldInfo())
+
+
+def time_pipeline(args, cfg, tokenizer, model_cfg) -> dict:
+    from trainer.data.packing import pack_step
+
+    batches = build_pipeline(args, cfg, tokenizer, model_cfg)
+
+    def steps():
+        while True:
+            yield batches.next_step()
+
+    def measure(step):
+        docs, skipped = step
+        micro_batches = pack_step(docs, cfg.max_tokens, model_cfg.image_attention)
+        return len(docs) + len(skipped), sum(mb.num_tokens for mb in micro_batches)
+
+    return _time_batches(steps(), args.samples, measure)
+
+
+def _time_batches(batches, num_samples: int, measure) -> dict:
+    started = time.perf_counter()
+    first = measure(next(batches))
+    first_batch = time.perf_counter() - started
+    samples = tokens = 0
+    steady = time.perf_counter()
+    while samples < num_samples:
+        num, num_tokens = measure(next(batches))
+        samples += num
+        tokens += num_tokens
+    seconds = time.perf_counter() - steady
+    assert first[0] > 0
+    return {
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "us_per_sample": 1e6 * seconds / samples,
+        "first_batch_s": first_batch,
+    }
+
+
+def time_resume(args, data: Path, tokenizer, model_cfg) -> dict:
+    """Time to the first step batch at sample 0 and at `--resume-at` of one long epoch."""
+    from trainer.config import StreamConfig
+    from trainer.data.shards import check_split_dir
+
+    check_split_dir(data / args.split)
+    index = json.loads((data / args.split / "index.json").read_text())
+    num_samples = sum(shard["samples"] for shard in index["shards"])
+    # One epoch longer than the resume point: the stream repeated (the data cursor and the
+    # partition work the same way for a repeated stream as for distinct samples).
+    repeat = math.ceil((args.resume_at + 100 * args.batch_size) / num_samples)
+    cfg = data_config(
+        args,
+        data,
+        args.resume_workers,
+        streams=[StreamConfig(path=str(data), repeat=float(repeat))],
+    )
+    results = {"epoch_samples": repeat * num_samples, "workers": args.resume_workers}
+    # The first run warms imports and the page cache; then each case in turn.
+    for name, at in (("warmup", 0), ("fresh", 0), ("resumed", args.resume_at)):
+        started = time.perf_counter()
+        batches = build_pipeline(args, cfg, tokenizer, model_cfg)
+        if at:
+            batches.seek(epoch=0, sample_in_epoch=at)
+        batches.next_step()
+        if name != "warmup":
+            results[f"{name}_first_batch_s"] = time.perf_counter() - started
+        del batches
+    results["ratio"] = results["resumed_first_batch_s"] / results["fresh_first_batch_s"]
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from models.config import ModelConfig, VisionConfig
+    from trainer.data.decode import prepare_tokenizer
+    from trainer.data.demo import write_demo
+
+    temp = None
+    data = Path(args.data) if args.data else None
+    if data is None:
+        temp = tempfile.TemporaryDirectory(prefix="bench_loader_")
+        data = Path(temp.name)
+        write_demo(data, sizes={args.split: 6000})
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(data / "tokenizer"))
+    prepare_tokenizer(tokenizer)
+    model_cfg = ModelConfig(vision=VisionConfig(image_size=args.image_size))
+    rows = []
+    for num_workers in args.workers:
+        cfg = data_config(args, data, num_workers)
+        raw = time_raw(args, cfg, model_cfg.num_image_tokens)
+        pipeline = time_pipeline(args, cfg, tokenizer, model_cfg)
+        rows.append(
+            {
+                "workers": num_workers,
+                "raw": raw,
+                "pipeline": pipeline,
+                "time_ratio": pipeline["us_per_sample"] / raw["us_per_sample"],
+            }
+        )
+        if not args.json:
+            print(_row_line(rows[-1]), flush=True)
+    result = {"batch_size": args.batch_size, "samples": args.samples, "loader": rows}
+    if args.resume_at:
+        result["resume"] = time_resume(args, data, tokenizer, model_cfg)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        resume = result.get("resume")
+        if resume:
+            print(
+                f"first batch, {resume['workers']} workers, epoch of {resume['epoch_samples']:,}: "
+                f"fresh {resume['fresh_first_batch_s']:.2f} s, resumed at sample "
+                f"{args.resume_at:,} {resume['resumed_first_batch_s']:.2f} s "
+                f"(ratio {resume['ratio']:.2f})"
+            )
+    if temp is not None:
+        temp.cleanup()
+    return 0
+
+
+def _row_line(row: dict) -> str:
+    raw, pipeline = row["raw"], row["pipeline"]
+    return (
+        f"workers {row['workers']}: raw {raw['samples_per_s']:8,.0f} samples/s "
+        f"{raw['tokens_per_s']:9,.0f} tokens/s | pipeline {pipeline['samples_per_s']:8,.0f} "
+        f"samples/s {pipeline['tokens_per_s']:9,.0f} tokens/s | time per sample "
+        f"{row['time_ratio']:.2f}x raw"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
