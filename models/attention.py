@@ -102,11 +102,12 @@ class PackedLayout:
     doc_lengths: tuple[int, ...]
     # (kind, start, end) per segment, adjacent text merged; python ints for planning and stats
     segments: tuple[tuple[str, int, int], ...]
-    sdpa_blocks: tuple[SdpaBlock, ...]
-    sdpa_inverse_index: Tensor  # int64 (T,): row t of the output in cat(per-block outputs)
-    flash_calls: tuple[FlashCall, ...]
-    flash_inverse_index: Tensor  # int64 (T,): row t of the output in cat(per-call outputs)
-    flex_blocks: FlexBlocks
+    # Per-backend plans; None when the layout was built for another backend only.
+    sdpa_blocks: tuple[SdpaBlock, ...] | None
+    sdpa_inverse_index: Tensor | None  # int64 (T,): row t of the output in cat(per-block outputs)
+    flash_calls: tuple[FlashCall, ...] | None
+    flash_inverse_index: Tensor | None  # int64 (T,): row t of the output in cat(per-call outputs)
+    flex_blocks: FlexBlocks | None
 
     @property
     def num_tokens(self) -> int:
@@ -117,8 +118,18 @@ class PackedLayout:
         return len(self.doc_lengths)
 
     @classmethod
-    def from_docs(cls, docs: Sequence[Sequence[tuple[str, int]]]) -> PackedLayout:
-        """docs: per document, its segments in order as (kind, length), kind "text" or "image"."""
+    def from_docs(
+        cls, docs: Sequence[Sequence[tuple[str, int]]], backend: str | None = None
+    ) -> PackedLayout:
+        """docs: per document, its segments in order as (kind, length), kind "text" or "image".
+
+        `backend` plans for that attention backend only (the training path: planning is a
+        noticeable part of packing); None plans for every backend."""
+        if backend is not None and backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        plan = set(_PLAN_OF.values()) if backend is None else {_PLAN_OF[backend]}
         segments, doc_bounds = _parse_docs(docs)
         num_tokens = doc_bounds[-1][1]
         seg_doc_start = torch.tensor([doc_bounds[doc][0] for doc, _, _, _ in segments])
@@ -136,8 +147,13 @@ class PackedLayout:
 
         doc_start_T = doc_start_T.to(torch.int32)
         vis_end_T = vis_end_T.to(torch.int32)
-        sdpa_blocks, sdpa_inverse_index = _plan_sdpa(segments, doc_bounds, vis_end_T)
-        flash_calls, flash_inverse_index = _plan_flash(segments, doc_bounds)
+        sdpa_blocks = sdpa_inverse_index = flash_calls = flash_inverse_index = flex_blocks = None
+        if "sdpa" in plan:
+            sdpa_blocks, sdpa_inverse_index = _plan_sdpa(segments, doc_bounds, vis_end_T)
+        if "flash" in plan:
+            flash_calls, flash_inverse_index = _plan_flash(segments, doc_bounds)
+        if "flex" in plan:
+            flex_blocks = _plan_flex(doc_start_T, vis_end_T)
         return cls(
             cu_seqlens=cu_seqlens,
             position_ids=token_T - doc_start_T,
@@ -151,12 +167,25 @@ class PackedLayout:
             sdpa_inverse_index=sdpa_inverse_index,
             flash_calls=flash_calls,
             flash_inverse_index=flash_inverse_index,
-            flex_blocks=_plan_flex(doc_start_T, vis_end_T),
+            flex_blocks=flex_blocks,
         )
 
     def to(self, device: torch.device | str) -> PackedLayout:
         """A copy with every tensor on `device` (non_blocking: pin the CPU layout to overlap)."""
         return _to_device(self, torch.device(device))
+
+
+# Which plan each backend runs on ("flash" and "flash_emulated" share one decomposition).
+_PLAN_OF = {"sdpa": "sdpa", "flash": "flash", "flash_emulated": "flash", "flex": "flex"}
+_PLAN_FIELD = {"sdpa": "sdpa_blocks", "flash": "flash_calls", "flex": "flex_blocks"}
+
+
+def _require_plan(layout: PackedLayout, plan: str) -> None:
+    if getattr(layout, _PLAN_FIELD[plan]) is None:
+        raise ValueError(
+            f"this PackedLayout has no {plan} plan: build it with from_docs(docs, backend=...) "
+            "for the backend the model uses (model.attention_backend)"
+        )
 
 
 def _to_device(value, device: torch.device):
@@ -326,6 +355,7 @@ def _plan_flex(doc_start_T: Tensor, vis_end_T: Tensor) -> FlexBlocks:
 
 
 def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) -> Tensor:
+    _require_plan(layout, "sdpa")
     num_heads, num_kv_heads, head_dim = q_THD.shape[1], k_TKD.shape[1], q_THD.shape[2]
     outputs = []
     for block in layout.sdpa_blocks:
@@ -356,6 +386,7 @@ def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) 
 def _flash_decomposition(
     q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale, varlen_kernel: Callable
 ) -> Tensor:
+    _require_plan(layout, "flash")
     # Each query row comes out of exactly one call, and the calls share the full k/v, so the
     # kernel's own autograd gives exact gradients: dK/dV of the calls simply add up.
     outputs = [
@@ -400,6 +431,7 @@ def _compiled_flex_attention() -> Callable:
 def _flex_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+    _require_plan(layout, "flex")
     blocks = layout.flex_blocks
     doc_start, vis_end = blocks.doc_start_padded, blocks.vis_end_padded
 

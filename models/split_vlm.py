@@ -190,15 +190,20 @@ class SplitVLM(nn.Module):
             losses["diffusion_loss_sum"] = zero
         if trunk.image_targets is None or not bool(batch.image_mask.any()):
             return losses
-        masked = batch.image_mask.nonzero().squeeze(1)
-        condition = self.image_condition(batch, trunk, masked)
-        prediction = self.image_head(condition).float()
-        targets = trunk.image_targets[masked].float()
+        masked, condition, prediction, targets = self.masked_image_predictions(batch, trunk)
         losses["image_loss_sum"] = image_loss(prediction, targets, self.cfg.image_loss)
         if self.diffusion is not None:
             full = batch.image_span_full[masked]
             losses["diffusion_loss_sum"] = self.diffusion.loss(condition[full], targets[full])
         return losses
+
+    def masked_image_predictions(self, batch, trunk: Trunk):
+        """For every masked image token: its index in the image stream, the image-head condition,
+        the regression prediction and the target (both fp32)."""
+        masked = batch.image_mask.nonzero().squeeze(1)
+        condition = self.image_condition(batch, trunk, masked)
+        prediction = self.image_head(condition).float()
+        return masked, condition, prediction, trunk.image_targets[masked].float()
 
 
 def blank_regions(pixel_values: torch.Tensor, mask: torch.Tensor, side: int) -> torch.Tensor:

@@ -100,7 +100,7 @@ def build_pipeline(args, cfg, tokenizer, model_cfg):
 
 
 def time_pipeline(args, cfg, tokenizer, model_cfg) -> dict:
-    from trainer.data.packing import pack_step
+    from trainer.data.packing import layout_options, pack_step
 
     batches = build_pipeline(args, cfg, tokenizer, model_cfg)
 
@@ -110,7 +110,7 @@ def time_pipeline(args, cfg, tokenizer, model_cfg) -> dict:
 
     def measure(step):
         docs, skipped = step
-        micro_batches = pack_step(docs, cfg.max_tokens, model_cfg.image_attention)
+        micro_batches = pack_step(docs, cfg.max_tokens, **layout_options(model_cfg))
         return len(docs) + len(skipped), sum(mb.num_tokens for mb in micro_batches)
 
     return _time_batches(steps(), args.samples, measure)

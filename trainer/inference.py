@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 import yaml
 from models.pretrained import build_model
-from models.split_vlm import SplitVLM, pool_grid
+from models.split_vlm import SplitVLM, image_loss, pool_grid
 from trainer.config import Config, config_from_dict
 from trainer.data.decode import Decoder, Document
-from trainer.data.packing import collate
+from trainer.data.packing import collate, layout_options
 from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
 
 
@@ -89,7 +89,7 @@ def generate_text(
     for _ in range(max_new_tokens):
         if not active:
             break
-        batch = collate([docs[i] for i in active], cfg.image_attention, cfg.image_positions)
+        batch = collate([docs[i] for i in active], **layout_options(cfg))
         trunk = model.trunk(batch)
         last = batch.layout.cu_seqlens[1:].long() - 1
         next_ids = model.text_logits(batch, trunk, last).argmax(dim=-1).tolist()
@@ -136,12 +136,32 @@ def evaluate(
             generated = tokenizer.decode(answer, skip_special_tokens=True).strip()
             total[prompt] += 1
             correct[prompt] += int(generated == reference)
+    # Teacher-forced losses, with the training masks (seeded per sample, so the same every eval).
+    image_loss_sum, predictions_and_targets = 0.0, []
     for start in range(0, count, 64):
         docs = [decoder(samples[i], i) for i in range(start, min(start + 64, count))]
-        batch = collate(docs, model.cfg.image_attention, model.cfg.image_positions)
-        out = model(batch)
-        loss_sum += float(out["text_loss_sum"])
+        batch = collate(docs, **layout_options(model.cfg))
+        trunk = model.trunk(batch)
+        positions = (batch.labels != -100).nonzero().squeeze(1)
+        logits = model.text_logits(batch, trunk, positions).float()
+        loss_sum += float(F.cross_entropy(logits, batch.labels[positions], reduction="sum"))
         loss_count += batch.num_text_targets
+        if trunk.image_targets is not None and bool(batch.image_mask.any()):
+            _, _, prediction, target = model.masked_image_predictions(batch, trunk)
+            image_loss_sum += float(image_loss(prediction, target, model.cfg.image_loss))
+            predictions_and_targets.append(target)
+    image = {}
+    if predictions_and_targets:
+        targets = torch.cat(predictions_and_targets)
+        # The baseline a model must beat: always predicting the mean masked target.
+        mean_target = targets.mean(dim=0, keepdim=True).expand_as(targets)
+        image = {
+            "image_loss": image_loss_sum / len(targets),
+            "image_loss_mean_baseline": float(
+                image_loss(mean_target, targets, model.cfg.image_loss)
+            )
+            / len(targets),
+        }
     accuracy = {prompt: correct[prompt] / total[prompt] for prompt in sorted(total)}
     answered = sum(total.values())
     return {
@@ -150,6 +170,7 @@ def evaluate(
         "exact_match": sum(correct.values()) / answered if answered else None,
         "exact_match_by_prompt": accuracy,
         "text_loss": loss_sum / max(loss_count, 1),
+        **image,
     }
 
 
@@ -181,7 +202,7 @@ def generate_image(
     doc = decoder(sample, 0)
     spans = cfg.image_spans()
     doc.image_mask = torch.ones_like(doc.image_mask)
-    batch = collate([doc], cfg.image_attention, cfg.image_positions)
+    batch = collate([doc], **layout_options(cfg))
     tokens = torch.zeros(cfg.num_image_tokens, cfg.d_model)
     generator = torch.Generator().manual_seed(seed)
     scales, offset = [], 0

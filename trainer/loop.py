@@ -19,7 +19,7 @@ from trainer.callbacks import Checkpointer, MetricsLogger
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint
 from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import Decoder, prepare_tokenizer
-from trainer.data.packing import pack_step
+from trainer.data.packing import layout_options, pack_step
 from trainer.data.stream import StepBatches
 from trainer.distributed import WorldInfo, all_reduce_max, world_info
 from trainer.engines import build_engine
@@ -160,9 +160,8 @@ class TrainLoop:
         micro_batches = pack_step(
             docs,
             cfg.data.max_tokens,
-            cfg.model.image_attention,
             agree_num_micro_batches=all_reduce_max,
-            image_positions=cfg.model.image_positions,
+            **layout_options(cfg.model),
         )
         losses = self.engine.forward_backward(micro_batches)
         lr = learning_rate(self.step, cfg.run.steps, cfg.optim)

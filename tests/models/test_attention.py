@@ -436,3 +436,15 @@ def test_flash_matches_sdpa_bf16_on_gpu(seed):
     torch.testing.assert_close(out, expected_out, rtol=2e-2, atol=2e-2)
     for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2, msg=f"d{name}")
+
+
+def test_a_layout_planned_for_one_backend_serves_it_and_names_the_fix_for_others():
+    layout = PackedLayout.from_docs([[("text", 3), ("image", 2)]], backend="sdpa")
+    assert layout.flash_calls is None and layout.flex_blocks is None
+    q = torch.randn(5, 2, 8)
+    reference = packed_attention(q, q, q, PackedLayout.from_docs([[("text", 3), ("image", 2)]]))
+    assert torch.equal(packed_attention(q, q, q, layout, backend="sdpa"), reference)
+    with pytest.raises(ValueError, match="no flash plan: build it with from_docs"):
+        packed_attention(q, q, q, layout, backend="flash_emulated")
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        PackedLayout.from_docs([[("text", 3)]], backend="fast")

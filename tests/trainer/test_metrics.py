@@ -22,7 +22,7 @@ from models.attention import PackedLayout
 from trainer.callbacks import MetricsLogger
 from trainer.config import ConfigError, load_config
 from trainer.data.decode import Decoder
-from trainer.data.packing import pack_step
+from trainer.data.packing import layout_options, pack_step
 from trainer.data.stream import Skipped, StepBatches
 from trainer.distributed import WorldInfo
 from trainer.loop import build_model, load_tokenizer, train
@@ -165,7 +165,7 @@ def micro_batch(demo_data, vision_trainable: bool):
     model = build_model(cfg, tokenizer)
     decoder = Decoder(tokenizer, cfg.model, cfg.data.max_tokens, seed=0)
     docs, _ = StepBatches(cfg.data, decoder, WorldInfo()).next_step()
-    (batch,) = pack_step(docs, cfg.data.max_tokens, cfg.model.image_attention)
+    (batch,) = pack_step(docs, cfg.data.max_tokens, **layout_options(cfg.model))
     assert batch.pixel_values.shape[0] > 0 and batch.num_masked_image_tokens > 0
     return model, batch
 

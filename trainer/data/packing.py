@@ -98,12 +98,22 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, min_bins: int = 1) -
     return [sorted(b) for b in bins]
 
 
+def layout_options(model_cfg) -> dict:
+    """The model settings packing depends on, as keyword arguments for `pack_step`/`collate`."""
+    return {
+        "image_attention": model_cfg.image_attention,
+        "image_positions": model_cfg.image_positions,
+        "attention_backend": model_cfg.attention_backend,
+    }
+
+
 def pack_step(
     docs: list[Document],
     max_tokens: int,
-    image_attention: str = "bidirectional",
     agree_num_micro_batches: Callable[[int], int] = lambda m: m,
+    image_attention: str = "bidirectional",
     image_positions: str = "sequential",
+    attention_backend: str | None = None,
 ) -> list[PackedBatch]:
     """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max.
 
@@ -115,10 +125,9 @@ def pack_step(
     if num_micro_batches != len(bins) and docs:
         bins = plan_micro_batches(lengths, max_tokens, min(num_micro_batches, len(docs)))
     with _one_intra_op_thread():
-        micro_batches = [
-            collate([docs[i] for i in b], image_attention, image_positions) for b in bins
-        ]
-        micro_batches += [filler_micro_batch(docs, image_attention) for _ in range(num_fillers)]
+        options = (image_attention, image_positions, attention_backend)
+        micro_batches = [collate([docs[i] for i in b], *options) for b in bins]
+        micro_batches += [filler_micro_batch(docs, *options) for _ in range(num_fillers)]
     assert len(micro_batches) == num_micro_batches
     return micro_batches
 
@@ -138,7 +147,7 @@ def _one_intra_op_thread():
         torch.set_num_threads(previous)
 
 
-def filler_micro_batch(docs: list[Document], image_attention: str) -> PackedBatch:
+def filler_micro_batch(docs: list[Document], *layout_args) -> PackedBatch:
     """One pad token, no targets: a forward/backward pass that contributes zero loss."""
     image_size = docs[0].pixel_values.shape[-1] if docs else 1
     filler = Document(
@@ -150,13 +159,14 @@ def filler_micro_batch(docs: list[Document], image_attention: str) -> PackedBatc
         image_mask=torch.zeros(0, dtype=torch.bool),
         image_span_full=torch.zeros(0, dtype=torch.bool),
     )
-    return collate([filler], image_attention)
+    return collate([filler], *layout_args)
 
 
 def collate(
     docs: list[Document],
     image_attention: str = "bidirectional",
     image_positions: str = "sequential",
+    attention_backend: str | None = None,
 ) -> PackedBatch:
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
@@ -183,16 +193,16 @@ def collate(
             text_docs.append([("text", num_text)])
         offset += doc.num_tokens
     empty = torch.zeros(0, dtype=torch.long)
-    layout = PackedLayout.from_docs(merged_docs)
+    layout = PackedLayout.from_docs(merged_docs, attention_backend)
     return PackedBatch(
         input_ids=torch.cat([d.input_ids for d in docs]),
         labels=torch.cat(labels),
         layout=layout,
         rope_positions=rope_positions(layout.position_ids, image_index, image_positions),
         text_index=torch.cat(text_index) if text_index else empty,
-        text_layout=PackedLayout.from_docs(text_docs) if text_docs else None,
+        text_layout=PackedLayout.from_docs(text_docs, attention_backend) if text_docs else None,
         image_index=torch.cat(image_index) if image_index else empty,
-        image_layout=PackedLayout.from_docs(image_docs) if image_docs else None,
+        image_layout=PackedLayout.from_docs(image_docs, attention_backend) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
         image_mask=torch.cat([d.image_mask for d in docs]),
         image_span_full=torch.cat([d.image_span_full for d in docs]),
