@@ -34,6 +34,14 @@ def _cmd_shards(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from trainer.export import export_checkpoint
+
+    source = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {source} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitvlm", description="Train split-head, late-merge vision-language models on Ray."
@@ -65,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--seed", type=int, default=0)
     shards.set_defaults(func=_cmd_shards)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint as one safetensors model for inference",
+        description=(
+            "Consolidate a checkpoint of any engine (local, fsdp, deepspeed) into one "
+            "safetensors model plus its config and tokenizer, loadable with "
+            "models.split_vlm.SplitVLM.from_pretrained(DIR) without torch.distributed. "
+            "Example: splitvlm export runs/tiny --out exports/tiny"
+        ),
+    )
+    export.add_argument(
+        "checkpoint", help="a checkpoint directory (step_NNNNNNN) or a run directory (its latest)"
+    )
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -11,12 +11,18 @@ global target counts so the gradient does not depend on how samples were split o
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+import yaml
+from models.attention import PackedLayout
 from models.blocks import Block, RMSNorm, rope_tables, run_blocks
-from models.config import ModelConfig
+from models.config import ModelConfig, model_config_from_dict
 from models.vision import (
     build_adaptor,
     build_vision_tower,
@@ -27,14 +33,21 @@ from models.vision import (
 
 
 class SplitVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vision_config: dict | None = None):
+        """`vision_config`: a transformers SiglipVisionConfig as a dict, to rebuild an exported
+        tower's architecture without its original checkpoint directory."""
         super().__init__()
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer)")
         self.cfg = cfg
+        # Sharded engines set this. Every submodule then runs in every forward, on a blank image
+        # where the micro-batch has none and on no positions where nothing is masked: FSDP and
+        # ZeRO-3 gather parameters per module and reduce gradients per parameter, so every rank
+        # must call the same modules in the same order and give every parameter a gradient.
+        self.run_every_branch = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.vision = build_vision_tower(cfg.vision)
+        self.vision = build_vision_tower(cfg.vision, vision_config)
         vision_dim = self.vision.config.hidden_size
         self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
@@ -62,6 +75,20 @@ class SplitVLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.mask_embedding, std=self.cfg.init_std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> SplitVLM:
+        """A model written by `splitvlm export`: config.yaml, vision_config.json, safetensors."""
+        path = Path(path)
+        if not (path / "model.safetensors").is_file():
+            raise ValueError(f"{path}: no model.safetensors (write one with `splitvlm export`)")
+        cfg = model_config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        vision_file = path / "vision_config.json"
+        vision_config = json.loads(vision_file.read_text()) if vision_file.is_file() else None
+        cfg.vision.pretrained = ""  # the exported weights replace the original encoder's
+        model = cls(cfg, vision_config)
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+        return model.to(device)
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Every block, in order: the unit engines shard and checkpoint."""
@@ -94,13 +121,9 @@ class SplitVLM(nn.Module):
 
         image_targets = None
         if batch.image_layout is not None:
-            features = self.encode_images(batch.pixel_values)
-            adapted = self.adaptor(features).reshape(-1, cfg.d_model)
-            mask = batch.image_mask[:, None]
-            image_TC = torch.where(mask, self.mask_embedding.to(adapted.dtype), adapted)
-            image_TC = run_blocks(
-                self.image_in,
-                image_TC,
+            features, image_TC = self._image_tokens(
+                batch.pixel_values,
+                batch.image_mask,
                 batch.image_layout,
                 gather_rope(batch.image_index),
             )
@@ -110,6 +133,20 @@ class SplitVLM(nn.Module):
             else:
                 raw_targets = patchify(batch.pixel_values, cfg.vision.patch_size)
             image_targets = normalize_targets(raw_targets.reshape(-1, raw_targets.shape[-1]))
+        elif self.run_every_branch:
+            # A blank image through the same modules, joining the sequence where images do but
+            # with none of its tokens: the autograd graph has the shape it has with images (so
+            # ranks reach their backward collectives in the same order) and every parameter on
+            # the path gets an exact zero gradient.
+            layout, blank_rope = self._blank_image_layout(x_TC.device)
+            size = cfg.vision.image_size
+            _, image_TC = self._image_tokens(
+                x_TC.new_zeros(1, 3, size, size),
+                torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device),
+                layout,
+                blank_rope,
+            )
+            x_TC = x_TC.index_copy(0, batch.image_index, image_TC[:0])
 
         x_TC = run_blocks(self.core, x_TC, batch.layout, rope)
 
@@ -121,15 +158,34 @@ class SplitVLM(nn.Module):
         )
 
         image_loss_sum = x_TC.new_zeros(())
-        if image_targets is not None and bool(batch.image_mask.any()):
+        has_masked = image_targets is not None and bool(batch.image_mask.any())
+        # With run_every_branch the image head also runs with nothing masked: its loss is then a
+        # sum over no positions, zero, with zero gradients.
+        if has_masked or self.run_every_branch:
             masked = batch.image_mask.nonzero().squeeze(1)
             # Shift by one: the prediction for image token j is read at position j - 1, which is
             # the previous image token or the <image_start> token before the span.
             read_at = batch.image_index[masked] - 1
             image_TC = run_blocks(self.image_head_blocks, x_TC, batch.layout, rope)
             prediction = self.image_head(self.image_norm(image_TC[read_at])).float()
-            image_loss_sum = image_loss(prediction, image_targets[masked].float(), cfg.image_loss)
+            if has_masked:
+                targets = image_targets[masked].float()
+            else:
+                targets = prediction.new_zeros(0, prediction.shape[-1])
+            image_loss_sum = image_loss(prediction, targets, cfg.image_loss)
         return {"text_loss_sum": text_loss_sum, "image_loss_sum": image_loss_sum}
+
+    def _image_tokens(self, pixels, image_mask, layout: PackedLayout, rope):
+        """Encoder features and image-in block outputs of the images in `pixels`."""
+        features = self.encode_images(pixels)
+        adapted = self.adaptor(features).reshape(-1, self.cfg.d_model)
+        image_TC = torch.where(image_mask[:, None], self.mask_embedding.to(adapted.dtype), adapted)
+        return features, run_blocks(self.image_in, image_TC, layout, rope)
+
+    def _blank_image_layout(self, device: torch.device) -> tuple[PackedLayout, tuple]:
+        kind = "image" if self.cfg.image_attention == "bidirectional" else "text"
+        layout = PackedLayout.from_docs([[(kind, self.cfg.num_image_tokens)]]).to(device)
+        return layout, rope_tables(layout.position_ids, self.cfg.head_dim, self.cfg.rope_theta)
 
 
 def image_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

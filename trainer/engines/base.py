@@ -1,4 +1,4 @@
-"""The seam between the loop and a backend: forward/backward over a step, step, save, load.
+"""The seam between the loop and a backend: forward/backward over a step, step, save, load, state.
 
 The loop never calls `loss.backward()` or `optimizer.step()`; engines do. Loss normalization
 lives here, once for every engine: each micro-batch's summed losses are divided by the *global*
@@ -18,9 +18,15 @@ from trainer.config import Config
 from trainer.distributed import WorldInfo, all_reduce_sum
 
 
+class IncompatibleCheckpointError(ValueError):
+    """A sound checkpoint this run cannot load as it is (e.g. another world size); the message
+    says what to do instead."""
+
+
 class Engine(ABC):
-    model: nn.Module
+    model: nn.Module  # the unwrapped model (sharded in place by fsdp and deepspeed)
     device: torch.device
+    optimizer: torch.optim.Optimizer
 
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg = cfg
@@ -29,6 +35,14 @@ class Engine(ABC):
 
     def forward_backward(self, micro_batches: list) -> dict[str, float]:
         """Accumulate gradients over the step's micro-batches; returns the step's global losses."""
+        return self._run(micro_batches, backward=True)
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list) -> dict[str, float]:
+        """The same global losses as `forward_backward`, without gradients."""
+        return self._run(micro_batches, backward=False)
+
+    def _run(self, micro_batches: list, backward: bool) -> dict[str, float]:
         local_counts = [
             sum(mb.num_text_targets for mb in micro_batches),
             sum(mb.num_masked_image_tokens for mb in micro_batches),
@@ -37,12 +51,13 @@ class Engine(ABC):
         # Gradient reduction averages over ranks; multiplying by world size turns it into a sum.
         grad_scale = self.world.world_size
         sums = torch.zeros(2, dtype=torch.float64)
-        self.model.train()
+        self.model.train(backward)
         for micro_batch in micro_batches:
-            out = self.model(micro_batch.to(self.device))
-            loss = out["text_loss_sum"] / max(num_text, 1.0)
-            loss = loss + self.image_loss_weight * out["image_loss_sum"] / max(num_image, 1.0)
-            self.backward(loss * grad_scale)
+            out = self.forward(micro_batch.to(self.device))
+            if backward:
+                loss = out["text_loss_sum"] / max(num_text, 1.0)
+                loss = loss + self.image_loss_weight * out["image_loss_sum"] / max(num_image, 1.0)
+                self.backward(loss * grad_scale)
             sums += (
                 torch.stack([out["text_loss_sum"], out["image_loss_sum"]]).detach().double().cpu()
             )
@@ -53,24 +68,58 @@ class Engine(ABC):
         metrics["text_targets"], metrics["image_targets"] = num_text, num_image
         return metrics
 
+    def forward(self, micro_batch) -> dict[str, torch.Tensor]:
+        return self.model(micro_batch)
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
     def step(self, lr: float) -> float:
-        """Clip, apply the update at learning rate `lr`, zero gradients; returns the grad norm."""
+        """Clip, apply the update at learning rate `lr` (times each group's `lr_scale`), zero
+        gradients; returns the gradient norm before clipping."""
 
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write this rank's part of model and optimizer state under the directory `path`."""
 
     @abstractmethod
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path) -> None:
+        """Restore what `save` wrote, on this or (where the engine can) another world size."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU, on rank 0 (other ranks: empty); collective."""
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of parameters and optimizer state held by this rank."""
+        return {
+            "param_bytes": sum(_tensor_bytes(p) for p in self.model.parameters()),
+            "optimizer_bytes": sum(
+                _tensor_bytes(value)
+                for state in self.optimizer.state.values()
+                for value in state.values()
+                if isinstance(value, torch.Tensor)
+            ),
+        }
 
     def state(self) -> dict:
-        params = list(self.model.parameters())
+        named = dict(self.model.named_parameters())
         return {
             "engine": self.cfg.engine.name,
-            "num_params": sum(p.numel() for p in params),
-            "num_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "world_size": self.world.world_size,
+            "num_params": sum(_global_numel(p) for p in named.values()),
+            "num_trainable_params": sum(
+                _global_numel(p) for p in named.values() if p.requires_grad
+            ),
+            **self.memory_bytes(),
         }
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor shard
+    return local.numel() * local.element_size()
+
+
+def _global_numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", param.numel())  # ZeRO-3 empties the module's tensors
