@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -123,7 +122,7 @@ def load_checkpoint(path: Path, engine: Engine, world: WorldInfo) -> dict:
         engine.load(path / "engine")
     except IncompatibleCheckpointError:
         raise  # every rank sees the same mismatch, and older checkpoints have it too
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+    except Exception as err:  # whatever broke, this checkpoint does not load
         error = err
     if all_reduce_max(int(error is not None)):
         raise CheckpointLoadError(f"{type(error).__name__}: {error}" if error else "another rank")

@@ -40,8 +40,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     step_dir = resolve_checkpoint(checkpoint)
     cfg = load_config(step_dir / "config.yaml")
     cfg.model.vision.pretrained = ""  # the checkpoint holds the encoder's weights
-    torch.manual_seed(0)
-    model = SplitVLM(cfg.model)
+    model = SplitVLM(cfg.model)  # a template: every weight is overwritten below
     engine_dir = step_dir / "engine"
     readers = {"local": _read_local, "fsdp": _read_dcp, "deepspeed": _read_deepspeed}
     if cfg.engine.name not in readers:

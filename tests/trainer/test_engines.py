@@ -486,3 +486,44 @@ def test_dcp_metadata_that_names_other_code_is_refused(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(pickle.UnpicklingError, match="refused"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_staged_training_starts_from_exported_weights_and_trains_only_the_unfrozen(
+    tiny_overrides, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from trainer.export import export_checkpoint
+    from trainer.loop import train
+
+    first = config([*tiny_overrides, "run.steps=2", f"run.dir={tmp_path / 'stage1'}"])
+    train(first)
+    export_checkpoint(tmp_path / "stage1", tmp_path / "stage1_export")
+    second = config(
+        [
+            *tiny_overrides,
+            "run.steps=1",
+            f"run.dir={tmp_path / 'stage2'}",
+            f"checkpoint.init_from={tmp_path / 'stage1_export'}",
+            "optim.freeze=['*', '!adaptor.*', '!mask_embedding']",
+        ]
+    )
+    train(second)
+    start = load_file(str(tmp_path / "stage1_export" / "model.safetensors"))
+    end = load_file(str(tmp_path / "stage2/checkpoints/step_0000001/engine/model.safetensors"))
+    for name, value in end.items():
+        trained = name.startswith("adaptor.") or name == "mask_embedding"
+        assert torch.equal(value, start[name]) != trained, name
+
+    second.checkpoint.init_from = str(tmp_path / "nowhere")
+    second.run.dir = str(tmp_path / "stage2b")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        train(second)
+
+
+def test_export_of_something_else_is_a_one_line_usage_error(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is neither a checkpoint" in err

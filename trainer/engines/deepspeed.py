@@ -95,7 +95,8 @@ class DeepSpeedEngine(Engine):
     def step(self, lr: float) -> float:
         set_learning_rate(self.ds.optimizer, lr)
         self.ds.step()  # reduces, clips, updates and zeroes the gradients
-        return float(self.ds.get_global_grad_norm())
+        grad_norm = self.ds.get_global_grad_norm()
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def save(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
