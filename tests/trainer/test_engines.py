@@ -237,6 +237,10 @@ def runs(demo_data, tmp_path_factory):
     def args(name, *extra):
         return overrides(demo_data, tmp / name, *extra)
 
+    # The split step also trains the vision tower (it gets zero gradients from the blank image
+    # on the text-only micro-batch) and freezes part of a block (a sharded unit of mixed
+    # trainable and frozen parameters).
+    split_options = ("model.vision.trainable=true", "optim.freeze=[core.0.attn.*]")
     started = time.perf_counter()
     # The reference: one process, local engine.
     local_loop = TrainLoop(config(args("local")), WorldInfo())
@@ -249,7 +253,7 @@ def runs(demo_data, tmp_path_factory):
         local_ids.append(sorted(d.sample_id for d in docs))
     del local_loop, data
     gc.collect()  # release the streaming datasets' shared memory before the ranks open theirs
-    split_cfg = config(args("split_local"))
+    split_cfg = config(args("split_local", *split_options))
     split_cfg.model.vocab_size = len(load_tokenizer(split_cfg))
     engine = LocalEngine(split_cfg, WorldInfo(), build_model(split_cfg, None), torch.device("cpu"))
     micro_batches = [mb for rank in split_micro_batches(split_cfg) for mb in rank]
@@ -266,7 +270,7 @@ def runs(demo_data, tmp_path_factory):
     first = spawn(
         2,
         [
-            ("split_fsdp", "split_step", {"args": args("split_fsdp", fsdp)}),
+            ("split_fsdp", "split_step", {"args": args("split_fsdp", fsdp, *split_options)}),
             ("ids", "sample_ids", {"args": args("ids"), "steps": 2}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
             ("", "train_in_two_parts", {"args": args("fsdp_resumed", fsdp, ac), "stop_after": 2}),
@@ -306,7 +310,7 @@ def runs(demo_data, tmp_path_factory):
         2,
         [
             ("", "train", {"args": args("fsdp_1to2", fsdp)}),
-            ("split_ds", "split_step", {"args": args("split_ds", ds)}),
+            ("split_ds", "split_step", {"args": args("split_ds", ds, *split_options)}),
             ("ds", "train", {"args": args("ds", ds, ac)}),
             ("", "train_in_two_parts", {"args": args("ds_resumed", ds, ac), "stop_after": 2}),
             ("", "train", {"args": args("zero1", ds, "engine.zero_stage=1", "run.steps=2")}),

@@ -118,18 +118,17 @@ class FSDPEngine(Engine):
         )
 
 
-# DCP metadata is a pickle of these classes (and of builtins, torch sizes and dtypes).
-_METADATA_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint._extension",
-    "torch.distributed.checkpoint.planner",
-)
+# DCP metadata is a pickle of its metadata dataclasses, the file system's storage records,
+# torch sizes, dtypes and layouts, and a path.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
 _METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a tensor layout up by name
     ("pathlib", "PosixPath"),
     ("pathlib", "WindowsPath"),
+    ("pathlib._local", "PosixPath"),  # Python 3.13+
+    ("pathlib._local", "WindowsPath"),
     ("collections", "OrderedDict"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
