@@ -226,13 +226,26 @@ def add_eval_parser(commands) -> None:
     parser.set_defaults(func=_cmd_eval)
 
 
+def _cmd_export(args) -> int:
+    from trainer.export import export_checkpoint
+
+    source = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {source} to {args.out}")
+    return EXIT_OK
+
+
 def add_export_parser(commands) -> None:
-    _add_stub(
+    parser = _add_command(
         commands,
         "export",
-        "export a checkpoint as a single-file model",
-        "splitvlm export runs/tiny --out tiny-model/",
+        "write a checkpoint as one safetensors model plus its config, for inference anywhere",
+        "splitvlm export runs/tiny --out exports/tiny",
     )
+    parser.add_argument(
+        "checkpoint", help="a run directory (its latest checkpoint) or a step_NNNNNNN directory"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.set_defaults(func=_cmd_export)
 
 
 def _cmd_plot(args) -> int:

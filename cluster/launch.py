@@ -27,7 +27,7 @@ for _name, _value in (
 def prepare_config(cfg: Config) -> Config:
     """Driver-side checks and path resolution; raises ValueError for user errors."""
     from trainer.data.demo import write_demo
-    from trainer.data.stream import check_streams
+    from trainer.data.stream import check_streams, rank_batch_size
 
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
     cfg.data.path = str(Path(cfg.data.path).resolve())
@@ -43,6 +43,7 @@ def prepare_config(cfg: Config) -> Config:
     check_streams(cfg.data)
     if cfg.cluster.num_workers > 1 and cfg.engine.name == "local":
         raise ValueError("engine.name=local runs one worker; set cluster.num_workers=1")
+    rank_batch_size(cfg.data, cfg.cluster.num_workers)  # a global batch must divide over workers
     return cfg
 
 

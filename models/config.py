@@ -7,6 +7,7 @@ image_attention="causal"`; the split VLM uses non-zero depths on both sides.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -149,3 +150,14 @@ class ModelConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0")
+
+
+def model_config_from_dict(raw: dict) -> ModelConfig:
+    """The inverse of `dataclasses.asdict(ModelConfig)`; unknown keys are a ValueError."""
+    raw = dict(raw)
+    vision = raw.pop("vision", {})
+    for cls, values in ((ModelConfig, raw), (VisionConfig, vision)):
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    return ModelConfig(**raw, vision=VisionConfig(**vision))

@@ -12,14 +12,19 @@ target counts so the gradient does not depend on how samples were split or shard
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+import yaml
+from models.attention import PackedLayout
 from models.blocks import Block, RMSNorm, rope_tables, run_blocks
-from models.config import ModelConfig
+from models.config import ModelConfig, model_config_from_dict
 from models.diffusion import DiffusionHead
 from models.vision import (
     build_adaptor,
@@ -40,14 +45,21 @@ class Trunk:
 
 
 class SplitVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vision_config: dict | None = None):
+        """`vision_config`: a transformers SiglipVisionConfig as a dict, to rebuild an exported
+        tower's architecture without its original checkpoint directory."""
         super().__init__()
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer)")
         self.cfg = cfg
+        # Sharded engines set this. Every submodule then runs in every forward, on a blank image
+        # where the micro-batch has none and on no positions where nothing is masked: FSDP and
+        # ZeRO-3 gather parameters per module and reduce gradients per parameter, so every rank
+        # must call the same modules in the same order and give every parameter a gradient.
+        self.run_every_branch = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.vision = build_vision_tower(cfg.vision)
+        self.vision = build_vision_tower(cfg.vision, vision_config)
         vision_dim = self.vision.config.hidden_size
         self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
@@ -84,6 +96,21 @@ class SplitVLM(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.mask_embedding, std=self.cfg.init_std)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> SplitVLM:
+        """A model written by `splitvlm export`: config.yaml, vision_config.json, safetensors."""
+        path = Path(path)
+        if not (path / "model.safetensors").is_file():
+            raise ValueError(f"{path}: no model.safetensors (write one with `splitvlm export`)")
+        cfg = model_config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        vision_file = path / "vision_config.json"
+        vision_config = json.loads(vision_file.read_text()) if vision_file.is_file() else None
+        cfg.vision.pretrained = ""  # the exported weights replace the original encoder's
+        cfg.pretrained_llm = ""
+        model = cls(cfg, vision_config)
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+        return model.to(device)
+
     def transformer_blocks(self) -> list[nn.Module]:
         """Every block, in order: the unit engines shard and checkpoint."""
         groups = (self.text_in, self.image_in, self.core, self.text_head_blocks)
@@ -112,7 +139,9 @@ class SplitVLM(nn.Module):
         for side, is_copy in cfg.image_spans():
             span_mask = per_image_mask[:, offset : offset + side * side]
             offset += side * side
-            if is_copy or not bool(span_mask.any()):
+            # Sharded engines need the same number of tower calls on every rank, so with
+            # run_every_branch each span takes its blanked pass even when nothing is masked.
+            if is_copy or not (self.run_every_branch or bool(span_mask.any())):
                 features = clean
             else:
                 features = self.encode_images(blank_regions(pixel_values, span_mask, side))
@@ -158,8 +187,26 @@ class SplitVLM(nn.Module):
                 self.image_in, image_TC, batch.image_layout, gather_rope(batch.image_index)
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
+        elif self.run_every_branch:
+            # A blank image through the same modules, joining the sequence where images do but
+            # with none of its tokens: the autograd graph has the shape it has with images (so
+            # ranks reach their backward collectives in the same order) and every parameter on
+            # the path gets an exact zero gradient.
+            x_TC = x_TC.index_copy(0, batch.image_index, self._blank_image_tokens(x_TC)[:0])
         hidden = run_blocks(self.core, x_TC, batch.layout, rope)
         return Trunk(hidden, rope, targets)
+
+    def _blank_image_tokens(self, x_TC: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        kind = "image" if cfg.image_attention == "bidirectional" else "text"
+        spans = [[(kind, side * side)] for side, _ in cfg.image_spans()]
+        layout = PackedLayout.from_docs(spans, cfg.attention_backend).to(x_TC.device)
+        positions = layout.position_ids[:, None].repeat(1, 2)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        size = cfg.vision.image_size
+        no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
+        adapted, _ = self.image_inputs_and_targets(x_TC.new_zeros(1, 3, size, size), no_mask)
+        return run_blocks(self.image_in, adapted.reshape(-1, cfg.d_model), layout, rope)
 
     def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor) -> torch.Tensor:
         hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
@@ -188,8 +235,11 @@ class SplitVLM(nn.Module):
         losses["image_loss_sum"] = zero
         if self.diffusion is not None:
             losses["diffusion_loss_sum"] = zero
-        if trunk.image_targets is None or not bool(batch.image_mask.any()):
+        has_masked = trunk.image_targets is not None and bool(batch.image_mask.any())
+        if not (has_masked or self.run_every_branch):
             return losses
+        # With run_every_branch the image heads also run with nothing masked: their losses are
+        # then sums over no positions, zero, with zero gradients.
         masked, condition, prediction, targets = self.masked_image_predictions(batch, trunk)
         losses["image_loss_sum"] = image_loss(prediction, targets, self.cfg.image_loss)
         if self.diffusion is not None:
@@ -203,6 +253,8 @@ class SplitVLM(nn.Module):
         masked = batch.image_mask.nonzero().squeeze(1)
         condition = self.image_condition(batch, trunk, masked)
         prediction = self.image_head(condition).float()
+        if trunk.image_targets is None:  # run_every_branch on a micro-batch without images
+            return masked, condition, prediction, prediction.new_zeros(0, self.target_dim)
         return masked, condition, prediction, trunk.image_targets[masked].float()
 
 

@@ -10,8 +10,11 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from models.config import ModelConfig, VisionConfig
 
 
-def build_vision_tower(cfg: VisionConfig) -> SiglipVisionModel:
-    if cfg.pretrained:
+def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipVisionModel:
+    """From `cfg`, or from `config` (a SiglipVisionConfig dict) with random weights."""
+    if config is not None:
+        tower = SiglipVisionModel(SiglipVisionConfig.from_dict(config))
+    elif cfg.pretrained:
         tower = SiglipVisionModel.from_pretrained(cfg.pretrained)
         if tower.config.image_size != cfg.image_size or tower.config.patch_size != cfg.patch_size:
             raise ValueError(

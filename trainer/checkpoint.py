@@ -3,6 +3,9 @@
 A checkpoint is built under a temporary name and renamed when every rank has written its part;
 the `latest` pointer is replaced last. A crash mid-save therefore never hides the last good
 checkpoint, and a directory without `trainer_state.json` is never taken for a complete one.
+`manifest.json` lists every file with its size, so a checkpoint truncated or partly copied later
+is recognized before any rank starts loading it (a rank failing alone inside a collective load
+would leave the others waiting). A checkpoint that still fails to load is skipped on all ranks.
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from trainer.config import Config, save_config
-from trainer.distributed import WorldInfo, barrier, broadcast_object
-from trainer.engines.base import Engine
+from trainer.distributed import WorldInfo, all_reduce_max, barrier, broadcast_object
+from trainer.engines.base import Engine, IncompatibleCheckpointError
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointLoadError(RuntimeError):
+    """Raised on every rank when loading a checkpoint failed on any rank."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -53,8 +63,13 @@ def save_checkpoint(
     barrier()
     if world.is_main:
         save_config(cfg, tmp / "config.yaml")
+        manifest = {
+            str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=0))
         # Written last inside the directory: its presence marks the checkpoint complete.
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        state = {"step": step, "world_size": world.world_size, **trainer_state}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(root, final.name)
@@ -66,9 +81,15 @@ def save_checkpoint(
 
 def find_latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; broken ones are skipped with a warning naming them."""
+    return next(iter(complete_checkpoints(run_dir)), None)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, the `latest` one first, then newest first; broken ones are left out
+    with a warning naming them."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
-        return None
+        return []
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     latest = root / "latest"
     if latest.is_file():
@@ -76,18 +97,35 @@ def find_latest_checkpoint(run_dir: Path) -> Path | None:
         if pointed in candidates:
             candidates.remove(pointed)
             candidates.insert(0, pointed)
+    complete = []
     for path in candidates:
         problem = _check_complete(path)
         if problem is None:
-            return path
-        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr)
-    return None
+            complete.append(path)
+        else:
+            warn_skipped(path, problem)
+    return complete
+
+
+def warn_skipped(path: Path, problem: str) -> None:
+    print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
 
 
 def load_checkpoint(path: Path, engine: Engine, world: WorldInfo) -> dict:
-    """Restore engine state and RNG; returns the trainer state saved with the checkpoint."""
+    """Restore engine state and RNG; returns the trainer state saved with the checkpoint.
+
+    Raises CheckpointLoadError on every rank if the engine state failed to load on any rank.
+    """
     path = Path(broadcast_object(str(path)))
-    engine.load(path / "engine")
+    error = None
+    try:
+        engine.load(path / "engine")
+    except IncompatibleCheckpointError:
+        raise  # every rank sees the same mismatch, and older checkpoints have it too
+    except Exception as err:  # whatever broke, this checkpoint does not load
+        error = err
+    if all_reduce_max(int(error is not None)):
+        raise CheckpointLoadError(f"{type(error).__name__}: {error}" if error else "another rank")
     rng_file = path / f"rng_rank{world.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved
         _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -104,7 +142,35 @@ def _check_complete(path: Path) -> str | None:
         return f"{STATE_FILE} is corrupt"
     if not (path / "engine").is_dir():
         return "engine state is missing"
+    manifest = path / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return f"{MANIFEST_FILE} is corrupt"
+        for name, size in sizes.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, {size} were written"
     return None
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """Weights written by `splitvlm export` (checkpoint.init_from), before any sharding."""
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(
+            f"checkpoint.init_from={path}: no model.safetensors "
+            "(write one with `splitvlm export CHECKPOINT --out DIR`)"
+        )
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint.init_from={path} does not fit model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
 
 
 def _write_latest(root: Path, name: str) -> None:

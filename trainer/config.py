@@ -56,7 +56,10 @@ class DataConfig:
     cache_dir: str = ""  # cache of remote streams that give no `path`; empty: a temp directory
     tokenizer: str = ""  # empty: PATH/tokenizer (written by `splitvlm shards demo`)
     generate_demo: bool = False  # write the demo shards to `path` when it does not exist
-    batch_size: int = 16  # samples per rank per optimizer step
+    batch_size: int = 16  # samples per rank per optimizer step (when global_batch_size is 0)
+    # Samples per optimizer step over all ranks; fixed, it makes a step independent of the
+    # world size (each rank takes global_batch_size / world_size). 0: batch_size × world size.
+    global_batch_size: int = 0
     max_tokens: int = 2048  # tokens per micro-batch
     epoch_size: int = 0  # samples per epoch of the mixture; 0: what the stream weights give
     num_canonical_nodes: int = 1  # fixed, so the sample order does not depend on world size
@@ -110,17 +113,32 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # Learning rates of the vision tower and of the adaptor (with the mask embedding) relative
+    # to `lr`; the language model uses `lr` itself. All follow the same schedule.
+    vision_lr_scale: float = 1.0
+    adaptor_lr_scale: float = 1.0
+    # Parameter-name patterns (fnmatch, e.g. "vision.*", "core.0.*") to freeze; "!PATTERN"
+    # unfreezes, and the last pattern matching a name wins. Applied after model.vision.trainable.
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
 class EngineConfig:
-    name: str = "local"
+    name: str = "local"  # local | fsdp | deepspeed
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; not local
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+    compile: bool = False  # torch.compile each transformer block (local, fsdp)
+    cpu_offload: bool = False  # keep sharded parameters/optimizer state in host memory (GPU)
+    zero_stage: int = 3  # deepspeed: ZeRO stage 1, 2 or 3
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 2
+    # Model weights (a directory written by `splitvlm export`) to start a new run from, e.g. the
+    # adaptor-alignment stage before finetuning; ignored once the run has its own checkpoint.
+    init_from: str = ""
 
 
 @dataclass

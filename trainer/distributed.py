@@ -49,6 +49,15 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def ensure_process_group(world: WorldInfo) -> None:
+    """Sharded engines need a process group; a lone worker without one gets a private one."""
+    if is_distributed():
+        return
+    assert world.world_size == 1, "more than one worker but no process group"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     # note: a CPU-GPU sync point when the group is NCCL; called a few times per step, not per layer.
     if not is_distributed():

@@ -16,15 +16,21 @@ from transformers import AutoTokenizer
 from models.pretrained import build_model as build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.callbacks import Checkpointer, MetricsLogger
-from trainer.checkpoint import find_latest_checkpoint, load_checkpoint
+from trainer.checkpoint import (
+    CheckpointLoadError,
+    complete_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    warn_skipped,
+)
 from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import Decoder, prepare_tokenizer
 from trainer.data.packing import layout_options, pack_step
 from trainer.data.stream import StepBatches
-from trainer.distributed import WorldInfo, all_reduce_max, world_info
+from trainer.distributed import WorldInfo, all_reduce_max, broadcast_object, world_info
 from trainer.engines import build_engine
 from trainer.metrics import ModelFlops, StepMeter
-from trainer.optim import learning_rate
+from trainer.optim import apply_freeze, learning_rate
 from trainer.reporting import reporting_callbacks
 
 
@@ -63,11 +69,17 @@ def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> 
 
 
 def build_model(cfg: Config, tokenizer) -> SplitVLM:
+    """The single-device model, initialized (or loaded from checkpoint.init_from) and frozen
+    as configured; engines shard it afterwards."""
     if cfg.model.vocab_size <= 0:
         cfg.model.vocab_size = len(tokenizer)
     # Same seed on every rank: replicas start identical before any sharding.
     torch.manual_seed(cfg.run.seed)
-    return build_split_vlm(cfg.model)
+    model = build_split_vlm(cfg.model)
+    if cfg.checkpoint.init_from:
+        load_model_weights(model, Path(cfg.checkpoint.init_from))
+    apply_freeze(model, cfg.optim.freeze)
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -121,10 +133,26 @@ class TrainLoop:
         }
 
     def resume(self) -> None:
-        path = find_latest_checkpoint(self.run_dir)
-        if path is None:
+        """Continue from the newest checkpoint that loads; a broken one is skipped on all ranks."""
+        found = complete_checkpoints(self.run_dir) if self.world.is_main else []
+        candidates = broadcast_object([str(p) for p in found])
+        for candidate in map(Path, candidates):
+            try:
+                state = load_checkpoint(candidate, self.engine, self.world)
+            except CheckpointLoadError as err:
+                if self.world.is_main:
+                    warn_skipped(candidate, f"it does not load ({err})")
+                continue
+            path = candidate
+            break
+        else:
+            if candidates:
+                # Starting over would soon prune these; they may only need a fixed environment.
+                raise ValueError(
+                    f"none of the checkpoints in {self.run_dir / 'checkpoints'} loads (see the "
+                    "warnings above); move them away to start the run over"
+                )
             return
-        state = load_checkpoint(path, self.engine, self.world)
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.tokens_seen = state["tokens_seen"]

@@ -1,7 +1,8 @@
-"""AdamW with parameter groups and the learning-rate schedule."""
+"""AdamW with parameter groups, freezing by name pattern, and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -9,28 +10,75 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
+# Parameter-name prefixes of the model's components; everything else is the language model.
+VISION_PREFIXES = ("vision.",)
+ADAPTOR_PREFIXES = ("adaptor.", "mask_embedding")
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings and the mask embedding (1-D or lookup)."""
-    decay, no_decay = [], []
+
+def component(name: str) -> str:
+    if name.startswith(VISION_PREFIXES):
+        return "vision"
+    if name.startswith(ADAPTOR_PREFIXES):
+        return "adaptor"
+    return "llm"
+
+
+def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Set requires_grad from `optim.freeze` patterns; returns the names frozen by them.
+
+    A pattern freezes the parameters whose names match it, "!PATTERN" unfreezes them, and the
+    last matching pattern wins. A pattern that matches nothing is a ValueError (a typo would
+    otherwise train what was meant to be frozen).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern.removeprefix("!")):
+            raise ValueError(f"optim.freeze pattern {pattern!r} matches no parameter")
+    frozen = []
+    for name, param in model.named_parameters():
+        verdict = None
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(name, pattern.removeprefix("!")):
+                verdict = not pattern.startswith("!")
+        if verdict is not None:
+            param.requires_grad_(not verdict)
+            if verdict:
+                frozen.append(name)
+    return frozen
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """One group per (component, decay): no weight decay on norms, biases, embeddings and the mask
+    embedding (1-D or lookup); `lr_scale` multiplies the scheduled learning rate."""
+    lr_scales = {"llm": 1.0, "vision": cfg.vision_lr_scale, "adaptor": cfg.adaptor_lr_scale}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for param in model.parameters():
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embeddings:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decay = param.ndim >= 2 and id(param) not in embeddings
+        groups.setdefault((component(name), decay), []).append(param)
+    if not groups:
+        raise ValueError("every parameter is frozen (model.vision.trainable, optim.freeze)")
+    # Fixed order, empty groups left out: ZeRO flattens per group and rejects empty ones.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": groups[key],
+            "name": f"{key[0]}_{'decay' if key[1] else 'no_decay'}",
+            "weight_decay": cfg.weight_decay if key[1] else 0.0,
+            "lr_scale": lr_scales[key[0]],
+        }
+        for key in sorted(groups)
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
-    )
+    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 SCHEDULES = ("cosine", "linear", "constant")

@@ -2,6 +2,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 import yaml
 from trainer.config import load_config
 from trainer.loop import train
@@ -79,3 +81,32 @@ def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(
     assert "skipping checkpoint" in err and "step_0000008" in err and "corrupt" in err
     assert "resumed from" in err and "step_0000004" in err
     assert summary["step"] == 9
+
+
+def test_checkpoints_that_are_truncated_or_do_not_load_are_skipped(tiny_overrides, capsys):
+    cfg = load_config(
+        REPO / "yaml/tiny.yaml",
+        [*tiny_overrides, "run.steps=12", "checkpoint.every=4", "checkpoint.keep_last=0"],
+    )
+    train(cfg)
+    root = Path(cfg.run.dir) / "checkpoints"
+    # Truncated after the save (a partial copy): the manifest's sizes no longer match.
+    weights = root / "step_0000012" / "engine" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    # Same size, garbage inside: found only when loading, then skipped on every rank.
+    optimizer = root / "step_0000008" / "engine" / "optimizer.pt"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)
+    cfg.run.steps = 13
+    assert train(cfg)["step"] == 13
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_0000012: engine/model.safetensors has 100" in err
+    assert "step_0000008: it does not load" in err
+    assert "resumed from" in err and "step_0000004" in err
+
+    # When no checkpoint loads, the run stops instead of starting over (and pruning them).
+    for step_dir in root.glob("step_*"):
+        (step_dir / "engine" / "optimizer.pt").write_bytes(b"\0" * 64)
+        (step_dir / "manifest.json").unlink()
+    cfg.run.steps = 20
+    with pytest.raises(ValueError, match="none of the checkpoints .* loads"):
+        train(cfg)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.decode import DecodeError, Decoder, Document
 from trainer.data.shards import check_split_dir
-from trainer.distributed import WorldInfo
+from trainer.distributed import WorldInfo, broadcast_object
 
 
 @dataclass
@@ -143,6 +143,18 @@ def build_streams(cfg: DataConfig, split: str) -> list[Stream]:
     return streams
 
 
+def rank_batch_size(cfg: DataConfig, world_size: int) -> int:
+    """Samples per rank per step: data.global_batch_size split evenly, else data.batch_size."""
+    if cfg.global_batch_size <= 0:
+        return cfg.batch_size
+    if cfg.global_batch_size % world_size:
+        raise ValueError(
+            f"data.global_batch_size={cfg.global_batch_size} does not divide over "
+            f"{world_size} workers"
+        )
+    return cfg.global_batch_size // world_size
+
+
 class StepBatches:
     """Yields this rank's `batch_size` samples per step, forever, across epochs."""
 
@@ -151,23 +163,24 @@ class StepBatches:
         world.export_env()
         self.cfg = cfg
         self.world = world
+        self.batch_size = rank_batch_size(cfg, world.world_size)
         self.dataset = DecodedDataset(
             decoder,
             streams=streams,
             epoch_size=cfg.epoch_size or None,
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             shuffle=cfg.shuffle,
             shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed,
             num_canonical_nodes=cfg.num_canonical_nodes,
             # streaming's own defaults, stated so it does not warn about choosing them
-            predownload=8 * cfg.batch_size,
+            predownload=8 * self.batch_size,
             shuffle_block_size=cfg.shuffle_block_size
             or max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
         )
         self.loader = DataLoader(
             self.dataset,
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             collate_fn=_to_arrays if cfg.num_workers else _keep_list,
             drop_last=True,
             num_workers=cfg.num_workers,
@@ -177,13 +190,18 @@ class StepBatches:
 
     @property
     def global_batch_size(self) -> int:
-        return self.cfg.batch_size * self.world.world_size
+        return self.batch_size * self.world.world_size
 
     def seek(self, epoch: int, sample_in_epoch: int) -> None:
         """Continue at global sample `sample_in_epoch` of `epoch` (before the next `next()`)."""
         self.cursor.epoch, self.cursor.sample_in_epoch = epoch, sample_in_epoch
-        state = self.dataset.state_dict(num_samples=sample_in_epoch, from_beginning=True)
-        state["epoch"] = epoch
+        # Rank 0 only, as streaming documents: state_dict() reads the node's shared resume block,
+        # which load_state_dict() on the node's other ranks writes.
+        state = None
+        if self.world.rank == 0:
+            state = self.dataset.state_dict(num_samples=sample_in_epoch, from_beginning=True)
+            state["epoch"] = epoch
+        state = broadcast_object(state)
         self.dataset.load_state_dict(state)
         self._iterator = None
 

@@ -16,7 +16,19 @@ def _local(cfg, world, model, device):
     return LocalEngine(cfg, world, model, device)
 
 
-ENGINES = {"local": _local}
+def _fsdp(cfg, world, model, device):
+    from trainer.engines.fsdp import FSDPEngine
+
+    return FSDPEngine(cfg, world, model, device)
+
+
+def _deepspeed(cfg, world, model, device):
+    from trainer.engines.deepspeed import DeepSpeedEngine
+
+    return DeepSpeedEngine(cfg, world, model, device)
+
+
+ENGINES = {"local": _local, "fsdp": _fsdp, "deepspeed": _deepspeed}
 
 
 def build_engine(cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device) -> Engine:

@@ -11,7 +11,8 @@ from torch import nn
 from trainer.config import Config
 from trainer.distributed import WorldInfo
 from trainer.engines.base import Engine
-from trainer.optim import build_optimizer
+from trainer.engines.wrap import prepare_blocks
+from trainer.optim import build_optimizer, set_learning_rate
 
 
 class LocalEngine(Engine):
@@ -23,6 +24,7 @@ class LocalEngine(Engine):
                 "use engine.name=fsdp or deepspeed with cluster.num_workers > 1"
             )
         self.device = device
+        prepare_blocks(model, cfg.engine.activation_checkpointing, cfg.engine.compile)
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
@@ -30,8 +32,7 @@ class LocalEngine(Engine):
         loss.backward()
 
     def step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -41,8 +42,7 @@ class LocalEngine(Engine):
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
+        save_file(self.full_state_dict(), str(path / "model.safetensors"))
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
@@ -53,3 +53,6 @@ class LocalEngine(Engine):
             path / "optimizer.pt", map_location=self.device, weights_only=True
         )
         self.optimizer.load_state_dict(optimizer_state)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}

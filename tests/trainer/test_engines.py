@@ -1,0 +1,533 @@
+"""Sharded engines against the single-process reference, on 2-rank gloo process groups (CPU).
+
+All distributed work runs in three spawns, once per module (`runs` fixture); each test checks one
+property of what they produced. Tolerances are the issue's: world-size invariance ≤ 1e-5
+relative, resume bitwise at the same world size, ≤ 1e-6 across world sizes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+SPAWN_TIMEOUT_S = 300
+
+
+def overrides(demo_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={demo_data}",
+        f"run.dir={run_dir}",
+        # 16 samples a step on any world size; 256 tokens make the 1-rank run pack its 16
+        # samples into more micro-batches than each of 2 ranks packs its 8.
+        "data.global_batch_size=16",
+        "data.max_tokens=256",
+        f"run.steps={STEPS}",
+        "optim.warmup_steps=2",
+        "run.log_every=1000",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=0",
+        *extra,
+    ]
+
+
+def config(args: list[str]):
+    return load_config(REPO / "yaml/tiny.yaml", args)
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: (m["text_loss"], m["image_loss"]) for m in map(json.loads, lines)}
+
+
+def assert_close(got: dict, want: dict, rel: float, steps) -> None:
+    for step in steps:
+        for g, w in zip(got[step], want[step], strict=True):
+            assert abs(g - w) <= rel * abs(w), (step, g, w, abs(g / w - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed micro-batches: one rank gets a text-only micro-batch and one with an image but nothing
+# masked, so it skips the image paths the other rank runs.
+
+
+def demo_documents(cfg, count: int = 40, seed: int = 1):
+    from trainer.data.decode import Decoder
+    from trainer.data.demo import make_sample
+    from trainer.data.shards import pack_blobs
+    from trainer.loop import load_tokenizer
+
+    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
+    rng = random.Random(seed)
+    docs = []
+    for index in range(count):
+        sample = make_sample(index, rng)
+        sample["images"] = pack_blobs(sample["images"])
+        docs.append(decoder(sample, index))
+    return docs
+
+
+def split_micro_batches(cfg) -> list[list]:
+    """Per rank of 2: rank 0 two micro-batches with masked images; rank 1 a text-only one and
+    one whose image has no masked token."""
+    from trainer.data.packing import collate
+
+    docs = demo_documents(cfg)
+    images = [d for d in docs if d.pixel_values.shape[0] and d.image_mask.any()]
+    texts = [d for d in docs if d.pixel_values.shape[0] == 0]
+    unmasked = images[3]
+    unmasked.image_mask = torch.zeros_like(unmasked.image_mask)
+    return [
+        [collate(images[0:2]), collate(images[2:3])],
+        [collate(texts[0:1]), collate([unmasked])],
+    ]
+
+
+def eval_micro_batches(cfg) -> list:
+    from trainer.data.packing import collate
+
+    return [collate(demo_documents(cfg, count=6, seed=2))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks run inside the spawned ranks; each returns something JSON can carry (rank 0's is kept).
+
+
+def task_train(world, args: list[str]) -> dict:
+    from trainer.loop import TrainLoop
+
+    loop = TrainLoop(config(args), world)
+    loop.run()
+    return loop.engine.evaluate(eval_micro_batches(loop.cfg))
+
+
+def task_train_in_two_parts(world, args: list[str], stop_after: int) -> None:
+    from trainer.loop import train
+
+    train(config([*args, f"run.steps={stop_after}"]), world)
+    train(config(args), world)
+
+
+def task_split_step(world, args: list[str]) -> dict:
+    from trainer.loop import TrainLoop
+
+    loop = TrainLoop(config(args), world)
+    micro_batches = split_micro_batches(loop.cfg)[world.rank]
+    before = loop.engine.forward_backward(micro_batches)
+    grad_norm = loop.engine.step(1e-3)
+    after = loop.engine.evaluate(micro_batches)
+    return {"before": before, "grad_norm": grad_norm, "after": after}
+
+
+def task_sample_ids(world, args: list[str], steps: int) -> list[list[str]]:
+    from trainer.data.stream import StepBatches
+    from trainer.distributed import all_gather_object
+
+    data = step_batches(config(args), world, StepBatches)
+    per_step = []
+    for _ in range(steps):
+        docs, _ = data.next_step()
+        gathered = all_gather_object([d.sample_id for d in docs])
+        per_step.append(sorted(i for ids in gathered for i in ids))
+    return per_step
+
+
+def step_batches(cfg, world, cls):
+    from trainer.data.decode import Decoder
+    from trainer.loop import load_tokenizer
+
+    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
+    return cls(cfg.data, decoder, world)
+
+
+def task_expect_incompatible(world, args: list[str]) -> str:
+    from trainer.engines.base import IncompatibleCheckpointError
+    from trainer.loop import train
+
+    try:
+        train(config(args), world)
+    except IncompatibleCheckpointError as err:
+        return str(err)
+    return ""
+
+
+TASKS = {
+    "train": task_train,
+    "train_in_two_parts": task_train_in_two_parts,
+    "split_step": task_split_step,
+    "sample_ids": task_sample_ids,
+    "expect_incompatible": task_expect_incompatible,
+}
+
+
+def _worker(rank: int, world_size: int, init_file: str, tasks: list, out: str) -> None:
+    from trainer.distributed import world_info
+
+    torch.set_num_threads(1)  # two ranks on two cores; more threads only spin
+    # What torchrun or Ray Train would set; world_info() reads the local ranks from here.
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+    )
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        world = world_info()
+        results = {}
+        for key, name, kwargs in tasks:
+            results[key] = TASKS[name](world, **kwargs)
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, tasks: list, tmp: Path) -> dict:
+    """Run `tasks` [(key, task name, kwargs)] on `world_size` ranks; rank 0's results by key."""
+    out = tmp / f"results-{uuid.uuid4().hex}.json"
+    init_file = tmp / f"pg-{uuid.uuid4().hex}"
+    context = mp.start_processes(
+        _worker,
+        args=(world_size, str(init_file), tasks, str(out)),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks still running after {SPAWN_TIMEOUT_S}s (a collective hangs?)")
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    """Everything distributed, once: three spawns plus the single-process references."""
+    from trainer.data.stream import StepBatches
+    from trainer.distributed import WorldInfo
+    from trainer.engines.local import LocalEngine
+    from trainer.loop import TrainLoop, build_model, load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("engines")
+    timings = {}
+
+    def args(name, *extra):
+        return overrides(demo_data, tmp / name, *extra)
+
+    # The split step also trains the vision tower (it gets zero gradients from the blank image
+    # on the text-only micro-batch) and freezes part of a block (a sharded unit of mixed
+    # trainable and frozen parameters).
+    split_options = ("model.vision.trainable=true", "optim.freeze=[core.0.attn.*]")
+    started = time.perf_counter()
+    # The reference: one process, local engine.
+    local_loop = TrainLoop(config(args("local")), WorldInfo())
+    local_loop.run()
+    local_eval = local_loop.engine.evaluate(eval_micro_batches(local_loop.cfg))
+    local_ids = []
+    data = step_batches(config(args("local")), WorldInfo(), StepBatches)
+    for _ in range(2):
+        docs, _ = data.next_step()
+        local_ids.append(sorted(d.sample_id for d in docs))
+    del local_loop, data
+    gc.collect()  # release the streaming datasets' shared memory before the ranks open theirs
+    split_cfg = config(args("split_local", *split_options))
+    split_cfg.model.vocab_size = len(load_tokenizer(split_cfg))
+    engine = LocalEngine(split_cfg, WorldInfo(), build_model(split_cfg, None), torch.device("cpu"))
+    micro_batches = [mb for rank in split_micro_batches(split_cfg) for mb in rank]
+    split_local = {
+        "before": engine.forward_backward(micro_batches),
+        "grad_norm": engine.step(1e-3),
+        "after": engine.evaluate(micro_batches),
+    }
+    timings["local"] = time.perf_counter() - started
+
+    fsdp, ds = "engine.name=fsdp", "engine.name=deepspeed"
+    ac = "engine.activation_checkpointing=true"
+    started = time.perf_counter()
+    first = spawn(
+        2,
+        [
+            ("split_fsdp", "split_step", {"args": args("split_fsdp", fsdp, *split_options)}),
+            ("ids", "sample_ids", {"args": args("ids"), "steps": 2}),
+            ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
+            ("", "train_in_two_parts", {"args": args("fsdp_resumed", fsdp, ac), "stop_after": 2}),
+            ("bf16", "train", {"args": args("bf16", fsdp, "engine.mixed_precision=bf16")}),
+        ],
+        tmp,
+    )
+    timings["spawn 1 (2 ranks)"] = time.perf_counter() - started
+
+    # Resume the 2-rank FSDP run on one rank from its step 2 (DCP reshards 2 → 1).
+    (tmp / "fsdp_2to1" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp / "fsdp/checkpoints/step_0000002", tmp / "fsdp_2to1/checkpoints/step_0000002"
+    )
+    started = time.perf_counter()
+    second = spawn(
+        1,
+        [
+            ("", "train", {"args": args("fsdp_2to1", fsdp)}),
+            ("", "train", {"args": args("ds_1rank", ds, "run.steps=2")}),
+        ],
+        tmp,
+    )
+    timings["spawn 2 (1 rank)"] = time.perf_counter() - started
+
+    # ... and its 1-rank step 3 on two ranks again (1 → 2).
+    (tmp / "fsdp_1to2" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp / "fsdp_2to1/checkpoints/step_0000003", tmp / "fsdp_1to2/checkpoints/step_0000003"
+    )
+    (tmp / "ds_other_world" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp / "ds_1rank/checkpoints/step_0000002", tmp / "ds_other_world/checkpoints/step_0000002"
+    )
+    started = time.perf_counter()
+    third = spawn(
+        2,
+        [
+            ("", "train", {"args": args("fsdp_1to2", fsdp)}),
+            ("split_ds", "split_step", {"args": args("split_ds", ds, *split_options)}),
+            ("ds", "train", {"args": args("ds", ds, ac)}),
+            ("", "train_in_two_parts", {"args": args("ds_resumed", ds, ac), "stop_after": 2}),
+            ("", "train", {"args": args("zero1", ds, "engine.zero_stage=1", "run.steps=2")}),
+            ("", "train", {"args": args("zero2", ds, "engine.zero_stage=2", "run.steps=2")}),
+            ("incompatible", "expect_incompatible", {"args": args("ds_other_world", ds)}),
+        ],
+        tmp,
+    )
+    timings["spawn 3 (2 ranks)"] = time.perf_counter() - started
+    print("engine test timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    return {
+        "tmp": tmp,
+        "local_eval": local_eval,
+        "local_ids": local_ids,
+        "split_local": split_local,
+        "second": second,
+        **first,
+        **third,
+    }
+
+
+def test_fsdp_and_deepspeed_on_2_ranks_match_local_step_for_step(runs):
+    tmp = runs["tmp"]
+    local = losses(tmp / "local")
+    assert sorted(local) == list(range(1, STEPS + 1))
+    for name in ("fsdp", "ds"):
+        assert_close(losses(tmp / name), local, 1e-5, range(1, STEPS + 1))
+    for name in ("zero1", "zero2", "ds_1rank"):
+        assert_close(losses(tmp / name), local, 1e-5, (1, 2))
+    # bf16 compute on CPU: close, not equal.
+    assert_close(losses(tmp / "bf16"), local, 1e-2, range(1, STEPS + 1))
+
+
+def test_a_rank_with_text_only_micro_batches_neither_hangs_nor_changes_the_step(runs):
+    want = runs["split_local"]
+    for name in ("split_fsdp", "split_ds"):
+        got = runs[name]
+        for phase in ("before", "after"):
+            for key in ("text_loss", "image_loss"):
+                assert got[phase][key] == pytest.approx(want[phase][key], rel=1e-5), (name, key)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), name
+
+
+def test_a_step_sees_the_same_samples_on_1_and_2_ranks(runs):
+    assert runs["ids"] == runs["local_ids"]
+    assert len(runs["ids"][0]) == 16 and not set(runs["ids"][0]) & set(runs["ids"][1])
+
+
+def test_resume_on_the_same_world_size_repeats_the_losses_exactly(runs):
+    tmp = runs["tmp"]
+    for straight, resumed in (("fsdp", "fsdp_resumed"), ("ds", "ds_resumed")):
+        assert losses(tmp / resumed) == losses(tmp / straight)
+
+
+def test_fsdp_checkpoints_reshard_between_2_and_1_ranks(runs):
+    tmp = runs["tmp"]
+    straight = losses(tmp / "fsdp")
+    two_to_one = losses(tmp / "fsdp_2to1")
+    assert sorted(two_to_one) == [3, 4]  # it resumed at step 2
+    assert_close(two_to_one, straight, 1e-6, (3, 4))
+    one_to_two = losses(tmp / "fsdp_1to2")
+    assert sorted(one_to_two) == [4]
+    assert_close(one_to_two, straight, 1e-6, (4,))
+
+
+def test_deepspeed_on_another_world_size_says_how_to_continue(runs):
+    message = runs["incompatible"]
+    assert "partitioned over 1 workers" in message and "this run has 2" in message
+    assert "cluster.num_workers=1" in message and "splitvlm export" in message
+    assert "checkpoint.init_from" in message
+
+
+def test_checkpoints_are_complete_and_loaded_without_unpickling(runs):
+    step_dir = runs["tmp"] / "fsdp/checkpoints/step_0000004"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert "engine/.metadata" in manifest and {"rng_rank0.pt", "rng_rank1.pt"} <= set(manifest)
+    assert json.loads((step_dir / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("name", ["local", "fsdp", "ds"])
+def test_export_loads_in_models_and_gives_the_trained_engines_losses(
+    runs, name, demo_data, tmp_path
+):
+    from models.split_vlm import SplitVLM
+    from trainer.export import export_checkpoint
+
+    export_checkpoint(runs["tmp"] / name, tmp_path / "export")  # the run's latest checkpoint
+    assert (tmp_path / "export" / "tokenizer").is_dir()
+    model = SplitVLM.from_pretrained(tmp_path / "export")  # no torch.distributed involved
+    (micro_batch,) = eval_micro_batches(config(overrides(demo_data, tmp_path)))
+    with torch.no_grad():
+        out = model(micro_batch)
+    text = float(out["text_loss_sum"]) / micro_batch.num_text_targets
+    image = float(out["image_loss_sum"]) / micro_batch.num_masked_image_tokens
+    want = runs["local_eval"] if name == "local" else runs[name]
+    assert text == pytest.approx(want["text_loss"], rel=1e-6)
+    assert image == pytest.approx(want["image_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-process checks.
+
+
+def test_freeze_patterns_freeze_exactly_the_matched_parameters(tiny_overrides):
+    from trainer.loop import build_model, load_tokenizer
+    from trainer.optim import apply_freeze, build_optimizer, set_learning_rate
+
+    cfg = config(
+        [
+            *tiny_overrides,
+            "model.vision.trainable=true",
+            "optim.vision_lr_scale=0.1",
+            "optim.adaptor_lr_scale=10",
+        ]
+    )
+    model = build_model(cfg, load_tokenizer(cfg))
+    names = [n for n, _ in model.named_parameters()]
+    # Stage 1 of LLaVA-style training: only the adaptor (and the mask embedding) learn.
+    frozen = apply_freeze(model, ["*", "!adaptor.*", "!mask_embedding"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if n.startswith("adaptor.") or n == "mask_embedding"}
+    assert set(frozen) == set(names) - trainable
+    optimizer = build_optimizer(model, cfg.optim)
+    assert {g["name"] for g in optimizer.param_groups} == {"adaptor_decay", "adaptor_no_decay"}
+    set_learning_rate(optimizer, 1e-3)
+    assert all(g["lr"] == pytest.approx(1e-2) for g in optimizer.param_groups)
+
+    # Stage 2: everything but the vision tower and the first core block.
+    for param in model.parameters():
+        param.requires_grad_(True)
+    apply_freeze(model, ["vision.*", "core.0.*"])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in names if n.startswith(("vision.", "core.0."))}
+    groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
+    assert "vision_decay" not in groups and groups["llm_decay"]["lr_scale"] == 1.0
+    with pytest.raises(ValueError, match="'visoin.\\*' matches no parameter"):
+        apply_freeze(model, ["visoin.*"])
+
+
+def test_frozen_parameters_do_not_move_in_training(tiny_overrides, tmp_path):
+    from safetensors.torch import load_file
+
+    from models.split_vlm import SplitVLM
+    from trainer.loop import train
+
+    cfg = config([*tiny_overrides, "run.steps=2", "optim.freeze=[core.*, embed.weight]"])
+    train(cfg)
+    weights = load_file(
+        str(Path(cfg.run.dir) / "checkpoints/step_0000002/engine/model.safetensors")
+    )
+    torch.manual_seed(cfg.run.seed)
+    initial = SplitVLM(cfg.model).state_dict()
+    for name, value in weights.items():
+        moved = not torch.equal(value, initial[name])
+        assert moved == (not name.startswith(("core.", "embed.", "vision."))), name
+
+
+def test_global_batch_size_divides_over_ranks():
+    from trainer.config import DataConfig
+    from trainer.data.stream import rank_batch_size
+
+    assert rank_batch_size(DataConfig(batch_size=5), 2) == 5
+    assert rank_batch_size(DataConfig(global_batch_size=16), 2) == 8
+    with pytest.raises(ValueError, match="global_batch_size=15 does not divide over 2 workers"):
+        rank_batch_size(DataConfig(global_batch_size=15), 2)
+
+
+def test_dcp_metadata_that_names_other_code_is_refused(tmp_path):
+    import pickle
+
+    from trainer.engines.fsdp import SafeFileSystemReader
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_staged_training_starts_from_exported_weights_and_trains_only_the_unfrozen(
+    tiny_overrides, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from trainer.export import export_checkpoint
+    from trainer.loop import train
+
+    first = config([*tiny_overrides, "run.steps=2", f"run.dir={tmp_path / 'stage1'}"])
+    train(first)
+    export_checkpoint(tmp_path / "stage1", tmp_path / "stage1_export")
+    second = config(
+        [
+            *tiny_overrides,
+            "run.steps=1",
+            f"run.dir={tmp_path / 'stage2'}",
+            f"checkpoint.init_from={tmp_path / 'stage1_export'}",
+            "optim.freeze=['*', '!adaptor.*', '!mask_embedding']",
+        ]
+    )
+    train(second)
+    start = load_file(str(tmp_path / "stage1_export" / "model.safetensors"))
+    end = load_file(str(tmp_path / "stage2/checkpoints/step_0000001/engine/model.safetensors"))
+    for name, value in end.items():
+        trained = name.startswith("adaptor.") or name == "mask_embedding"
+        assert torch.equal(value, start[name]) != trained, name
+
+    second.checkpoint.init_from = str(tmp_path / "nowhere")
+    second.run.dir = str(tmp_path / "stage2b")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        train(second)
+
+
+def test_export_of_something_else_is_a_one_line_usage_error(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is neither a checkpoint" in err

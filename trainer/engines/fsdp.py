@@ -1,0 +1,176 @@
+"""FSDP2: `fully_shard` per transformer block, the vision tower and the root; DCP checkpoints.
+
+Checkpoints are torch.distributed.checkpoint (DCP) directories of sharded tensors, so a run saved
+on N workers resumes on M (DCP reshards on load). Only tensors are stored — the optimizer's
+hyperparameters come from the config — and loading reads DCP's metadata with an unpickler that
+admits DCP's own metadata classes only, so no checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from trainer.config import Config
+from trainer.distributed import WorldInfo, ensure_process_group
+from trainer.engines.base import Engine
+from trainer.engines.wrap import prepare_blocks, resolve_precision
+from trainer.optim import build_optimizer, set_learning_rate
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device):
+        super().__init__(cfg, world)
+        ensure_process_group(world)
+        self.device = device
+        engine_cfg = cfg.engine
+        if engine_cfg.cpu_offload and device.type != "cuda":
+            raise ValueError("engine.cpu_offload moves GPU state to host memory; it needs a GPU")
+        param_dtype = resolve_precision(engine_cfg.mixed_precision, device)
+        mesh = init_device_mesh(device.type, (world.world_size,))
+        model.run_every_branch = True
+        prepare_blocks(model, engine_cfg.activation_checkpointing, engine_cfg.compile)
+        shard = {
+            "mesh": mesh,
+            # Gradients are reduced in fp32 whatever the compute dtype.
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+            "offload_policy": CPUOffloadPolicy() if engine_cfg.cpu_offload else OffloadPolicy(),
+        }
+        for block in model.transformer_blocks():
+            fully_shard(block, **shard)
+        # The vision tower is its own unit because it is usually frozen: FSDP2 reduce-scatters a
+        # unit's gradients together, and a unit of only frozen parameters simply has none to
+        # reduce, while its weights are still sharded (half the memory on 2 ranks) and gathered
+        # for its forward. The adaptor, mask embedding, embeddings, norms and heads are small and
+        # go with the root, which is gathered once per forward.
+        fully_shard(model.vision, **shard)
+        fully_shard(model, **shard)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Gradients are reduce-scattered after every micro-batch (not only the last): that keeps
+        # only sharded gradients in memory, which is what FSDP is for.
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        set_learning_rate(self.optimizer, lr)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        # With DTensor gradients the norm is computed over the shards and all-reduced.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _sharded_state(self) -> tuple[dict, dict]:
+        # Initializes empty optimizer state (a zero-lr step) so a fresh run has tensors to load
+        # into; DCP then loads in place, resharding to this world size.
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return model_state, optimizer_state
+
+    def save(self, path: Path) -> None:
+        model_state, optimizer_state = self._sharded_state()
+        dcp.save(
+            {"model": model_state, "optimizer": optimizer_state["state"]},
+            checkpoint_id=str(path),
+        )
+
+    def load(self, path: Path) -> None:
+        model_state, optimizer_state = self._sharded_state()
+        dcp.load(
+            {"model": model_state, "optimizer": optimizer_state["state"]},
+            checkpoint_id=str(path),
+            storage_reader=SafeFileSystemReader(str(path)),
+            planner=TensorsOnlyLoadPlanner(),
+        )
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optimizer_state,
+        )
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+
+# DCP metadata is a pickle of its metadata dataclasses, the file system's storage records,
+# torch sizes, dtypes and layouts, and a path.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a tensor layout up by name
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib._local", "PosixPath"),  # Python 3.13+
+    ("pathlib._local", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "tuple"),
+    ("builtins", "slice"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES or (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}; refused")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata unpickling admits DCP's metadata classes only."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as stream:
+            data = stream.read()
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        # What FileSystemReader.read_metadata does after unpickling.
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+    """Tensors are read with torch.load(weights_only=True); DCP's non-tensor items would be
+    unpickled without restriction, and our checkpoints never contain any."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise ValueError(
+            f"checkpoint item {read_item.dest_index.fqn!r} is not a tensor; refusing to unpickle it"
+        )

@@ -1,0 +1,111 @@
+"""`splitvlm export`: a checkpoint of any engine → one safetensors model plus its config.
+
+Runs in a single process without torch.distributed: DCP checkpoints are read with DCP's
+no-process-group path, DeepSpeed ZeRO partitions are merged by DeepSpeed's own zero_to_fp32.
+The result loads with `models.split_vlm.SplitVLM.from_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import yaml
+from models.split_vlm import SplitVLM
+from trainer.checkpoint import STATE_FILE, find_latest_checkpoint
+from trainer.config import load_config, save_config
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory as it is, or a run directory's latest complete checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = find_latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
+    if latest is None:
+        raise ValueError(f"{path} is neither a checkpoint (step_NNNNNNN/) nor a run directory")
+    return latest
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Write OUT/model.safetensors, config.yaml (model), vision_config.json, train_config.yaml
+    and tokenizer/; returns the checkpoint directory that was exported."""
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = load_config(step_dir / "config.yaml")
+    cfg.model.vision.pretrained = ""  # the checkpoint holds the encoder's weights
+    model = SplitVLM(cfg.model)  # a template: every weight is overwritten below
+    engine_dir = step_dir / "engine"
+    readers = {"local": _read_local, "fsdp": _read_dcp, "deepspeed": _read_deepspeed}
+    if cfg.engine.name not in readers:
+        raise ValueError(f"{step_dir}: unknown engine {cfg.engine.name!r}")
+    state = readers[cfg.engine.name](engine_dir, model)
+    model.load_state_dict(state)  # strict: every weight present, nothing left over
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"source": str(step_dir)})
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg.model), sort_keys=False))
+    (out / "vision_config.json").write_text(json.dumps(model.vision.config.to_dict(), indent=1))
+    save_config(cfg, out / "train_config.yaml")
+    tokenizer = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer")
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    return step_dir
+
+
+def _read_local(engine_dir: Path, model) -> dict:
+    return load_file(str(engine_dir / "model.safetensors"))
+
+
+def _read_dcp(engine_dir: Path, model) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.engines.fsdp import SafeFileSystemReader, TensorsOnlyLoadPlanner
+
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(engine_dir)),
+            planner=TensorsOnlyLoadPlanner(),
+            no_dist=True,
+        )
+    return state["model"]
+
+
+def _read_deepspeed(engine_dir: Path, model) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _weights_only_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(
+            str(engine_dir.parent), tag=engine_dir.name
+        )
+    return {k: v.clone() for k, v in state.items()}  # zero_to_fp32 may hand out views
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    # zero_to_fp32 calls torch.load(weights_only=False); this process only exports, so for its
+    # duration torch.load is forced to weights_only=True with DeepSpeed's few record classes.
+    from trainer.engines.deepspeed import deepspeed_checkpoint_globals
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
