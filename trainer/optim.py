@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 
@@ -74,6 +75,17 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@contextlib.contextmanager
+def hyperparameters_from_config(optimizer: torch.optim.Optimizer):
+    """Around loading an optimizer's state: keep the groups' hyperparameters (weight decay,
+    betas, lr scales) as the config built them, so a resumed run follows its config like the
+    learning-rate schedule does; the per-parameter state comes from the checkpoint."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, setting in zip(optimizer.param_groups, settings, strict=True):
+        group.update(setting)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

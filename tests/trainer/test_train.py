@@ -110,3 +110,19 @@ def test_checkpoints_that_are_truncated_or_do_not_load_are_skipped(tiny_override
     cfg.run.steps = 20
     with pytest.raises(ValueError, match="none of the checkpoints .* loads"):
         train(cfg)
+
+
+def test_a_resumed_run_takes_optimizer_settings_from_its_config(tiny_overrides):
+    from trainer.loop import TrainLoop
+
+    common = [*tiny_overrides, "run.steps=2", "optim.weight_decay=0.01"]
+    train(load_config(REPO / "yaml/tiny.yaml", common))
+    changed = load_config(
+        REPO / "yaml/tiny.yaml", [*common, "optim.weight_decay=0.2", "optim.adaptor_lr_scale=3"]
+    )
+    loop = TrainLoop(changed)
+    loop.resume()
+    assert loop.step == 2 and loop.engine.optimizer.state  # moments came from the checkpoint
+    groups = {g["name"]: g for g in loop.engine.optimizer.param_groups}
+    assert groups["llm_decay"]["weight_decay"] == 0.2
+    assert groups["adaptor_decay"]["lr_scale"] == 3.0

@@ -23,7 +23,7 @@ from trainer.config import Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, IncompatibleCheckpointError
 from trainer.engines.wrap import prepare_blocks, resolve_precision
-from trainer.optim import build_optimizer, set_learning_rate
+from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
 META_FILE = "splitvlm_engine.json"
 
@@ -116,12 +116,13 @@ class DeepSpeedEngine(Engine):
                 f"optimizer: splitvlm export {step_dir} --out DIR, then train a new run with "
                 "--set checkpoint.init_from=DIR"
             )
-        loaded, _ = self.ds.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        with hyperparameters_from_config(self.ds.optimizer):
+            loaded, _ = self.ds.load_checkpoint(
+                str(path.parent),
+                tag=path.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         if loaded is None:
             raise OSError(f"DeepSpeed found no checkpoint in {path}")
 

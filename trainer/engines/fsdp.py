@@ -86,7 +86,8 @@ class FSDPEngine(Engine):
 
     def _sharded_state(self) -> tuple[dict, dict]:
         # Initializes empty optimizer state (a zero-lr step) so a fresh run has tensors to load
-        # into; DCP then loads in place, resharding to this world size.
+        # into; DCP then loads in place, resharding to this world size. Only the per-parameter
+        # state is saved: group hyperparameters come from the config (as in the other engines).
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         return model_state, optimizer_state
 

@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.distributed import WorldInfo
 from trainer.engines.base import Engine
 from trainer.engines.wrap import prepare_blocks
-from trainer.optim import build_optimizer, set_learning_rate
+from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
 
 class LocalEngine(Engine):
@@ -52,7 +52,8 @@ class LocalEngine(Engine):
         optimizer_state = torch.load(
             path / "optimizer.pt", map_location=self.device, weights_only=True
         )
-        self.optimizer.load_state_dict(optimizer_state)
+        with hyperparameters_from_config(self.optimizer):
+            self.optimizer.load_state_dict(optimizer_state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
