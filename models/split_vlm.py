@@ -181,10 +181,8 @@ class SplitVLM(nn.Module):
             adapted, targets = self.image_inputs_and_targets(batch.pixel_values, batch.image_mask)
             adapted = adapted.reshape(-1, cfg.d_model) if image_tokens is None else image_tokens
             targets = targets.reshape(-1, targets.shape[-1])
-            mask = batch.image_mask[:, None]
-            image_TC = torch.where(mask, self.mask_embedding.to(adapted.dtype), adapted)
-            image_TC = run_blocks(
-                self.image_in, image_TC, batch.image_layout, gather_rope(batch.image_index)
+            image_TC = self.image_in_blocks(
+                adapted, batch.image_mask, batch.image_layout, gather_rope(batch.image_index)
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
         elif self.run_every_branch:
@@ -206,7 +204,13 @@ class SplitVLM(nn.Module):
         size = cfg.vision.image_size
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
         adapted, _ = self.image_inputs_and_targets(x_TC.new_zeros(1, 3, size, size), no_mask)
-        return run_blocks(self.image_in, adapted.reshape(-1, cfg.d_model), layout, rope)
+        return self.image_in_blocks(adapted.reshape(-1, cfg.d_model), no_mask, layout, rope)
+
+    def image_in_blocks(self, adapted_TC, image_mask, layout, rope) -> torch.Tensor:
+        """Masked tokens become the mask embedding; then the image-in blocks, one span each."""
+        mask_embedding = self.mask_embedding.to(adapted_TC.dtype)
+        image_TC = torch.where(image_mask[:, None], mask_embedding, adapted_TC)
+        return run_blocks(self.image_in, image_TC, layout, rope)
 
     def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor) -> torch.Tensor:
         hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)

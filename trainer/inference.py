@@ -22,20 +22,37 @@ from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
 
 
 def find_weights(path: Path) -> Path:
-    """`path` is a checkpoint step directory, a run directory or an exported model directory."""
+    """`path` is a run directory, a checkpoint step directory, or an exported model directory."""
     path = Path(path)
     if (path / "checkpoints" / "latest").is_file():
         path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
     for candidate in (path / "model.safetensors", path / "engine" / "model.safetensors"):
         if candidate.is_file():
             return candidate
-    raise ValueError(f"no model.safetensors under {path} (a checkpoint, run or export directory)")
+    if (path / "engine").is_dir():
+        raise ValueError(
+            f"{path} is a sharded checkpoint; export it first (splitvlm export {path} --out DIR) "
+            "and use DIR"
+        )
+    raise ValueError(f"no model.safetensors under {path} (a run, checkpoint or export directory)")
 
 
 def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Config, Decoder]:
+    """The model, a config (the run's, or defaults around an export's model config) and a
+    decoder. An export has no data path: set `cfg.data.path` before evaluating."""
+    from transformers import AutoTokenizer
+
+    from trainer.data.decode import prepare_tokenizer
     from trainer.loop import load_tokenizer
 
     weights = find_weights(path)
+    if (weights.parent / "vision_config.json").is_file():  # written by `splitvlm export`
+        model = SplitVLM.from_pretrained(weights.parent, device).eval()
+        cfg = Config(model=model.cfg)
+        cfg.data.path = ""
+        tokenizer = AutoTokenizer.from_pretrained(str(weights.parent / "tokenizer"))
+        prepare_tokenizer(tokenizer)
+        return model, cfg, Decoder(tokenizer, cfg.model, max_tokens=1 << 30)
     config_file = next(
         (
             p / "config.yaml"
@@ -113,6 +130,8 @@ def evaluate(
 
     from trainer.data.shards import check_split_dir
 
+    if not cfg.data.path:
+        raise ValueError("an exported model has no data path: pass --data DIR")
     local = Path(cfg.data.path) / split
     check_split_dir(local)
     dataset = StreamingDataset(local=str(local), shuffle=False, batch_size=1)
