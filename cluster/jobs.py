@@ -27,6 +27,7 @@ STOP_WAIT_SECONDS = "300"
 
 
 def job_client(address: str | None):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     # The variables `ray job` reads, in its order.
@@ -34,7 +35,13 @@ def job_client(address: str | None):
         address = address or os.environ.get(name, "")
     if not address:
         raise ValueError("no cluster: give --address http://HEAD:8265 or set RAY_ADDRESS")
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as err:
+        raise ValueError(
+            f"{address} wants a Ray auth token ({str(err).splitlines()[0]}): set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        ) from None
 
 
 def job_runtime_env(cfg: Config, working_dir: Path) -> dict:

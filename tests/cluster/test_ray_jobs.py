@@ -3,6 +3,7 @@ and recovery from a worker killed mid-run (Ray Train restarts the group; the run
 its latest checkpoint and replays exactly the steps after it)."""
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,10 @@ def test_a_submitted_job_trains_and_status_and_logs_report_it(submitted_run, ray
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
     logs = run_cli("logs", submitted_run.job_id, "--address", address, env=env)
     assert summary_line[-1] in logs.stdout
+    # The Jobs API wants the cluster's token; without one: a usage error that says so.
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    refused = run_cli("status", "--address", address, env=no_token)
+    assert refused.returncode == 2 and "wants a Ray auth token" in refused.stderr
 
 
 @pytest.mark.ray
@@ -135,3 +140,36 @@ def test_a_killed_worker_is_restarted_and_replays_exactly_the_steps_after_the_ch
     for w, g in zip(want, got, strict=True):
         assert (g["text_loss"], g["image_loss"]) == (w["text_loss"], w["image_loss"]), g["step"]
     assert summary["text_loss"] == want[-1]["text_loss"]
+
+
+@pytest.mark.ray
+def test_stop_ends_a_submitted_job_at_a_checkpoint_of_its_last_step(ray_head, demo_data, tmp_path):
+    env, address = ray_head.env, ray_head.jobs_address
+    run_dir = tmp_path / "run"
+    submit = run_cli(
+        "submit",
+        "yaml/tiny.yaml",
+        "--address",
+        address,
+        *overrides(demo_data, run_dir, "run.steps=100000", "checkpoint.every=0"),
+        env=env,
+        timeout=300,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().splitlines()[-1]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    # Ray sends the job's driver SIGTERM; it lets the workers finish their step and save.
+    stop = run_cli("stop", job_id, "--address", address, env=env)
+    assert stop.returncode == 0 and stop.stdout.strip() == "STOPPED", stop.stdout + stop.stderr
+    step = read_jsonl(metrics)[-1]["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:07d}"
+    state = json.loads(
+        (run_dir / "checkpoints" / f"step_{step:07d}" / "trainer_state.json").read_text()
+    )
+    assert state["step"] == step
+    logs = run_cli("logs", job_id, "--address", address, env=env).stdout
+    assert f"stopped by SIGTERM at step {step}" in logs

@@ -112,3 +112,30 @@ def test_a_run_key_is_a_directory_name_of_its_own():
     assert "/" not in key and key.startswith("my_run_1-")
     assert key != run_cache_key("my run/1", "/tmp/runs/y")
     assert DataConfig().cache_dir == ""
+
+
+def test_streaming_registration_waits_for_the_node_lock(demo_data):
+    """Two jobs starting together register one after the other, never in the same instant."""
+    import fcntl
+    import tempfile
+    import threading
+
+    from trainer.config import load_config
+    from trainer.data.decode import Decoder
+    from trainer.data.stream import LOCK_NAME, StepBatches
+    from trainer.distributed import WorldInfo
+    from trainer.loop import load_tokenizer
+
+    cfg = load_config(REPO / "yaml/tiny.yaml", [f"data.path={demo_data}", "data.batch_size=8"])
+    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens)
+    built = []
+    with open(Path(tempfile.gettempdir()) / LOCK_NAME, "a") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_EX)  # another job is registering
+        thread = threading.Thread(
+            target=lambda: built.append(StepBatches(cfg.data, decoder, WorldInfo()))
+        )
+        thread.start()
+        thread.join(2.0)
+        assert thread.is_alive() and not built
+    thread.join(60)  # closing the file released the lock
+    assert built and built[0].next_step()[0]

@@ -18,12 +18,15 @@ caches remote streams in a directory of its own (`cache_key`).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -167,6 +170,47 @@ def release_stale_caches(local_dirs: list[str]) -> list[str]:
     return released
 
 
+REGISTRATION_ATTEMPTS = 5
+REGISTRATION_LOCK_TIMEOUT_S = 120.0
+LOCK_NAME = "splitvlm-streaming.lock"  # in the node's temp directory, like streaming's locks
+
+
+@contextmanager
+def registration_lock(world: WorldInfo):
+    """Serializes streaming's shared-memory registration between the jobs on this node.
+
+    streaming finds its prefix by scanning for the first free one, then registers it, with
+    barriers between ranks in the middle: two jobs starting together can pick the same prefix
+    (seen here: FileExistsError '/001005_locals'). Each node's local leader holds a file lock from
+    before any rank of the job scans until every rank has registered. Multi-node jobs starting
+    at once could each hold one node and wait for the other in a barrier: after
+    REGISTRATION_LOCK_TIMEOUT_S a leader goes on without the lock, and says so.
+    """
+    lock_file = None
+    barrier()
+    if world.local_rank == 0:
+        lock_file = open(Path(tempfile.gettempdir()) / LOCK_NAME, "a")
+        deadline = time.monotonic() + REGISTRATION_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print("warning: streaming registration without the node lock", flush=True)
+                    lock_file.close()
+                    lock_file = None
+                    break
+                time.sleep(0.05)
+    barrier()  # no rank of this job scans before its leader holds the lock
+    try:
+        yield
+        barrier()  # every rank of this job has registered
+    finally:
+        if lock_file is not None:
+            lock_file.close()  # releases the lock
+
+
 def check_streams(cfg: DataConfig, split: str = "") -> None:
     """Raise ValueError (one line) for a local stream without shards; remote ones are fetched."""
     for stream in stream_configs(cfg):
@@ -207,18 +251,43 @@ class StepBatches:
     ):
         streams = build_streams(cfg, split or cfg.split, cache_key)
         world.export_env()
+        self.cfg = cfg
+        self.world = world
         remote_locals = [
             os.path.abspath(os.path.join(s.local, s.split)) for s in streams if s.remote
         ]
-        if cache_key and remote_locals:
-            if world.local_rank == 0:
-                released = release_stale_caches(remote_locals)
-                if released:
-                    print(f"released stale streaming registrations {released}", flush=True)
-            barrier()  # every local rank registers with streaming after the cleanup
-        self.cfg = cfg
-        self.world = world
-        self.dataset = DecodedDataset(
+        for attempt in range(REGISTRATION_ATTEMPTS):
+            try:
+                with registration_lock(world):
+                    if cache_key and remote_locals:
+                        if world.local_rank == 0:
+                            released = release_stale_caches(remote_locals)
+                            if released:
+                                note = f"released stale streaming registrations {released}"
+                                print(note, flush=True)
+                        barrier()  # every local rank registers after the cleanup
+                    self.dataset = self._dataset(decoder, streams)
+                break
+            except FileExistsError:
+                # A reader outside our lock (another program using streaming) registered the
+                # prefix between streaming's scan and its own registration. Only with one rank
+                # is trying again safe: with more, the others already wait in a barrier.
+                if world.world_size > 1 or attempt == REGISTRATION_ATTEMPTS - 1:
+                    raise
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+        )
+        self.cursor = DataCursor()
+        self.last_sample_ids: list[str] = []  # this rank's samples of the last step, in order
+        self._iterator = None
+
+    def _dataset(self, decoder: Decoder, streams: list[Stream]) -> DecodedDataset:
+        cfg = self.cfg
+        return DecodedDataset(
             decoder,
             streams=streams,
             epoch_size=cfg.epoch_size or None,
@@ -232,16 +301,6 @@ class StepBatches:
             shuffle_block_size=cfg.shuffle_block_size
             or max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
         )
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=cfg.batch_size,
-            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-        )
-        self.cursor = DataCursor()
-        self.last_sample_ids: list[str] = []  # this rank's samples of the last step, in order
-        self._iterator = None
 
     @property
     def global_batch_size(self) -> int:
