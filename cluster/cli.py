@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -44,26 +45,33 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_stub(commands, name: str, help: str, example: str) -> None:
-    # Until the subcommand lands: listed, documented, and an honest runtime failure when used.
-    parser = _add_command(commands, name, help, example)
-    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(func=_not_available)
+def _read_config(config: str, overrides: list[str]):
+    """A YAML file, or `-`: YAML on stdin (how `splitvlm submit` hands a job its config)."""
+    from trainer.config import load_config
 
-
-def _not_available(args) -> int:
-    print(f"splitvlm {args.command}: not available in this version", file=sys.stderr)
-    return EXIT_FAILURE
+    if config != "-":
+        return load_config(config, overrides)
+    with tempfile.NamedTemporaryFile("w", prefix="splitvlm-stdin-", suffix=".yaml") as file:
+        file.write(sys.stdin.read())
+        file.flush()
+        return load_config(file.name, overrides)
 
 
 def _cmd_train(args) -> int:
     from cluster.launch import prepare_config, run_job
-    from trainer.config import load_config
 
-    cfg = prepare_config(load_config(args.config, args.overrides))
+    cfg = prepare_config(_read_config(args.config, args.overrides))
     args.error_log = Path(cfg.run.dir) / "error.log"
     summary = run_job(cfg)
     print("summary: " + json.dumps(summary), flush=True)
+    if "signal" in summary:
+        checkpoint = "a checkpoint" if cfg.checkpoint.on_stop else "no new checkpoint"
+        print(
+            f"splitvlm train: stopped by {summary['signal']} at step {summary['step']} "
+            f"({checkpoint}; start the same command again to resume)",
+            file=sys.stderr,
+        )
+        return 128 + signal.Signals[summary["signal"]].value
     return EXIT_OK
 
 
@@ -74,30 +82,115 @@ def add_train_parser(commands) -> None:
         "train a model from a YAML config",
         "splitvlm train yaml/tiny.yaml --set run.steps=50",
     )
-    parser.add_argument("config", help="a YAML file, e.g. yaml/tiny.yaml")
+    parser.add_argument("config", help="a YAML file, e.g. yaml/tiny.yaml; '-': read it from stdin")
     _add_overrides(parser)
     parser.set_defaults(func=_cmd_train)
 
 
-def add_submit_parser(commands) -> None:
-    _add_stub(
-        commands,
-        "submit",
-        "submit a training job to a Ray cluster and return",
-        "splitvlm submit yaml/tiny.yaml --set cluster.address=ray://HEAD:10001",
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)",
     )
 
 
+def _cmd_submit(args) -> int:
+    from cluster.jobs import submit
+
+    cfg = _read_config(args.config, args.overrides)
+    job_id = submit(cfg, args.address, Path(args.working_dir) if args.working_dir else None)
+    print(job_id, flush=True)
+    print(
+        f"follow it: splitvlm logs {job_id} --follow; stop it: splitvlm stop {job_id}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def add_submit_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "submit",
+        "submit a training job to a Ray cluster through its Jobs API and print the job id",
+        "splitvlm submit yaml/tiny.yaml --address http://HEAD:8265 --set run.dir=/shared/runs/a",
+    )
+    parser.add_argument("config", help="a YAML file; relative paths resolve on the cluster")
+    _add_overrides(parser)
+    _add_address(parser)
+    parser.add_argument(
+        "--working-dir",
+        help="uploaded as the job's working directory, .gitignore honoured "
+        "(default: the splitvlm checkout this command runs from)",
+    )
+    parser.set_defaults(func=_cmd_submit)
+
+
+def _cmd_status(args) -> int:
+    from cluster.jobs import status_lines
+
+    for line in status_lines(args.address, args.job_id):
+        print(line)
+    return EXIT_OK
+
+
 def add_status_parser(commands) -> None:
-    _add_stub(commands, "status", "show the state of submitted jobs", "splitvlm status JOB_ID")
+    parser = _add_command(
+        commands,
+        "status",
+        "show the state of a submitted job, or of all jobs",
+        "splitvlm status raysubmit_XXXX --address http://HEAD:8265",
+    )
+    parser.add_argument("job_id", nargs="?", metavar="JOB_ID", help="default: every job")
+    _add_address(parser)
+    parser.set_defaults(func=_cmd_status)
+
+
+def _cmd_logs(args) -> int:
+    from cluster.jobs import print_logs
+
+    print_logs(args.address, args.job_id, args.follow)
+    return EXIT_OK
 
 
 def add_logs_parser(commands) -> None:
-    _add_stub(commands, "logs", "print or follow a job's logs", "splitvlm logs JOB_ID")
+    parser = _add_command(
+        commands,
+        "logs",
+        "print or follow a job's logs",
+        "splitvlm logs raysubmit_XXXX --follow --address http://HEAD:8265",
+    )
+    parser.add_argument("job_id", metavar="JOB_ID")
+    parser.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing until the job ends"
+    )
+    _add_address(parser)
+    parser.set_defaults(func=_cmd_logs)
+
+
+def _cmd_stop(args) -> int:
+    from cluster.jobs import stop
+
+    print(stop(args.address, args.job_id, args.wait))
+    return EXIT_OK
 
 
 def add_stop_parser(commands) -> None:
-    _add_stub(commands, "stop", "stop a submitted job", "splitvlm stop JOB_ID")
+    parser = _add_command(
+        commands,
+        "stop",
+        "stop a submitted job (it finishes its step and saves a checkpoint first)",
+        "splitvlm stop raysubmit_XXXX --address http://HEAD:8265",
+    )
+    parser.add_argument("job_id", metavar="JOB_ID")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="wait this long for the job to end, then print its status (0: do not wait)",
+    )
+    _add_address(parser)
+    parser.set_defaults(func=_cmd_stop)
 
 
 def _cmd_shards(args) -> int:
@@ -363,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         # ConfigError and every other user error: one line, no traceback.
         print(f"splitvlm {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"splitvlm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # A plain Ctrl-C (130), or a second SIGINT/SIGTERM during `train` (cluster.launch).
+        detail = f": {err}" if str(err) else ""
+        print(f"splitvlm {args.command}: interrupted{detail}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     except Exception as err:
         data_error = _data_error(err)
         if data_error is not None:

@@ -28,6 +28,8 @@ class RunConfig:
     seed: int = 0
     steps: int = 100
     log_every: int = 10
+    # RUN/samples.jsonl: the sample ids of every step (all ranks), appended, replays included.
+    log_sample_ids: bool = False
 
 
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")  # mosaicml-streaming's
@@ -139,14 +141,40 @@ class CheckpointConfig:
     # Model weights (a directory written by `splitvlm export`) to start a new run from, e.g. the
     # adaptor-alignment stage before finetuning; ignored once the run has its own checkpoint.
     init_from: str = ""
+    on_stop: bool = True  # a run stopped by SIGINT/SIGTERM saves a checkpoint at its last step
 
 
 @dataclass
 class ClusterConfig:
-    address: str = ""  # empty: start an embedded Ray cluster on this machine
-    num_workers: int = 1
+    address: str = ""  # empty: start an embedded Ray cluster here; "auto", HOST:PORT, ray://…
+    num_workers: int | list[int] = 1  # an int, or [min, max]: Ray Train elastic scaling
     cpus_per_worker: int = 1
-    use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # when GPUs are used
+    use_gpu: bool | str = "auto"  # auto: when the cluster has GPUs
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
+    # The embedded cluster only: its CPUs and GPUs (null: what the machine has), and the
+    # dashboard with the Jobs API on 127.0.0.1 (off: starts faster).
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    dashboard: bool = False
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal unless elastic."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        return self.num_workers[0], self.num_workers[1]
+
+    def validate(self) -> None:
+        if isinstance(self.num_workers, list) and len(self.num_workers) != 2:
+            raise ValueError(f"cluster.num_workers={self.num_workers}: give an int or [min, max]")
+        low, high = self.worker_range
+        if not 1 <= low <= high:
+            raise ValueError(f"cluster.num_workers={self.num_workers}: need 1 <= min <= max")
+        if isinstance(self.use_gpu, str) and self.use_gpu != "auto":
+            raise ValueError(f"cluster.use_gpu={self.use_gpu!r}; valid: auto, true, false")
+        if self.max_failures < -1:
+            raise ValueError("cluster.max_failures must be >= -1 (-1: unlimited)")
 
 
 @dataclass
@@ -220,6 +248,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         cfg.model.validate()
         cfg.logging.validate()
         cfg.data.validate()
+        cfg.cluster.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg

@@ -15,7 +15,14 @@ from transformers import AutoTokenizer
 
 from models.pretrained import build_model as build_split_vlm
 from models.split_vlm import SplitVLM
-from trainer.callbacks import Checkpointer, MetricsLogger
+from trainer.callbacks import (
+    Checkpointer,
+    MetricsLogger,
+    ReplayCounter,
+    SampleIdLogger,
+    StopOnRequest,
+    fault_injection,
+)
 from trainer.checkpoint import (
     CheckpointLoadError,
     complete_checkpoints,
@@ -26,7 +33,7 @@ from trainer.checkpoint import (
 from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import Decoder, prepare_tokenizer
 from trainer.data.packing import layout_options, pack_step
-from trainer.data.stream import StepBatches
+from trainer.data.stream import StepBatches, run_cache_key
 from trainer.distributed import WorldInfo, all_reduce_max, broadcast_object, world_info
 from trainer.engines import build_engine
 from trainer.metrics import ModelFlops, StepMeter
@@ -113,15 +120,29 @@ class TrainLoop:
             seed=cfg.run.seed,
             max_image_pixels=cfg.data.max_image_pixels,
         )
-        self.data = StepBatches(cfg.data, decoder, self.world)
+        # Remote streams are cached per run: two jobs on a node never share a streaming cache.
+        self.data = StepBatches(
+            cfg.data, decoder, self.world, cache_key=run_cache_key(cfg.run.name, cfg.run.dir)
+        )
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
         self.skipped: Counter = Counter()  # all ranks, by reason, since the run's first step
+        self.stop_requested = False  # set by StopOnRequest (SIGINT/SIGTERM to the driver)
+        self.replayed_steps = 0  # set by ReplayCounter: steps repeated after restarts
         self.callbacks = [
+            ReplayCounter(self.run_dir),  # before MetricsLogger drops the replayed lines
             MetricsLogger(self.run_dir),
+            *([SampleIdLogger(self.run_dir)] if cfg.run.log_sample_ids else []),
             *reporting_callbacks(cfg, self.run_dir, self.world),
-            Checkpointer(self.run_dir, cfg.checkpoint.every, cfg.checkpoint.keep_last),
+            StopOnRequest(self.run_dir),
+            Checkpointer(
+                self.run_dir,
+                cfg.checkpoint.every,
+                cfg.checkpoint.keep_last,
+                save_on_stop=cfg.checkpoint.on_stop,
+            ),
+            *fault_injection(self.run_dir),
         ]
 
     def trainer_state(self) -> dict:
@@ -130,6 +151,7 @@ class TrainLoop:
             "tokens_seen": self.tokens_seen,
             "skipped": dict(self.skipped),
             "data": self.data.cursor.to_dict(),
+            "world_size": self.world.world_size,
         }
 
     def resume(self) -> None:
@@ -159,7 +181,11 @@ class TrainLoop:
         self.skipped = Counter(state.get("skipped", {}))
         self.data.seek(state["data"]["epoch"], state["data"]["sample_in_epoch"])
         if self.world.is_main:
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+            saved_on = state.get("world_size", self.world.world_size)
+            resized = ""
+            if saved_on != self.world.world_size:
+                resized = f" (saved by {saved_on} workers, now {self.world.world_size})"
+            print(f"resumed from {path} at step {self.step}{resized}", file=sys.stderr, flush=True)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -171,7 +197,7 @@ class TrainLoop:
             callback.on_train_start(self)
         started = time.perf_counter()
         first_step = self.step
-        while self.step < cfg.run.steps:
+        while self.step < cfg.run.steps and not self.stop_requested:
             metrics = self.train_step()
             for callback in self.callbacks:
                 callback.on_step_end(self, metrics)
@@ -218,6 +244,8 @@ class TrainLoop:
             "seconds": round(elapsed, 1),
             **{k: last[k] for k in ("text_loss", "image_loss") if k in last},
             "skipped": dict(self.skipped),
+            "replayed_steps": self.replayed_steps,
+            "stopped": self.stop_requested,
             "run_dir": str(self.run_dir),
         }
         if self.world.is_main:

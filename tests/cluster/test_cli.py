@@ -1,5 +1,6 @@
 """The command line: every subcommand listed with an example, exit codes 0 / 2 / 1, `plot`."""
 
+import io
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+import yaml
 from cluster import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +44,10 @@ def test_every_subcommand_help_has_an_example(command, capsys):
     assert example.startswith(f"splitvlm {command}")
 
 
-def test_a_subcommand_not_built_yet_is_a_runtime_failure_not_a_usage_error(capsys):
-    assert cli.main(["submit", "yaml/tiny.yaml"]) == cli.EXIT_FAILURE
-    assert capsys.readouterr().err.strip() == "splitvlm submit: not available in this version"
+def test_a_missing_checkpoint_is_a_usage_error_naming_it(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "nowhere"), "--out", "x"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err
 
 
 def test_usage_and_config_errors_exit_2_with_one_line(tmp_path, capsys):
@@ -118,3 +121,32 @@ def test_plot_writes_a_png_of_a_run(tmp_path, capsys):
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     height, width, channels = imread(out).shape
     assert height > 300 and width > 500 and channels in (3, 4)
+
+
+def test_job_commands_need_a_cluster_address(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    for command in (["status"], ["logs", "raysubmit_1"], ["stop", "raysubmit_1"]):
+        assert cli.main(command) == cli.EXIT_USAGE
+        assert "give --address http://HEAD:8265 or set RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_train_reads_a_config_from_stdin(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("run:\n  stepz: 3\n"))
+    assert cli.main(["train", "-"]) == cli.EXIT_USAGE
+    assert "unknown key 'run.stepz'" in capsys.readouterr().err
+
+
+def test_a_submitted_job_carries_the_config_unresolved_and_joins_its_cluster():
+    from cluster.jobs import CONFIG_ENV, ENTRYPOINT, job_runtime_env
+    from trainer.config import config_from_dict, config_to_dict, load_config
+
+    cfg = load_config(REPO / "yaml/tiny.yaml", ["run.dir=runs/relative"])
+    cfg.cluster.address = "auto"  # what submit() sets
+    runtime_env = job_runtime_env(cfg, REPO)
+    assert runtime_env["working_dir"] == str(REPO)
+    shipped = config_from_dict(yaml.safe_load(runtime_env["env_vars"][CONFIG_ENV]))
+    assert config_to_dict(shipped) == config_to_dict(cfg)
+    assert shipped.run.dir == "runs/relative"  # resolved on the cluster, not here
+    assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+    assert ENTRYPOINT.endswith("python -m cluster.cli train -") and CONFIG_ENV in ENTRYPOINT

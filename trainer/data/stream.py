@@ -7,14 +7,26 @@ the same or another number of workers — continues at exactly the next sample.
 A mixture is a list of `Stream`s (`data.streams`), each a local shard set or a remote one cached
 locally, weighted by proportion, repeat or choose; without `data.streams` the one stream is
 `data.path` (or `data.remote`, cached under `data.path`).
+
+Two jobs on one node: streaming registers each dataset's shared memory under the first free
+numeric prefix, so readers of the same local shards never share state (tested). A remote
+stream's local cache, though, must have one reader: each reader downloads into it and evicts
+from it on its own accounting, and streaming's check ("Reused local directory") misses a reader
+that has started iterating (measured: two readers of one cache both ran). So a training run
+caches remote streams in a directory of its own (`cache_key`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import re
 import tempfile
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -26,7 +38,7 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.decode import DecodeError, Decoder, Document
 from trainer.data.shards import check_split_dir
-from trainer.distributed import WorldInfo, broadcast_object
+from trainer.distributed import WorldInfo, barrier, broadcast_object
 
 
 @dataclass
@@ -107,13 +119,96 @@ def stream_configs(cfg: DataConfig) -> list[StreamConfig]:
     return cfg.streams or [StreamConfig(path=cfg.path, remote=cfg.remote)]
 
 
-def local_dir(stream: StreamConfig, cache_dir: str) -> Path:
+def run_cache_key(run_name: str, run_dir: str) -> str:
+    """A directory name of one run's own: the same run directory (a resume, a restart) maps to
+    the same key, two runs never do."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', run_name)}-{digest}"
+
+
+def local_dir(stream: StreamConfig, cache_dir: str, cache_key: str = "") -> Path:
     """Where a stream's shards are read from: its path, or a cache directory named after its
-    remote (the same remote always maps to the same cache)."""
+    remote (the same remote always maps to the same cache). A remote stream's cache goes one
+    level down, into `cache_key`, when one is given."""
     if stream.path:
-        return Path(stream.path)
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "splitvlm-cache"
-    return root / re.sub(r"[^A-Za-z0-9._-]+", "_", stream.remote).strip("_")
+        local = Path(stream.path)
+    else:
+        root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "splitvlm-cache"
+        local = root / re.sub(r"[^A-Za-z0-9._-]+", "_", stream.remote).strip("_")
+    return local / cache_key if stream.remote and cache_key else local
+
+
+def release_stale_caches(local_dirs: list[str]) -> list[str]:
+    """Unregister dead readers of these remote-backed cache directories from streaming's shared
+    memory; returns the prefixes released.
+
+    A reader killed together with Python's resource tracker (Ray ending a worker's process
+    group, a forced stop, the OOM killer) leaves its prefix registered, and streaming then
+    refuses the directory to every later reader: the same run restarted would never start. The directories are this run's own (`cache_key`), so a registration
+    naming one is a previous attempt of this run. Linux only (/dev/shm); call on the local leader.
+    """
+    # streaming's private layout (0.11-0.13): PREFIX_locals lists the local dirs of a prefix.
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    shm_root = Path("/dev/shm")
+    if not shm_root.is_dir():
+        return []
+    ours = set(local_dirs)
+    released = []
+    for entry in sorted(shm_root.glob(f"[0-9][0-9][0-9][0-9][0-9][0-9]_{LOCALS}")):
+        prefix_int = int(entry.name.split("_", 1)[0])
+        try:
+            their_locals, _ = _unpack_locals(entry.read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if ours.isdisjoint(their_locals):
+            continue
+        for name in SHM_TO_CLEAN:
+            (shm_root / _get_path(prefix_int, name)).unlink(missing_ok=True)
+        released.append(entry.name.split("_", 1)[0])
+    return released
+
+
+REGISTRATION_ATTEMPTS = 5
+REGISTRATION_LOCK_TIMEOUT_S = 120.0
+LOCK_NAME = "splitvlm-streaming.lock"  # in the node's temp directory, like streaming's locks
+
+
+@contextmanager
+def registration_lock(world: WorldInfo):
+    """Serializes streaming's shared-memory registration between the jobs on this node.
+
+    streaming finds its prefix by scanning for the first free one, then registers it, with
+    barriers between ranks in the middle: two jobs starting together can pick the same prefix
+    (seen here: FileExistsError '/001005_locals'). Each node's local leader holds a file lock from
+    before any rank of the job scans until every rank has registered. Multi-node jobs starting
+    at once could each hold one node and wait for the other in a barrier: after
+    REGISTRATION_LOCK_TIMEOUT_S a leader goes on without the lock, and says so.
+    """
+    lock_file = None
+    barrier()
+    if world.local_rank == 0:
+        lock_file = open(Path(tempfile.gettempdir()) / LOCK_NAME, "a")
+        deadline = time.monotonic() + REGISTRATION_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print("warning: streaming registration without the node lock", flush=True)
+                    lock_file.close()
+                    lock_file = None
+                    break
+                time.sleep(0.05)
+    barrier()  # no rank of this job scans before its leader holds the lock
+    try:
+        yield
+        barrier()  # every rank of this job has registered
+    finally:
+        if lock_file is not None:
+            lock_file.close()  # releases the lock
 
 
 def check_streams(cfg: DataConfig, split: str = "") -> None:
@@ -123,7 +218,7 @@ def check_streams(cfg: DataConfig, split: str = "") -> None:
             check_split_dir(Path(stream.path) / (split or cfg.split))
 
 
-def build_streams(cfg: DataConfig, split: str) -> list[Stream]:
+def build_streams(cfg: DataConfig, split: str, cache_key: str = "") -> list[Stream]:
     check_streams(cfg, split)
     streams = []
     for stream in stream_configs(cfg):
@@ -135,7 +230,7 @@ def build_streams(cfg: DataConfig, split: str) -> list[Stream]:
         streams.append(
             Stream(
                 remote=stream.remote or None,
-                local=str(local_dir(stream, cfg.cache_dir)),
+                local=str(local_dir(stream, cfg.cache_dir, cache_key)),
                 split=split,
                 **{name: value for name, value in weights.items() if value is not None},
             )
@@ -158,13 +253,54 @@ def rank_batch_size(cfg: DataConfig, world_size: int) -> int:
 class StepBatches:
     """Yields this rank's `batch_size` samples per step, forever, across epochs."""
 
-    def __init__(self, cfg: DataConfig, decoder: Decoder, world: WorldInfo, split: str = ""):
-        streams = build_streams(cfg, split or cfg.split)
+    def __init__(
+        self,
+        cfg: DataConfig,
+        decoder: Decoder,
+        world: WorldInfo,
+        split: str = "",
+        cache_key: str = "",
+    ):
+        streams = build_streams(cfg, split or cfg.split, cache_key)
         world.export_env()
         self.cfg = cfg
         self.world = world
         self.batch_size = rank_batch_size(cfg, world.world_size)
-        self.dataset = DecodedDataset(
+        remote_locals = [
+            os.path.abspath(os.path.join(s.local, s.split)) for s in streams if s.remote
+        ]
+        for attempt in range(REGISTRATION_ATTEMPTS):
+            try:
+                with registration_lock(world):
+                    if cache_key and remote_locals:
+                        if world.local_rank == 0:
+                            released = release_stale_caches(remote_locals)
+                            if released:
+                                note = f"released stale streaming registrations {released}"
+                                print(note, flush=True)
+                        barrier()  # every local rank registers after the cleanup
+                    self.dataset = self._dataset(decoder, streams)
+                break
+            except FileExistsError:
+                # A reader outside our lock (another program using streaming) registered the
+                # prefix between streaming's scan and its own registration. Only with one rank
+                # is trying again safe: with more, the others already wait in a barrier.
+                if world.world_size > 1 or attempt == REGISTRATION_ATTEMPTS - 1:
+                    raise
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+        )
+        self.cursor = DataCursor()
+        self.last_sample_ids: list[str] = []  # this rank's samples of the last step, in order
+        self._iterator = None
+
+    def _dataset(self, decoder: Decoder, streams: list[Stream]) -> DecodedDataset:
+        cfg = self.cfg
+        return DecodedDataset(
             decoder,
             streams=streams,
             epoch_size=cfg.epoch_size or None,
@@ -178,15 +314,6 @@ class StepBatches:
             shuffle_block_size=cfg.shuffle_block_size
             or max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
         )
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-        )
-        self.cursor = DataCursor()
-        self._iterator = None
 
     @property
     def global_batch_size(self) -> int:
@@ -222,6 +349,10 @@ class StepBatches:
             )
         self.cursor.sample_in_epoch += self.global_batch_size
         batch = [_from_arrays(item) for item in batch]
+        self.last_sample_ids = [
+            item.sample_id if isinstance(item, Document) else str(item.sample_index)
+            for item in batch
+        ]
         docs = [item for item in batch if isinstance(item, Document)]
         skipped = [item for item in batch if isinstance(item, Skipped)]
         self.cursor.skipped.update(s.reason for s in skipped)
