@@ -32,7 +32,7 @@ from torch.distributed.fsdp import (
 
 from trainer.config import Config
 from trainer.distributed import WorldInfo, ensure_process_group
-from trainer.engines.base import Engine
+from trainer.engines.base import Engine, clip_and_step
 from trainer.engines.wrap import prepare_blocks, resolve_precision
 from trainer.optim import build_optimizer, set_learning_rate
 
@@ -74,15 +74,7 @@ class FSDPEngine(Engine):
 
     def step(self, lr: float) -> float:
         set_learning_rate(self.optimizer, lr)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        # With DTensor gradients the norm is computed over the shards and all-reduced.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return clip_and_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
 
     def _sharded_state(self) -> tuple[dict, dict]:
         # Initializes empty optimizer state (a zero-lr step) so a fresh run has tensors to load

@@ -10,7 +10,7 @@ from torch import nn
 
 from trainer.config import Config
 from trainer.distributed import WorldInfo
-from trainer.engines.base import Engine
+from trainer.engines.base import Engine, clip_and_step
 from trainer.engines.wrap import prepare_blocks
 from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
@@ -33,12 +33,7 @@ class LocalEngine(Engine):
 
     def step(self, lr: float) -> float:
         set_learning_rate(self.optimizer, lr)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return clip_and_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
