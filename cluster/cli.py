@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure
 (one line on stderr; the traceback goes to RUN/error.log for `train`, to a file in the temp
-directory otherwise, and to stderr as well when SPLITVLM_DEBUG=1).
+directory otherwise, and to stderr as well when SPLITVLM_DEBUG=1); 128 + the signal number for a
+`train` stopped by SIGINT (130) or SIGTERM (143).
 
 Each subcommand is registered by its own `add_<name>_parser(commands)`, listed in `COMMANDS`.
 """
@@ -90,7 +91,8 @@ def add_train_parser(commands) -> None:
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
-        help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)",
+        help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 "
+        "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)",
     )
 
 
@@ -98,6 +100,12 @@ def _cmd_submit(args) -> int:
     from cluster.jobs import submit
 
     cfg = _read_config(args.config, args.overrides)
+    if not Path(cfg.run.dir).is_absolute():
+        print(
+            f"note: run.dir={cfg.run.dir} is relative: it resolves in the job's working directory "
+            "on the cluster, which goes away with the cluster",
+            file=sys.stderr,
+        )
     job_id = submit(cfg, args.address, Path(args.working_dir) if args.working_dir else None)
     print(job_id, flush=True)
     print(

@@ -139,3 +139,30 @@ def test_streaming_registration_waits_for_the_node_lock(demo_data):
         assert thread.is_alive() and not built
     thread.join(60)  # closing the file released the lock
     assert built and built[0].next_step()[0]
+
+
+def test_decompressing_a_shard_never_uses_a_name_another_job_writes(demo_data, tmp_path):
+    """streaming decompresses through `NAME.tmp`, the same name in every job reading the same
+    fresh shards (a race we measured); our stream writes a file of its own and renames it."""
+    import shutil
+
+    from trainer.config import load_config
+    from trainer.data.decode import Decoder
+    from trainer.data.stream import StepBatches
+    from trainer.distributed import WorldInfo
+    from trainer.loop import load_tokenizer
+
+    shards = tmp_path / "data"
+    shutil.copytree(demo_data / "train", shards / "train", ignore=shutil.ignore_patterns("*.mds"))
+    assert not list((shards / "train").glob("*.mds"))  # compressed only: fresh shards
+    for zipped in (shards / "train").glob("*.mds.zstd"):
+        (shards / "train" / (zipped.name.removesuffix(".zstd") + ".tmp")).mkdir()  # in the way
+    cfg = load_config(
+        REPO / "yaml/tiny.yaml",
+        [f"data.path={shards}", f"data.tokenizer={demo_data / 'tokenizer'}", "data.batch_size=8"],
+    )
+    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens)
+    docs, skipped = StepBatches(cfg.data, decoder, WorldInfo()).next_step()
+    assert len(docs) == 8 and not skipped
+    assert list((shards / "train").glob("*.mds"))
+    assert [p.name for p in (shards / "train").glob("*.tmp") if p.is_file()] == []

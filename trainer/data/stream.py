@@ -25,6 +25,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -113,6 +114,32 @@ def _from_arrays(item):
             for name, value in item.fields.items()
         }
     )
+
+
+class SharedDirStream(Stream):
+    """streaming's Stream, safe for a local shard directory several jobs read at once.
+
+    The first reader of a compressed shard decompresses it next to the `.zstd` file, through a
+    temporary file whose name (`NAME.tmp`) is the same in every process: two jobs reading fresh
+    shards together could truncate the file the other had just renamed into place (measured: 2
+    of 6 tries crashed with "Relative sample index … is not present"). Here each writes a
+    temporary file of its own and renames it over the shard, which readers see whole, old or new.
+    """
+
+    def _decompress_shard_part(self, zip_info, zip_filename, raw_filename, compression) -> None:
+        from streaming.base.compression import decompress
+        from streaming.base.hashing import get_hash
+
+        data = Path(zip_filename).read_bytes()
+        if self.validate_hash:
+            if get_hash(self.validate_hash, data) != zip_info.hashes.get(self.validate_hash):
+                raise ValueError(f"Checksum failure: {zip_filename}")
+        tmp = f"{raw_filename}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as out:
+            out.write(decompress(compression, data))
+        os.replace(tmp, raw_filename)
+        if not self.safe_keep_zip:  # a remote stream's own cache: no other reader
+            os.remove(zip_filename)
 
 
 def stream_configs(cfg: DataConfig) -> list[StreamConfig]:
@@ -228,7 +255,7 @@ def build_streams(cfg: DataConfig, split: str, cache_key: str = "") -> list[Stre
             "choose": stream.choose,
         }
         streams.append(
-            Stream(
+            SharedDirStream(
                 remote=stream.remote or None,
                 local=str(local_dir(stream, cfg.cache_dir, cache_key)),
                 split=split,
