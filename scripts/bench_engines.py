@@ -56,18 +56,12 @@ def bench_config(args, data: Path, run_dir: Path, engine: str, extra: list[str])
 
 
 def measure(rank: int, world_size: int, init_file: str, cfg_args: tuple, out: str) -> None:
-    from trainer.distributed import world_info
+    from trainer.distributed import WorldInfo, world_info
     from trainer.loop import TrainLoop
 
     args, data, run_dir, engine, extra, label = cfg_args
     torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        NODE_RANK="0",
-    )
+    WorldInfo(rank, world_size, local_rank=rank, local_world_size=world_size).export_env()
     if world_size > 1 or engine != "local":
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size

@@ -64,17 +64,10 @@ def time_raw(args, cfg, num_image_tokens: int) -> dict:
     from streaming import StreamingDataset
     from torch.utils.data import DataLoader
 
-    from trainer.data.stream import build_streams
+    from trainer.data.stream import build_streams, streaming_kwargs
 
     dataset = StreamingDataset(
-        streams=build_streams(cfg, cfg.split),
-        batch_size=cfg.batch_size,
-        shuffle=cfg.shuffle,
-        shuffle_algo=cfg.shuffle_algo,
-        shuffle_seed=cfg.shuffle_seed,
-        num_canonical_nodes=cfg.num_canonical_nodes,
-        predownload=8 * cfg.batch_size,
-        shuffle_block_size=max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
+        streams=build_streams(cfg, cfg.split), **streaming_kwargs(cfg, cfg.batch_size)
     )
     loader = DataLoader(
         dataset,

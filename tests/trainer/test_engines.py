@@ -175,17 +175,11 @@ TASKS = {
 
 
 def _worker(rank: int, world_size: int, init_file: str, tasks: list, out: str) -> None:
-    from trainer.distributed import world_info
+    from trainer.distributed import WorldInfo, world_info
 
     torch.set_num_threads(1)  # two ranks on two cores; more threads only spin
     # What torchrun or Ray Train would set; world_info() reads the local ranks from here.
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        NODE_RANK="0",
-    )
+    WorldInfo(rank, world_size, local_rank=rank, local_world_size=world_size).export_env()
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )

@@ -142,6 +142,23 @@ class SharedDirStream(Stream):
             os.remove(zip_filename)
 
 
+def streaming_kwargs(cfg: DataConfig, batch_size: int) -> dict:
+    """StreamingDataset arguments besides the streams: the one place they are set, so the
+    trainer and the loader benchmark's raw baseline read samples in the same order."""
+    return {
+        "epoch_size": cfg.epoch_size or None,
+        "batch_size": batch_size,
+        "shuffle": cfg.shuffle,
+        "shuffle_algo": cfg.shuffle_algo,
+        "shuffle_seed": cfg.shuffle_seed,
+        "num_canonical_nodes": cfg.num_canonical_nodes,
+        # streaming's own defaults, stated so it does not warn about choosing them
+        "predownload": 8 * batch_size,
+        "shuffle_block_size": cfg.shuffle_block_size
+        or max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
+    }
+
+
 def stream_configs(cfg: DataConfig) -> list[StreamConfig]:
     return cfg.streams or [StreamConfig(path=cfg.path, remote=cfg.remote)]
 
@@ -330,16 +347,7 @@ class StepBatches:
         return DecodedDataset(
             decoder,
             streams=streams,
-            epoch_size=cfg.epoch_size or None,
-            batch_size=self.batch_size,
-            shuffle=cfg.shuffle,
-            shuffle_algo=cfg.shuffle_algo,
-            shuffle_seed=cfg.shuffle_seed,
-            num_canonical_nodes=cfg.num_canonical_nodes,
-            # streaming's own defaults, stated so it does not warn about choosing them
-            predownload=8 * self.batch_size,
-            shuffle_block_size=cfg.shuffle_block_size
-            or max(4_000_000 // cfg.num_canonical_nodes, 1 << 18),
+            **streaming_kwargs(cfg, self.batch_size),
         )
 
     @property
