@@ -85,9 +85,7 @@ def check_elastic_batch(cfg: Config) -> None:
     """An elastic run must keep its global batch whatever the worker count Ray Train picks: the
     data cursor counts global samples, and the optimizer's hyperparameters assume that batch."""
     low, high = cfg.cluster.worker_range
-    # data.global_batch_size (per-rank batch = global // world size) comes with the sharded
-    # engines; until then no config can run elastically, and this says why.
-    global_batch = getattr(cfg.data, "global_batch_size", 0)
+    global_batch = cfg.data.global_batch_size  # per-rank batch: global // world size
     if not global_batch:
         raise ValueError(
             f"cluster.num_workers={[low, high]} (elastic) needs a fixed global batch: "

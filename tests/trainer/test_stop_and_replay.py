@@ -102,7 +102,7 @@ def test_an_elastic_range_needs_a_global_batch_every_worker_count_divides(tiny_o
     cfg = load_config(REPO / "yaml/tiny.yaml", [*tiny_overrides, "cluster.num_workers=[2, 4]"])
     with pytest.raises(ValueError, match="needs a fixed global batch"):
         check_elastic_batch(cfg)
-    cfg.data.global_batch_size = 30  # the field arrives with the sharded engines
+    cfg.data.global_batch_size = 30
     with pytest.raises(ValueError, match="does not divide evenly over 4 workers"):
         check_elastic_batch(cfg)
     cfg.data.global_batch_size = 48
