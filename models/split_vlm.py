@@ -30,6 +30,7 @@ from models.vision import (
     build_adaptor,
     build_vision_tower,
     image_target_dim,
+    normalize_pixels,
     normalize_targets,
     patchify,
 )
@@ -133,6 +134,7 @@ class SplitVLM(nn.Module):
         """
         cfg = self.cfg
         full = cfg.image_tokens_per_side
+        pixel_values = normalize_pixels(pixel_values)
         clean = self.encode_images(pixel_values)
         per_image_mask = image_mask.view(pixel_values.shape[0], cfg.num_image_tokens)
         inputs, targets, offset = [], [], 0

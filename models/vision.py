@@ -54,6 +54,14 @@ def build_adaptor(name: str, vision_dim: int, d_model: int) -> nn.Module:
     return ADAPTORS[name](vision_dim, d_model)
 
 
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (as the loader ships them) → SigLIP's normalization, mean 0.5 and std 0.5 per
+    channel, in [-1, 1]. Floating-point input is taken as normalized already and passed through."""
+    if pixels.is_floating_point():
+        return pixels
+    return pixels.float() / 127.5 - 1.0
+
+
 def patchify(pixels_NCHW: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(N, 3, H, W) → (N, num_patches, 3 * p * p), patches in row-major order like the encoder."""
     n, c, _, _ = pixels_NCHW.shape

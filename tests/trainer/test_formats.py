@@ -7,13 +7,16 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
 from cluster.cli import main as cli_main
 from models.config import ModelConfig
+from models.vision import normalize_pixels
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.decode import DecodeError, Decoder, prepare_tokenizer
 from trainer.data.demo import save_tokenizer, vocabulary
@@ -553,3 +556,32 @@ def test_a_step_whose_samples_were_all_skipped_still_trains(tmp_path, demo_data)
     )
     with pytest.raises(DataError, match=r"8 of 8 samples skipped .* empty 8"):
         train(cfg)
+
+
+def test_images_decode_to_uint8_pixels_the_model_normalizes(tokenizer):
+    size = ModelConfig().vision.image_size
+    rng = np.random.default_rng(0)
+    exact = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    blobs = []
+    for array in (exact, grey):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    blobs.append(encode_image("JPEG", (3 * size, 2 * size)))
+    sample = {
+        "messages": [{"role": "user", "content": "<image> " * 3}],
+        "images": pack_blobs(blobs),
+    }
+    sample["messages"].append({"role": "assistant", "content": "red"})
+    pixels = decoder_for(tokenizer)(sample, 0).pixel_values
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, size, size)
+    # At the model's size nothing is resampled: the stored pixels, exactly; grey becomes RGB.
+    assert torch.equal(pixels[0], torch.from_numpy(exact).permute(2, 0, 1))
+    assert all(torch.equal(pixels[1, c], torch.from_numpy(grey)) for c in range(3))
+    # Larger images are resized; a flat colour stays (nearly) that colour.
+    assert (pixels[2].float().mean(dim=(1, 2)) - torch.tensor([200.0, 30.0, 30.0])).abs().max() < 4
+    # SigLIP's normalization on the model side: 0 → -1, 255 → 1; floats pass through.
+    assert normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    floats = torch.randn(2, 3)
+    assert normalize_pixels(floats) is floats

@@ -257,7 +257,7 @@ class Document:
     input_ids: torch.Tensor  # int64 (n,); image positions hold the pad id
     target_mask: torch.Tensor  # bool (n,): token t is a text-loss target (predicted at t - 1)
     segments: list[tuple[str, int]]  # ("text" | "image", length), in order
-    pixel_values: torch.Tensor  # float32 (num_images, 3, H, W)
+    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
     image_mask: torch.Tensor  # bool (num_image_tokens,): replaced by the mask embedding
     image_span_full: torch.Tensor  # bool (num_image_tokens,): the token's span is masked entirely
 
@@ -345,7 +345,9 @@ class Decoder:
             input_ids=torch.tensor(ids, dtype=torch.long),
             target_mask=torch.tensor(targets, dtype=torch.bool),
             segments=segments,
-            pixel_values=torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            pixel_values=(
+                torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+            ),
             image_mask=torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool),
             image_span_full=torch.cat(span_full) if span_full else torch.zeros(0, dtype=torch.bool),
         )
@@ -366,14 +368,20 @@ class Decoder:
         return torch.from_numpy(mask)
 
     def _load_image(self, blob: bytes) -> torch.Tensor:
+        """uint8 (3, S, S) at the model's image size; the model normalizes (a quarter of the
+        bytes of float32 on the way out of a loader worker and to the device)."""
         size = self.model_cfg.vision.image_size
         with open_image(blob, self.max_image_pixels) as image:
             try:
-                # JPEG: let the decoder downscale by up to 8x (DCT scaling) before the resize.
-                image.draft("RGB", (size, size))
-                image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+                if image.size != (size, size):
+                    # JPEG: let the decoder downscale by up to 8x (DCT scaling) first.
+                    image.draft("RGB", (size, size))
+                    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+                elif image.mode != "RGB":
+                    image = image.convert("RGB")
+                else:  # shards written at the training resolution: decode only
+                    image.load()
+                pixels = np.array(image, dtype=np.uint8)
             except Exception as err:  # truncated or malformed data surfaces only here
                 raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
-        # SigLIP normalization: mean 0.5, std 0.5 per channel.
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-        return (pixels.permute(2, 0, 1) - 0.5) / 0.5
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

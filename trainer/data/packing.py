@@ -36,7 +36,7 @@ class PackedBatch:
     text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
     image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
     image_layout: PackedLayout | None  # every image its own document (image-in blocks)
-    pixel_values: torch.Tensor  # float32 (num_images, 3, H, W)
+    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
     image_mask: torch.Tensor  # bool (T_image,)
     image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
     sample_ids: list[str]
@@ -150,12 +150,13 @@ def _one_intra_op_thread():
 def filler_micro_batch(docs: list[Document], *layout_args) -> PackedBatch:
     """One pad token, no targets: a forward/backward pass that contributes zero loss."""
     image_size = docs[0].pixel_values.shape[-1] if docs else 1
+    pixel_dtype = docs[0].pixel_values.dtype if docs else torch.uint8
     filler = Document(
         sample_id="<filler>",
         input_ids=torch.zeros(1, dtype=torch.long),
         target_mask=torch.zeros(1, dtype=torch.bool),
         segments=[("text", 1)],
-        pixel_values=torch.zeros(0, 3, image_size, image_size),
+        pixel_values=torch.zeros(0, 3, image_size, image_size, dtype=pixel_dtype),
         image_mask=torch.zeros(0, dtype=torch.bool),
         image_span_full=torch.zeros(0, dtype=torch.bool),
     )
@@ -168,6 +169,8 @@ def collate(
     image_positions: str = "sequential",
     attention_backend: str | None = None,
 ) -> PackedBatch:
+    if len({doc.pixel_values.dtype for doc in docs}) > 1:
+        raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
     labels, text_index, image_index = [], [], []
