@@ -3,7 +3,11 @@
 The sample mixes (seeded; token counts include image spans, `IMAGE_TOKENS` per image); `blend`:
   - text-only (25%): log-normal length, median 180 tokens, clipped to [16, 1500]
   - single-image caption (35%): 1 image + 10–60 text tokens
-  - multi-turn conversation (30%): 1 image + 2–6 turns of 15–120 tokens
+  - multi-turn conversation (30%): 1 image + 1–12 question/answer turns (1 + a geometric count,
+    mean 2.5 extra); questions 8–40 tokens; half the answers short (1–6 tokens, VQA-style), the
+    rest log-normal (median 90 tokens, σ 0.9, clipped to [10, 800]): modelled on LLaVA-1.5's
+    665k instruction mix, where VQA sources merge many one-word answers into one conversation
+    and LLaVA-Instruct/ShareGPT-style sources give few turns with long answers
   - interleaved multi-image (10%): 2–5 images, 10–80 text tokens before each and after the last
 This mirrors a LLaVA-style instruction mix with images scaled down to 64 tokens so a CPU can run it.
 `conversation`: multi-turn conversations only (the mix the ≥ 2× throughput target is stated for).
@@ -12,9 +16,11 @@ Measured side by side in one run, same model, same samples, same optimizer-step 
   - packed: the trainer's packer (first-fit-decreasing into ≤ max_tokens micro-batches, no padding)
   - padded: right-padded micro-batches of `--padded-rows` consecutive samples, each padded to its
     longest sample (what a transformers-style collator does); padding attends causally within its
-    row and carries no loss, so it costs what a 4D-masked padded batch costs.
+    row and carries no loss, so it costs what a 4D-masked padded batch costs. Measured for 4 rows
+    and for 16 (LLaVA-1.5's per-device batch) by default.
 Throughput counts real tokens only. Imbalance is max ÷ mean real tokens over ranks, with samples
-dealt to ranks as streaming deals them (in order, `--samples-per-rank` each).
+dealt to ranks as streaming deals them (in order, `--samples-per-rank` each), and after the
+trainer's balancing (`data.balance_ranks`: whole samples move between ranks within the step).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from models.config import ModelConfig, VisionConfig
 from models.split_vlm import SplitVLM
 from trainer.data.decode import Document
-from trainer.data.packing import collate, plan_micro_batches
+from trainer.data.packing import collate, plan_micro_batches, plan_rank_balance
 
 IMAGE_TOKENS = 64
 MIXES = {
@@ -46,7 +52,16 @@ def sample_segments(rng: random.Random, mix=MIXES["blend"]) -> list[tuple[str, i
     if kind == "caption":
         return [("text", 4), ("image", IMAGE_TOKENS), ("text", rng.randint(10, 60))]
     if kind == "conversation":
-        turns = sum(rng.randint(15, 120) for _ in range(rng.randint(2, 6)))
+        num_turns = 1
+        while num_turns < 12 and rng.random() < 0.7:  # geometric: mean 2.5 extra turns
+            num_turns += 1
+        turns = 0
+        for _ in range(num_turns):
+            turns += rng.randint(8, 40)
+            if rng.random() < 0.5:
+                turns += rng.randint(1, 6)
+            else:
+                turns += int(min(800, max(10, rng.lognormvariate(4.5, 0.9))))
         return [("text", 4), ("image", IMAGE_TOKENS), ("text", turns)]
     segments = []
     for _ in range(rng.randint(2, 5)):
@@ -83,15 +98,20 @@ def run_step(model, micro_batches) -> float:
     return time.perf_counter() - started
 
 
-def paired_step_times(model, packed, padded, repeats: int) -> tuple[float, float]:
-    """Median step time of each, measured alternately so load drift hits both sides alike."""
-    run_step(model, packed)  # warm-up: allocator and kernels
-    run_step(model, padded)
-    packed_times, padded_times = [], []
+def interleaved_step_times(model, cases: dict[str, list], repeats: int) -> dict[str, float]:
+    """Median step time of each case, measured in turn so load drift hits every case alike."""
+    for micro_batches in cases.values():  # warm-up: allocator and kernels
+        run_step(model, micro_batches)
+    times = {name: [] for name in cases}
     for _ in range(repeats):
-        packed_times.append(run_step(model, packed))
-        padded_times.append(run_step(model, padded))
-    return statistics.median(packed_times), statistics.median(padded_times)
+        for name, micro_batches in cases.items():
+            times[name].append(run_step(model, micro_batches))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def padding_fraction(lengths: list[int], rows: int) -> float:
+    groups = [lengths[i : i + rows] for i in range(0, len(lengths), rows)]
+    return 1 - sum(lengths) / sum(len(g) * max(g) for g in groups)
 
 
 def main() -> None:
@@ -100,7 +120,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=8, help="simulated ranks for the imbalance")
     parser.add_argument("--steps", type=int, default=50, help="simulated steps for counts")
     parser.add_argument("--max-tokens", type=int, default=4096)
-    parser.add_argument("--padded-rows", type=int, default=4)
+    parser.add_argument("--padded-rows", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--timed-steps", type=int, default=2, help="steps timed for throughput")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -111,19 +131,30 @@ def main() -> None:
     rng = random.Random(args.seed)
     mix = MIXES[args.mix]
 
-    micro_batch_counts, imbalances, padding_fractions = [], [], []
+    micro_batch_counts, imbalances, balanced_imbalances, lengths_seen = [], [], [], []
+    padding = {rows: [] for rows in args.padded_rows}
     for _ in range(args.steps):
         ranks = [
             [sample_segments(rng, mix) for _ in range(args.samples_per_rank)]
             for _ in range(args.ranks)
         ]
-        tokens = [sum(n for doc in rank for _, n in doc) for rank in ranks]
+        rank_lengths = [[sum(n for _, n in doc) for doc in rank] for rank in ranks]
+        tokens = [sum(lengths) for lengths in rank_lengths]
         imbalances.append(max(tokens) / statistics.mean(tokens))
-        lengths = [sum(n for _, n in doc) for doc in ranks[0]]
-        micro_batch_counts.append(len(plan_micro_batches(lengths, args.max_tokens)))
-        rows = [lengths[i : i + args.padded_rows] for i in range(0, len(lengths), args.padded_rows)]
-        padded = sum(len(r) * max(r) for r in rows)
-        padding_fractions.append(1 - sum(lengths) / padded)
+        plan = plan_rank_balance(rank_lengths)
+        balanced = [sum(rank_lengths[r][i] for r, i in keys) for keys in plan]
+        balanced_imbalances.append(max(balanced) / statistics.mean(balanced))
+        lengths = rank_lengths[0]
+        lengths_seen += lengths
+        # Every rank runs the largest count any rank needs (after balancing).
+        micro_batch_counts.append(
+            max(
+                len(plan_micro_batches([rank_lengths[r][i] for r, i in keys], args.max_tokens))
+                for keys in plan
+            )
+        )
+        for rows in args.padded_rows:
+            padding[rows].append(padding_fraction(lengths, rows))
 
     cfg = ModelConfig(
         vocab_size=1024,
@@ -134,7 +165,8 @@ def main() -> None:
         vision=VisionConfig(image_size=32, patch_size=4, hidden_size=64, num_layers=1),
     )
     model = SplitVLM(cfg)
-    packed_times, padded_times, real_tokens = [], [], []
+    step_times = {name: [] for name in ["packed", *(f"padded_{r}" for r in args.padded_rows)]}
+    real_tokens = []
     for step in range(args.timed_steps):
         segments = [sample_segments(rng, mix) for _ in range(args.samples_per_rank)]
         lengths = [sum(n for _, n in s) for s in segments]
@@ -144,34 +176,49 @@ def main() -> None:
             return make_document(base + i, segments[i], cfg.vocab_size, 32, pad)
 
         docs = [doc(i) for i in range(len(segments))]
-        bins = plan_micro_batches(lengths, args.max_tokens)
-        packed = [collate([docs[i] for i in b]) for b in bins]
-        padded = []
-        for start in range(0, len(segments), args.padded_rows):
-            rows = range(start, min(start + args.padded_rows, len(segments)))
-            longest = max(lengths[i] for i in rows)
-            padded.append(collate([doc(i, pad=longest - lengths[i]) for i in rows]))
+        cases = {
+            "packed": [
+                collate([docs[i] for i in b]) for b in plan_micro_batches(lengths, args.max_tokens)
+            ]
+        }
+        for rows in args.padded_rows:
+            cases[f"padded_{rows}"] = []
+            for start in range(0, len(segments), rows):
+                group = range(start, min(start + rows, len(segments)))
+                longest = max(lengths[i] for i in group)
+                cases[f"padded_{rows}"].append(
+                    collate([doc(i, pad=longest - lengths[i]) for i in group])
+                )
         real_tokens.append(sum(lengths))
-        packed_time, padded_time = paired_step_times(model, packed, padded, args.repeats)
-        packed_times.append(packed_time)
-        padded_times.append(padded_time)
+        for name, seconds in interleaved_step_times(model, cases, args.repeats).items():
+            step_times[name].append(seconds)
 
-    packed_tps = sum(real_tokens) / sum(packed_times)
-    padded_tps = sum(real_tokens) / sum(padded_times)
+    tokens_per_s = {name: sum(real_tokens) / sum(t) for name, t in step_times.items()}
+    quantiles = statistics.quantiles(lengths_seen, n=10)
     result = {
         "mix": args.mix,
         "samples_per_rank": args.samples_per_rank,
         "ranks": args.ranks,
         "max_tokens": args.max_tokens,
+        "sample_tokens_median": statistics.median(lengths_seen),
+        "sample_tokens_p90": quantiles[-1],
+        "sample_tokens_max": max(lengths_seen),
         "micro_batches_per_step_mean": statistics.mean(micro_batch_counts),
         "micro_batches_per_step_max": max(micro_batch_counts),
         "rank_token_imbalance_mean": statistics.mean(imbalances),
         "rank_token_imbalance_max": max(imbalances),
-        "padded_rows": args.padded_rows,
-        "padding_fraction_padded": statistics.mean(padding_fractions),
-        "packed_tokens_per_s": packed_tps,
-        "padded_tokens_per_s": padded_tps,
-        "packed_over_padded": packed_tps / padded_tps,
+        "balanced_rank_token_imbalance_mean": statistics.mean(balanced_imbalances),
+        "balanced_rank_token_imbalance_max": max(balanced_imbalances),
+        "packed_tokens_per_s": tokens_per_s["packed"],
+        "padded": [
+            {
+                "rows": rows,
+                "padding_fraction": statistics.mean(padding[rows]),
+                "tokens_per_s": tokens_per_s[f"padded_{rows}"],
+                "packed_over_padded": tokens_per_s["packed"] / tokens_per_s[f"padded_{rows}"],
+            }
+            for rows in args.padded_rows
+        ],
     }
     if args.json:
         print(json.dumps(result))
@@ -180,21 +227,27 @@ def main() -> None:
         f"mix {args.mix}: {', '.join(f'{k} {w:.0%}' for k, w in mix)}; image span {IMAGE_TOKENS} tokens"
     )
     print(
+        f"tokens per sample: median {result['sample_tokens_median']:.0f}, "
+        f"p90 {result['sample_tokens_p90']:.0f}, max {result['sample_tokens_max']}"
+    )
+    print(
         f"micro-batches per step (≤{args.max_tokens} tokens, {args.samples_per_rank} samples): "
         f"mean {result['micro_batches_per_step_mean']:.2f}, max {result['micro_batches_per_step_max']}"
     )
     print(
-        f"rank token imbalance (max/mean over {args.ranks} ranks): "
-        f"mean {result['rank_token_imbalance_mean']:.3f}, worst {result['rank_token_imbalance_max']:.3f}"
+        f"rank token imbalance (max/mean over {args.ranks} ranks), as dealt: "
+        f"mean {result['rank_token_imbalance_mean']:.3f}, worst {result['rank_token_imbalance_max']:.3f}; "
+        f"balanced (data.balance_ranks): mean {result['balanced_rank_token_imbalance_mean']:.3f}, "
+        f"worst {result['balanced_rank_token_imbalance_max']:.3f}"
     )
-    print(
-        f"padded batches of {args.padded_rows} rows: "
-        f"{result['padding_fraction_padded']:.0%} of tokens are padding"
-    )
-    print(f"{'':<10}{'tokens/s':>12}")
-    print(f"{'packed':<10}{packed_tps:>12,.0f}")
-    print(f"{'padded':<10}{padded_tps:>12,.0f}")
-    print(f"packed / padded: {result['packed_over_padded']:.2f}x")
+    print(f"{'':<16}{'padding':>8}{'tokens/s':>12}{'packed/this':>13}")
+    print(f"{'packed':<16}{0:>8.0%}{tokens_per_s['packed']:>12,.0f}{1:>12.2f}x")
+    for row in result["padded"]:
+        name = f"padded, {row['rows']} rows"
+        print(
+            f"{name:<16}{row['padding_fraction']:>8.0%}{row['tokens_per_s']:>12,.0f}"
+            f"{row['packed_over_padded']:>12.2f}x"
+        )
 
 
 if __name__ == "__main__":

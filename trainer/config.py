@@ -63,6 +63,8 @@ class DataConfig:
     # world size (each rank takes global_batch_size / world_size). 0: batch_size × world size.
     global_batch_size: int = 0
     max_tokens: int = 2048  # tokens per micro-batch
+    # Move whole samples between ranks each step so every rank carries about as many tokens.
+    balance_ranks: bool = True
     epoch_size: int = 0  # samples per epoch of the mixture; 0: what the stream weights give
     num_canonical_nodes: int = 1  # fixed, so the sample order does not depend on world size
     shuffle: bool = True

@@ -32,9 +32,15 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import Decoder, prepare_tokenizer
-from trainer.data.packing import layout_options, pack_step
+from trainer.data.packing import balance_ranks, layout_options, pack_step
 from trainer.data.stream import StepBatches, run_cache_key
-from trainer.distributed import WorldInfo, all_reduce_max, broadcast_object, world_info
+from trainer.distributed import (
+    WorldInfo,
+    all_gather_object,
+    all_reduce_max,
+    broadcast_object,
+    world_info,
+)
 from trainer.engines import build_engine
 from trainer.metrics import ModelFlops, StepMeter
 from trainer.optim import apply_freeze, learning_rate
@@ -210,6 +216,8 @@ class TrainLoop:
         cfg = self.cfg
         step_started = time.perf_counter()
         docs, skipped = self.data.next_step()
+        if cfg.data.balance_ranks:
+            docs = balance_ranks(docs, self.world.rank, all_gather_object)
         data_seconds = time.perf_counter() - step_started
         micro_batches = pack_step(
             docs,

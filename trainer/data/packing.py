@@ -4,6 +4,11 @@ Every rank must run the same number of forward/backward passes per step (FSDP an
 otherwise), so the micro-batch count M is agreed across ranks before packing: ranks that need
 fewer split their bins further. No sample is dropped or split across micro-batches.
 
+Before packing, `balance_ranks` may move whole documents between ranks so that every rank carries
+about the same number of tokens (the step waits for its slowest rank). The global batch, and so
+the gradient, is the same whichever rank runs a document: every loss is normalized by the global
+count of its targets.
+
 Skipped samples leave a rank with fewer documents, possibly none. Such a rank still runs M
 micro-batches: when it has fewer documents than M, the rest are `filler_micro_batch()`es — one
 token, no loss targets, so they add nothing to the loss or the gradient.
@@ -96,6 +101,54 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, min_bins: int = 1) -
             bins.append(half)
             loads.append(sum(lengths[i] for i in half))
     return [sorted(b) for b in bins]
+
+
+def plan_rank_balance(lengths: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Who runs which document: per rank, the (source rank, index) of its documents after
+    moving whole documents from the most to the least loaded rank while that lowers the larger
+    of the two loads (each move takes the document that best evens them). Deterministic: every
+    rank computes the same plan from the same gathered lengths."""
+    owned = [[(rank, i) for i in range(len(ls))] for rank, ls in enumerate(lengths)]
+    loads = [sum(ls) for ls in lengths]
+
+    def length(key: tuple[int, int]) -> int:
+        return lengths[key[0]][key[1]]
+
+    # Each move lowers the sum of squared loads, so this ends; the cap is a guard.
+    for _ in range(sum(map(len, lengths))):
+        heavy = max(range(len(loads)), key=lambda r: (loads[r], -r))
+        light = min(range(len(loads)), key=lambda r: (loads[r], r))
+        gap = loads[heavy] - loads[light]
+        movable = [key for key in owned[heavy] if 0 < length(key) < gap]
+        if not movable:
+            break
+        key = min(movable, key=lambda k: (abs(gap - 2 * length(k)), k))
+        owned[heavy].remove(key)
+        owned[light].append(key)
+        loads[heavy] -= length(key)
+        loads[light] += length(key)
+    return [sorted(keys) for keys in owned]
+
+
+def balance_ranks(
+    docs: list[Document], rank: int, all_gather_object: Callable[[object], list]
+) -> list[Document]:
+    """This rank's documents after evening out tokens over ranks (`plan_rank_balance`): one
+    gather of lengths, and one of the documents that move when any do."""
+    lengths = all_gather_object([doc.num_tokens for doc in docs])
+    if len(lengths) == 1:
+        return docs
+    plan = plan_rank_balance(lengths)
+    moving = {key for r, keys in enumerate(plan) for key in keys if key[0] != r}
+    if not moving:
+        return docs
+    outgoing = [(i, doc) for i, doc in enumerate(docs) if (rank, i) in moving]
+    arrived = {
+        (source, i): doc
+        for source, sent in enumerate(all_gather_object(outgoing))
+        for i, doc in sent
+    }
+    return [docs[i] if source == rank else arrived[(source, i)] for source, i in plan[rank]]
 
 
 def layout_options(model_cfg) -> dict:
