@@ -9,6 +9,8 @@ batch when resuming deep into an epoch against a fresh start.
 workers) and returns the stored samples undecoded; "pipeline" is what training runs: decode
 (tokenize, images → tensors, spans, masks) in the loader workers, then pack in this process.
 Times per sample are measured after the first batch (startup is reported separately).
+Last, in one process: what decoding costs from a list, inside streaming's iterator, and what the
+iterator costs alone.
 """
 
 from __future__ import annotations
@@ -161,6 +163,36 @@ def time_resume(args, data: Path, tokenizer, model_cfg) -> dict:
     return results
 
 
+def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
+    """In one process, µs per sample: decoding samples held in a list, iterating the dataset
+    alone, and both at once (decode inside streaming's iterator, as the loader workers do)."""
+    from streaming import StreamingDataset
+
+    from trainer.data.decode import Decoder
+    from trainer.data.stream import build_streams, streaming_kwargs
+
+    decoder = Decoder(tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels)
+    dataset = StreamingDataset(
+        streams=build_streams(cfg, cfg.split), **streaming_kwargs(cfg, cfg.batch_size)
+    )
+    # Whole epochs: an iterator left mid-epoch keeps its threads reading the shards.
+    count = dataset.num_samples
+
+    def per_sample(decode: bool, source) -> float:
+        started = time.perf_counter()
+        for index, sample in enumerate(source):
+            if decode:
+                decoder(sample, index)
+        return 1e6 * (time.perf_counter() - started) / count
+
+    held = [dataset[i] for i in range(count)]
+    return {
+        "decode_from_list_us": per_sample(True, held),
+        "iterate_only_us": per_sample(False, dataset),
+        "decode_while_iterating_us": per_sample(True, dataset),
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
@@ -196,6 +228,9 @@ def main(argv=None) -> int:
     result = {"batch_size": args.batch_size, "samples": args.samples, "loader": rows}
     if args.resume_at:
         result["resume"] = time_resume(args, data, tokenizer, model_cfg)
+    result["in_iterator"] = time_decode_in_iterator(
+        args, data_config(args, data, 0), tokenizer, model_cfg
+    )
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -207,6 +242,12 @@ def main(argv=None) -> int:
                 f"{args.resume_at:,} {resume['resumed_first_batch_s']:.2f} s "
                 f"(ratio {resume['ratio']:.2f})"
             )
+        inside = result["in_iterator"]
+        print(
+            f"one process, us per sample: decode from a list {inside['decode_from_list_us']:.0f}, "
+            f"iterate only {inside['iterate_only_us']:.0f}, decode inside streaming's iterator "
+            f"{inside['decode_while_iterating_us']:.0f}"
+        )
     if temp is not None:
         temp.cleanup()
     return 0
