@@ -135,7 +135,11 @@ def test_a_short_run_reports_every_metric_to_jsonl_console_wandb_and_a_png(
     cfg.logging.peak_flops_per_device = 1e12
     train(cfg)
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    # A second offline run directory for the same id; when both start within one second wandb
+    # tells them apart with a "-1" suffix.
+    resumed = [p.name for p in (run_dir / "wandb").glob("offline-run-*")]
+    assert len(resumed) == 2
+    assert all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in resumed)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 7))
     for m in metrics[4:]:
