@@ -6,11 +6,12 @@ batch when resuming deep into an epoch against a fresh start.
     python scripts/bench_loader.py --data data/demo --samples 4096 --json
 
 "raw" iterates the same StreamingDataset configuration (same streams, shuffle, batch size and
-workers) and returns the stored samples undecoded; "pipeline" is what training runs: decode
-(tokenize, images → tensors, spans, masks) in the loader workers, then pack in this process.
+workers) and returns the stored samples undecoded; "pipeline" is what training runs: the
+rank's sample ids from streaming's partition, read by index and decoded (tokenize, images →
+tensors, spans, masks) in the loader workers, then packed in this process.
 Times per sample are measured after the first batch (startup is reported separately).
-Last, in one process: what decoding costs from a list, inside streaming's iterator, and what the
-iterator costs alone.
+Last, in one process: what decoding costs from a list, inside streaming's iterator (how the
+loader read until it read by index), read by index, and what the iterator costs alone.
 """
 
 from __future__ import annotations
@@ -165,11 +166,12 @@ def time_resume(args, data: Path, tokenizer, model_cfg) -> dict:
 
 def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
     """In one process, µs per sample: decoding samples held in a list, iterating the dataset
-    alone, and both at once (decode inside streaming's iterator, as the loader workers do)."""
+    alone, decoding inside streaming's iterator (how the loader read before), and reading by
+    index then decoding (how it reads now, `SampleReader`)."""
     from streaming import StreamingDataset
 
     from trainer.data.decode import Decoder
-    from trainer.data.stream import build_streams, streaming_kwargs
+    from trainer.data.stream import SampleReader, build_streams, streaming_kwargs
 
     decoder = Decoder(tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels)
     dataset = StreamingDataset(
@@ -185,11 +187,19 @@ def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
                 decoder(sample, index)
         return 1e6 * (time.perf_counter() - started) / count
 
+    def by_index() -> float:
+        reader = SampleReader(dataset, decoder)
+        started = time.perf_counter()
+        for index in range(count):
+            reader[0, index]
+        return 1e6 * (time.perf_counter() - started) / count
+
     held = [dataset[i] for i in range(count)]
     return {
         "decode_from_list_us": per_sample(True, held),
         "iterate_only_us": per_sample(False, dataset),
         "decode_while_iterating_us": per_sample(True, dataset),
+        "read_by_index_and_decode_us": by_index(),
     }
 
 
@@ -246,7 +256,8 @@ def main(argv=None) -> int:
         print(
             f"one process, us per sample: decode from a list {inside['decode_from_list_us']:.0f}, "
             f"iterate only {inside['iterate_only_us']:.0f}, decode inside streaming's iterator "
-            f"{inside['decode_while_iterating_us']:.0f}"
+            f"{inside['decode_while_iterating_us']:.0f}, read by index and decode "
+            f"{inside['read_by_index_and_decode_us']:.0f}"
         )
     if temp is not None:
         temp.cleanup()

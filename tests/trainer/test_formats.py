@@ -22,7 +22,7 @@ from trainer.data.decode import DecodeError, Decoder, prepare_tokenizer
 from trainer.data.demo import save_tokenizer, vocabulary
 from trainer.data.formats import MANIFEST, convert
 from trainer.data.shards import pack_blobs, unpack_blobs, write_shards
-from trainer.data.stream import StepBatches
+from trainer.data.stream import StepBatches, build_streams, streaming_kwargs
 from trainer.distributed import WorldInfo
 
 CHATML = (
@@ -502,7 +502,7 @@ def test_mixture_proportions_hold_over_10000_samples(tmp_path, tokenizer):
         assert abs(counts[name] / 10_000 - share) < 0.02, (name, counts)
 
 
-def test_mixture_order_is_the_same_with_loader_workers_and_after_a_seek(tmp_path, tokenizer):
+def test_mixture_order_is_streamings_own_with_loader_workers_and_after_a_seek(tmp_path, tokenizer):
     for name, count in (("red", 300), ("blue", 200)):
         text_stream(tmp_path, name, count)
     cfg = DataConfig(
@@ -516,6 +516,13 @@ def test_mixture_order_is_the_same_with_loader_workers_and_after_a_seek(tmp_path
     straight, _ = stream_counts(cfg, tokenizer, num_steps=25)  # crosses an epoch boundary
     with_workers, _ = stream_counts(cfg, tokenizer, num_steps=25, num_workers=2)
     assert with_workers == straight
+    # The order is streaming's own: its iterator over the same streams and settings reads the
+    # same samples, epoch after epoch.
+    reference = StreamingDataset(
+        streams=build_streams(cfg, cfg.split), **streaming_kwargs(cfg, cfg.batch_size)
+    )
+    expected = [sample["id"] for _epoch in range(2) for sample in reference]
+    assert [i for step in straight for i in step] == expected[: 25 * 16]
     batches = StepBatches(cfg, decoder_for(tokenizer), WorldInfo())
     batches.seek(epoch=0, sample_in_epoch=16 * 7)
     assert [doc.sample_id for doc in batches.next_step()[0]] == straight[7]

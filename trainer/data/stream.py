@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -34,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.decode import DecodeError, Decoder, Document
 from trainer.data.shards import check_split_dir
-from trainer.distributed import WorldInfo, barrier, broadcast_object
+from trainer.distributed import WorldInfo, barrier
 
 
 @dataclass
@@ -48,25 +49,105 @@ class Skipped:
     reason: str
 
 
-class DecodedDataset(StreamingDataset):
-    """A StreamingDataset whose items are decoded `Document`s (or `Skipped` markers)."""
+class SampleReader(Dataset):
+    """Map-style view of a StreamingDataset: (epoch, sample id) → a decoded `Document`, or a
+    `Skipped` marker. The loader workers only read and decode; which samples, in what order, is
+    decided in the main process (`StepBatches`).
 
-    def __init__(self, decoder: Decoder, **kwargs):
-        super().__init__(**kwargs)
+    Decoding inside streaming's own iterator was 3x slower per sample than the same decoding of
+    samples held in a list (657 vs 224 us, `scripts/bench_loader.py`): its download and ready
+    threads poll every few milliseconds and take the GIL from the decoding thread each time it
+    lets go of it.
+    """
+
+    def __init__(self, source: StreamingDataset, decoder: Decoder):
+        self.source = source
         self.decoder = decoder
 
-    def get_item(self, sample_id: int, retry: int = 7):
+    def __len__(self) -> int:
+        return self.source.num_samples
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, sample_id = key
         try:
-            raw = super().get_item(sample_id, retry)
+            raw = self.source.get_item(sample_id)  # downloads the shard if it is not here yet
         except UnicodeDecodeError:  # a str or json column that is not UTF-8
             return Skipped(sample_id, "invalid_utf8")
         except json.JSONDecodeError:
             return Skipped(sample_id, "invalid_json")
         try:
-            # next_epoch was advanced when this epoch's iteration started.
-            return self.decoder(raw, sample_id, epoch=self.next_epoch - 1)
+            return self.decoder(raw, sample_id, epoch=epoch)
         except DecodeError as err:
             return Skipped(sample_id, err.reason)
+
+
+class ShardPrefetcher:
+    """Prepares (downloads, decompresses) the shards of a rank's upcoming samples in the order
+    they are first read, up to `ahead` samples beyond what the loader has asked for.
+
+    One daemon thread that sleeps on a condition between shards: it never polls. A shard it
+    fails on is left to the reader, whose `get_item` prepares it again and raises the error.
+    """
+
+    def __init__(self, source: StreamingDataset, sample_ids: np.ndarray, ahead: int):
+        shard_of = np.searchsorted(source.sample_offset_per_shard, sample_ids, side="right") - 1
+        shards, first_read = np.unique(shard_of, return_index=True)
+        order = np.argsort(first_read)
+        self._plan = list(zip(first_read[order].tolist(), shards[order].tolist(), strict=True))
+        self._source = source
+        self._ahead = ahead
+        self._requested = 0
+        self._stopped = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._run, name="splitvlm-shard-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def requested(self, num_samples: int) -> None:
+        """The loader has asked for this many of the samples."""
+        with self._condition:
+            self._requested = num_samples
+            self._condition.notify()
+
+    def close(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+
+    def _run(self) -> None:
+        for position, shard_id in self._plan:
+            with self._condition:
+                self._condition.wait_for(
+                    lambda position=position: (
+                        self._stopped or position < self._requested + self._ahead
+                    )
+                )
+                if self._stopped:
+                    return
+            try:
+                self._source.prepare_shard(shard_id, blocking=False)
+            except Exception:  # noqa: BLE001 - the reader prepares it again and reports
+                return
+
+
+class EpochSampler:
+    """The batch sampler of one epoch on one rank: lists of (epoch, sample id) keys, telling
+    the shard prefetcher how far the loader has asked."""
+
+    def __init__(self, epoch: int, batches: np.ndarray, prefetcher: ShardPrefetcher | None):
+        self.epoch = epoch
+        self.batches = batches  # int64 (num_batches, batch_size)
+        self.prefetcher = prefetcher
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches.tolist()):
+            if self.prefetcher is not None:
+                self.prefetcher.requested((index + 1) * len(batch))
+            yield [(self.epoch, sample_id) for sample_id in batch]
 
 
 @dataclass
@@ -323,7 +404,9 @@ class StepBatches:
                                 note = f"released stale streaming registrations {released}"
                                 print(note, flush=True)
                         barrier()  # every local rank registers after the cleanup
-                    self.dataset = self._dataset(decoder, streams)
+                    self.source = StreamingDataset(
+                        streams=streams, **streaming_kwargs(cfg, self.batch_size)
+                    )
                 break
             except FileExistsError:
                 # A reader outside our lock (another program using streaming) registered the
@@ -331,51 +414,62 @@ class StepBatches:
                 # is trying again safe: with more, the others already wait in a barrier.
                 if world.world_size > 1 or attempt == REGISTRATION_ATTEMPTS - 1:
                     raise
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            collate_fn=_to_arrays if cfg.num_workers else _keep_list,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-        )
+        self.reader = SampleReader(self.source, decoder)
         self.cursor = DataCursor()
         self.last_sample_ids: list[str] = []  # this rank's samples of the last step, in order
         self._iterator = None
-
-    def _dataset(self, decoder: Decoder, streams: list[Stream]) -> DecodedDataset:
-        cfg = self.cfg
-        return DecodedDataset(
-            decoder,
-            streams=streams,
-            **streaming_kwargs(cfg, self.batch_size),
-        )
+        self._prefetcher: ShardPrefetcher | None = None
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world.world_size
 
+    def rank_sample_ids(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        """This rank's samples of `epoch` from global sample `sample_in_epoch` on, in order:
+        streaming's own partition, the one its iterator would read."""
+        # streaming 0.11-0.13: _get_work computes the epoch's partition once per node (the local
+        # leader, into shared memory) for the worlds __iter__ detects. Detected here, in the main
+        # process, a rank has one worker: the loader's workers take its batches in turn, so the
+        # order does not depend on data.num_workers.
+        source = self.source
+        source._unique_worker_world = source._unique_rank_world.detect_workers()
+        source._parallel_worker_world = source._parallel_rank_world.detect_workers()
+        ids = source._get_work(epoch, sample_in_epoch)
+        return ids[ids != -1]  # padding at the end of the epoch
+
     def seek(self, epoch: int, sample_in_epoch: int) -> None:
         """Continue at global sample `sample_in_epoch` of `epoch` (before the next `next()`)."""
         self.cursor.epoch, self.cursor.sample_in_epoch = epoch, sample_in_epoch
-        # Rank 0 only, as streaming documents: state_dict() reads the node's shared resume block,
-        # which load_state_dict() on the node's other ranks writes.
-        state = None
-        if self.world.rank == 0:
-            state = self.dataset.state_dict(num_samples=sample_in_epoch, from_beginning=True)
-            state["epoch"] = epoch
-        state = broadcast_object(state)
-        self.dataset.load_state_dict(state)
-        self._iterator = None
+        self._stop_epoch()
+
+    def _start_epoch(self) -> None:
+        ids = self.rank_sample_ids(self.cursor.epoch, self.cursor.sample_in_epoch)
+        num_batches = len(ids) // self.batch_size  # a partial last batch is dropped
+        batches = ids[: num_batches * self.batch_size].reshape(num_batches, self.batch_size)
+        self._prefetcher = ShardPrefetcher(self.source, batches.reshape(-1), 8 * self.batch_size)
+        sampler = EpochSampler(self.cursor.epoch, batches, self._prefetcher)
+        loader = DataLoader(
+            self.reader,
+            batch_sampler=sampler,
+            collate_fn=_to_arrays if self.cfg.num_workers else _keep_list,
+            num_workers=self.cfg.num_workers,
+        )
+        self._iterator = iter(loader)
+
+    def _stop_epoch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher = self._iterator = None
 
     def next_step(self) -> tuple[list[Document], list[Skipped]]:
         for _attempt in range(2):
             if self._iterator is None:
-                self._iterator = iter(self.loader)
+                self._start_epoch()
             try:
                 batch = next(self._iterator)
                 break
             except StopIteration:
-                self._iterator = None
+                self._stop_epoch()
                 self.cursor.epoch += 1
                 self.cursor.sample_in_epoch = 0
         else:
