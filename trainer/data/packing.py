@@ -226,38 +226,42 @@ def collate(
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
-    labels, text_index, image_index = [], [], []
+    image_spans: list[tuple[int, int]] = []  # (start, length) in packed coordinates
+    segment_is_image, segment_lengths, doc_lengths = [], [], []
     offset = 0
     for doc in docs:
         assert sum(n for _, n in doc.segments) == doc.num_tokens
-        # Labels never cross a document boundary: the last token of a document predicts nothing.
-        doc_labels = torch.full_like(doc.input_ids, IGNORE_INDEX)
-        doc_labels[:-1] = torch.where(doc.target_mask[1:], doc.input_ids[1:], IGNORE_INDEX)
-        labels.append(doc_labels)
         merged_docs.append([(image_kind if k == "image" else "text", n) for k, n in doc.segments])
-        position, num_text = offset, 0
+        num_text = 0
         for kind, length in doc.segments:
-            span = torch.arange(position, position + length)
             if kind == "image":
-                image_index.append(span)
+                image_spans.append((offset, length))
                 image_docs.append([(image_kind, length)])
             else:
-                text_index.append(span)
                 num_text += length
-            position += length
+            segment_is_image.append(kind == "image")
+            segment_lengths.append(length)
+            offset += length
         if num_text:
             text_docs.append([("text", num_text)])
-        offset += doc.num_tokens
-    empty = torch.zeros(0, dtype=torch.long)
+        doc_lengths.append(doc.num_tokens)
+    # Whole-batch ops from here on: per-document tensor calls were most of packing's time.
+    input_ids = torch.cat([d.input_ids for d in docs])
+    target_mask = torch.cat([d.target_mask for d in docs])
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:-1] = torch.where(target_mask[1:], input_ids[1:], IGNORE_INDEX)
+    # Labels never cross a document boundary: the last token of a document predicts nothing.
+    labels[torch.tensor(doc_lengths).cumsum(0) - 1] = IGNORE_INDEX
+    is_image = torch.tensor(segment_is_image).repeat_interleave(torch.tensor(segment_lengths))
     layout = PackedLayout.from_docs(merged_docs, attention_backend)
     return PackedBatch(
-        input_ids=torch.cat([d.input_ids for d in docs]),
-        labels=torch.cat(labels),
+        input_ids=input_ids,
+        labels=labels,
         layout=layout,
-        rope_positions=rope_positions(layout.position_ids, image_index, image_positions),
-        text_index=torch.cat(text_index) if text_index else empty,
+        rope_positions=rope_positions(layout.position_ids, image_spans, image_positions),
+        text_index=torch.nonzero(~is_image).flatten(),
         text_layout=PackedLayout.from_docs(text_docs, attention_backend) if text_docs else None,
-        image_index=torch.cat(image_index) if image_index else empty,
+        image_index=torch.nonzero(is_image).flatten(),
         image_layout=PackedLayout.from_docs(image_docs, attention_backend) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
         image_mask=torch.cat([d.image_mask for d in docs]),
@@ -267,14 +271,25 @@ def collate(
 
 
 def rope_positions(
-    position_ids: torch.Tensor, image_spans: list[torch.Tensor], mode: str
+    position_ids: torch.Tensor, image_spans: list[tuple[int, int]], mode: str
 ) -> torch.Tensor:
     """(T, 2) RoPE positions. Text uses its 1-D position on both axes (so a pretrained LLM sees
-    exactly its own RoPE); image spans follow `mode`. Text after an image continues at its own
-    sequential position."""
+    exactly its own RoPE); image spans, given as (start, length), follow `mode`. Text after an
+    image continues at its own sequential position."""
     positions = position_ids[:, None].repeat(1, 2)
     if mode == "sequential":
         return positions
+    for start, length in image_spans:
+        first = int(positions[start, 0])
+        if mode == "shared":
+            positions[start : start + length] = first
+            continue
+        side = math.isqrt(length)
+        assert side * side == length, "2-D positions need square image spans"
+        offsets = torch.arange(length)
+        positions[start : start + length, 0] = first + offsets // side
+        positions[start : start + length, 1] = first + offsets % side
+    return positions
     for span in image_spans:
         start = int(span[0])
         first = int(positions[start, 0])
