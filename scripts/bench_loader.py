@@ -9,7 +9,8 @@ batch when resuming deep into an epoch against a fresh start.
 workers) and returns the stored samples undecoded; "pipeline" is what training runs: the
 rank's sample ids from streaming's partition, read by index and decoded (tokenize, images →
 tensors, spans, masks) in the loader workers, then packed in this process.
-Times per sample are measured after the first batch (startup is reported separately).
+Times per sample are measured after the first batch (startup is reported separately); raw and
+pipeline run alternately `--repeats` times and each reports its median run.
 Last, in one process: what decoding costs from a list, inside streaming's iterator (how the
 loader read until it read by index), read by index, and what the iterator costs alone.
 """
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="raw and pipeline alternately; medians reported"
+    )
     parser.add_argument("--image-size", type=int, default=32, help="model.vision.image_size")
     parser.add_argument(
         "--resume-at", type=int, default=1_000_000, help="sample to resume at (0: skip this part)"
@@ -223,14 +227,18 @@ def main(argv=None) -> int:
     rows = []
     for num_workers in args.workers:
         cfg = data_config(args, data, num_workers)
-        raw = time_raw(args, cfg, model_cfg.num_image_tokens)
-        pipeline = time_pipeline(args, cfg, tokenizer, model_cfg)
+        runs = {"raw": [], "pipeline": []}
+        for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits both
+            runs["raw"].append(time_raw(args, cfg, model_cfg.num_image_tokens))
+            runs["pipeline"].append(time_pipeline(args, cfg, tokenizer, model_cfg))
+        raw, pipeline = (_median_run(runs[name]) for name in ("raw", "pipeline"))
         rows.append(
             {
                 "workers": num_workers,
                 "raw": raw,
                 "pipeline": pipeline,
                 "time_ratio": pipeline["us_per_sample"] / raw["us_per_sample"],
+                "runs": runs,
             }
         )
         if not args.json:
@@ -262,6 +270,11 @@ def main(argv=None) -> int:
     if temp is not None:
         temp.cleanup()
     return 0
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time per sample."""
+    return sorted(runs, key=lambda run: run["us_per_sample"])[len(runs) // 2]
 
 
 def _row_line(row: dict) -> str:

@@ -4,6 +4,7 @@ time and at decode time), and a mixture keeps its configured proportions."""
 import io
 import json
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from trainer.data.decode import DecodeError, Decoder, prepare_tokenizer
 from trainer.data.demo import save_tokenizer, vocabulary
 from trainer.data.formats import MANIFEST, convert
 from trainer.data.shards import pack_blobs, unpack_blobs, write_shards
-from trainer.data.stream import StepBatches, build_streams, streaming_kwargs
+from trainer.data.stream import StepBatches, build_streams, local_dir, streaming_kwargs
 from trainer.distributed import WorldInfo
 
 CHATML = (
@@ -405,14 +406,14 @@ def test_chat_template_renders_turns_and_masks_assistant_tokens(tmp_path):
     assert info.value.reason == "chat_template"
 
 
-def write_samples(out: Path, samples: list[dict], compression="zstd") -> None:
+def write_samples(out: Path, samples: list[dict], compression="zstd", size_limit=1 << 26) -> None:
     rows = []
     for index, sample in enumerate(samples):
         row = {"id": f"s{index:04d}", "text": "", "messages": [], "images": [], "image_sizes": []}
         row.update(sample)
         row["num_text_tokens"] = 0
         rows.append(row)
-    write_shards(out, rows, compression=compression)
+    write_shards(out, rows, compression=compression, size_limit=size_limit)
 
 
 def test_every_defect_is_skipped_and_counted_while_streaming(tmp_path, tokenizer):
@@ -526,6 +527,33 @@ def test_mixture_order_is_streamings_own_with_loader_workers_and_after_a_seek(tm
     batches = StepBatches(cfg, decoder_for(tokenizer), WorldInfo())
     batches.seek(epoch=0, sample_in_epoch=16 * 7)
     assert [doc.sample_id for doc in batches.next_step()[0]] == straight[7]
+
+
+def test_shards_are_prepared_ahead_of_the_reader_and_no_further(tmp_path, tokenizer):
+    """A remote stream: once a step is read, the shards of the next 8 batches are downloaded in
+    the background, and nothing beyond them."""
+    rows = [{"text": f"count : {'red' if i % 2 else 'blue'} " * 20} for i in range(96)]
+    write_samples(tmp_path / "remote" / "train", rows, compression=None, size_limit=1500)
+    index = json.loads((tmp_path / "remote" / "train" / "index.json").read_text())
+    first_sample = np.cumsum([0] + [shard["samples"] for shard in index["shards"]])[:-1]
+    assert len(first_sample) >= 10
+    stream = StreamConfig(remote=str(tmp_path / "remote"))
+    cfg = DataConfig(streams=[stream], cache_dir=str(tmp_path / "cache"), batch_size=4)
+    cfg.shuffle = False  # samples in shard order, so "ahead" is easy to state
+    batches = StepBatches(cfg, decoder_for(tokenizer), WorldInfo())
+    docs, _ = batches.next_step()
+    assert [doc.sample_id for doc in docs] == ["s0000", "s0001", "s0002", "s0003"]
+
+    local = local_dir(stream, cfg.cache_dir) / "train"
+    names = [shard["raw_data"]["basename"] for shard in index["shards"]]
+    # Asked for: 4 samples; ahead: 8 batches of 4. A shard is prepared when its first sample is.
+    wanted = {name for name, first in zip(names, first_sample, strict=True) if first < 4 + 32}
+    assert 2 <= len(wanted) < len(names)
+    deadline = time.monotonic() + 20
+    while not all((local / name).is_file() for name in wanted) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # time enough to go further, were it going to
+    assert {name for name in names if (local / name).is_file()} == wanted
 
 
 def test_a_step_whose_samples_were_all_skipped_still_trains(tmp_path, demo_data):
