@@ -146,10 +146,10 @@ class EpochSampler:
         return len(self.batches)
 
     def __iter__(self):
-        for index, batch in enumerate(self.batches.tolist()):
+        for index, batch in enumerate(self.batches):
             if self.prefetcher is not None:
                 self.prefetcher.requested((index + 1) * len(batch))
-            yield [(self.epoch, sample_id) for sample_id in batch]
+            yield [(self.epoch, sample_id) for sample_id in batch.tolist()]
 
 
 @dataclass
@@ -465,6 +465,11 @@ class StepBatches:
         if self._prefetcher is not None:
             self._prefetcher.close()
         self._prefetcher = self._iterator = None
+
+    def __del__(self) -> None:
+        # A prefetcher waiting for the reader would otherwise keep the dataset alive.
+        if getattr(self, "_prefetcher", None) is not None:
+            self._prefetcher.close()
 
     def next_step(self) -> tuple[list[Document], list[Skipped]]:
         for _attempt in range(2):
