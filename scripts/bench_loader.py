@@ -87,7 +87,13 @@ def time_raw(args, cfg, num_image_tokens: int) -> dict:
     def tokens(batch):
         return sum(s["num_text_tokens"] + num_image_tokens * len(s["image_sizes"]) for s in batch)
 
-    return _time_batches(iter(loader), args.samples, lambda batch: (len(batch), tokens(batch)))
+    batches = iter(loader)
+    result = _time_batches(batches, args.samples, lambda batch: (len(batch), tokens(batch)))
+    # To the end of the epoch: streaming's iterator left mid-epoch keeps its threads polling,
+    # in this process when there are no workers, and would slow down what is timed next.
+    for _ in batches:
+        pass
+    return result
 
 
 def build_pipeline(args, cfg, tokenizer, model_cfg):
