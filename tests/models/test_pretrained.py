@@ -9,27 +9,18 @@ from models.pretrained import build_model
 from trainer.data.decode import Document
 from trainer.data.packing import collate
 
+# Two tiny checkpoints of the same shape; they differ in RoPE base, norm eps and tied embeddings.
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 72,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 HF_CONFIGS = {
-    "llama": LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=72,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=5000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=72,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
+    "llama": LlamaConfig(**TINY, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
 }
 
 

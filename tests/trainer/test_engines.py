@@ -208,6 +208,13 @@ def _worker(rank: int, world_size: int, init_file: str, tasks: list, out: str) -
         dist.destroy_process_group()
 
 
+def seed_run(tmp: Path, source_run: str, step: int, run: str) -> None:
+    """Start run directory `run` with `source_run`'s checkpoint of `step` (to resume it elsewhere)."""
+    name = f"checkpoints/step_{step:07d}"
+    (tmp / run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp / source_run / name, tmp / run / name)
+
+
 def spawn(world_size: int, tasks: list, tmp: Path) -> dict:
     """Run `tasks` [(key, task name, kwargs)] on `world_size` ranks; rank 0's results by key."""
     out = tmp / f"results-{uuid.uuid4().hex}.json"
@@ -290,10 +297,7 @@ def runs(demo_data, tmp_path_factory):
     timings["spawn 1 (2 ranks)"] = time.perf_counter() - started
 
     # Resume the 2-rank FSDP run on one rank from its step 2 (DCP reshards 2 → 1).
-    (tmp / "fsdp_2to1" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp / "fsdp/checkpoints/step_0000002", tmp / "fsdp_2to1/checkpoints/step_0000002"
-    )
+    seed_run(tmp, "fsdp", 2, "fsdp_2to1")
     started = time.perf_counter()
     second = spawn(
         1,
@@ -306,14 +310,8 @@ def runs(demo_data, tmp_path_factory):
     timings["spawn 2 (1 rank)"] = time.perf_counter() - started
 
     # ... and its 1-rank step 3 on two ranks again (1 → 2).
-    (tmp / "fsdp_1to2" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp / "fsdp_2to1/checkpoints/step_0000003", tmp / "fsdp_1to2/checkpoints/step_0000003"
-    )
-    (tmp / "ds_other_world" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp / "ds_1rank/checkpoints/step_0000002", tmp / "ds_other_world/checkpoints/step_0000002"
-    )
+    seed_run(tmp, "fsdp_2to1", 3, "fsdp_1to2")
+    seed_run(tmp, "ds_1rank", 2, "ds_other_world")
     started = time.perf_counter()
     third = spawn(
         2,

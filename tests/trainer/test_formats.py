@@ -538,15 +538,18 @@ def test_shards_are_prepared_ahead_of_the_reader_and_no_further(tmp_path, tokeni
     first_sample = np.cumsum([0] + [shard["samples"] for shard in index["shards"]])[:-1]
     assert len(first_sample) >= 10
     stream = StreamConfig(remote=str(tmp_path / "remote"))
-    cfg = DataConfig(streams=[stream], cache_dir=str(tmp_path / "cache"), batch_size=4)
-    cfg.shuffle = False  # samples in shard order, so "ahead" is easy to state
+    # Unshuffled: samples in shard order, so "ahead" is easy to state.
+    cfg = DataConfig(
+        streams=[stream], cache_dir=str(tmp_path / "cache"), batch_size=4, shuffle=False
+    )
     batches = StepBatches(cfg, decoder_for(tokenizer), WorldInfo())
     docs, _ = batches.next_step()
     assert [doc.sample_id for doc in docs] == ["s0000", "s0001", "s0002", "s0003"]
 
     local = local_dir(stream, cfg.cache_dir) / "train"
     names = [shard["raw_data"]["basename"] for shard in index["shards"]]
-    # Asked for: 4 samples; ahead: 8 batches of 4. A shard is prepared when its first sample is.
+    # Asked for: 4 samples; ahead: streaming's predownload, 8 batches of 4. A shard is
+    # prepared when its first sample is.
     wanted = {name for name, first in zip(names, first_sample, strict=True) if first < 4 + 32}
     assert 2 <= len(wanted) < len(names)
     deadline = time.monotonic() + 20

@@ -66,9 +66,6 @@ class SampleReader(Dataset):
         self.source = source
         self.decoder = decoder
 
-    def __len__(self) -> int:
-        return self.source.num_samples
-
     def __getitem__(self, key: tuple[int, int]):
         epoch, sample_id = key
         try:
@@ -451,7 +448,9 @@ class StepBatches:
         ids = self.rank_sample_ids(self.cursor.epoch, self.cursor.sample_in_epoch)
         num_batches = len(ids) // self.batch_size  # a partial last batch is dropped
         batches = ids[: num_batches * self.batch_size].reshape(num_batches, self.batch_size)
-        self._prefetcher = ShardPrefetcher(self.source, batches.reshape(-1), 8 * self.batch_size)
+        # As far ahead as streaming's own iterator would download (`predownload`).
+        ahead = self.source.predownload
+        self._prefetcher = ShardPrefetcher(self.source, batches.reshape(-1), ahead)
         sampler = EpochSampler(self.cursor.epoch, batches, self._prefetcher)
         loader = DataLoader(
             self.reader,
