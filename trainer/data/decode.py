@@ -1,7 +1,7 @@
 """Decode one MDS sample into a `Document`: token ids, loss targets, image spans and image masks.
 
-Runs on the CPU side of the pipeline (in the loader workers, `SampleReader`), so the model sees only
-tensors. Everything random here (image mask rates and positions) is seeded by the sample's
+Runs on the CPU side of the pipeline (in the loader workers, `SampleReader`), so the model sees
+only tensors. Everything random here (image mask rates and positions) is seeded by the sample's
 global index and epoch, which makes a resumed run see exactly the masks an uninterrupted one did.
 
 Text is rendered in two ways (`ChatRenderer`):

@@ -227,7 +227,7 @@ def collate(
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
     image_spans: list[tuple[int, int]] = []  # (start, length) in packed coordinates
-    segment_is_image, segment_lengths, doc_lengths = [], [], []
+    segment_is_image, segment_lengths = [], []
     offset = 0
     for doc in docs:
         assert sum(n for _, n in doc.segments) == doc.num_tokens
@@ -244,16 +244,15 @@ def collate(
             offset += length
         if num_text:
             text_docs.append([("text", num_text)])
-        doc_lengths.append(doc.num_tokens)
     # Whole-batch ops from here on: per-document tensor calls were most of packing's time.
+    layout = PackedLayout.from_docs(merged_docs, attention_backend)
     input_ids = torch.cat([d.input_ids for d in docs])
     target_mask = torch.cat([d.target_mask for d in docs])
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:-1] = torch.where(target_mask[1:], input_ids[1:], IGNORE_INDEX)
     # Labels never cross a document boundary: the last token of a document predicts nothing.
-    labels[torch.tensor(doc_lengths).cumsum(0) - 1] = IGNORE_INDEX
+    labels[layout.cu_seqlens[1:].long() - 1] = IGNORE_INDEX
     is_image = torch.tensor(segment_is_image).repeat_interleave(torch.tensor(segment_lengths))
-    layout = PackedLayout.from_docs(merged_docs, attention_backend)
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,

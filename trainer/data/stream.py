@@ -126,7 +126,7 @@ class ShardPrefetcher:
                     return
             try:
                 self._source.prepare_shard(shard_id, blocking=False)
-            except Exception:  # noqa: BLE001 - the reader prepares it again and reports
+            except Exception:  # the reader prepares it again, and reports the error
                 return
 
 
@@ -134,7 +134,7 @@ class EpochSampler:
     """The batch sampler of one epoch on one rank: lists of (epoch, sample id) keys, telling
     the shard prefetcher how far the loader has asked."""
 
-    def __init__(self, epoch: int, batches: np.ndarray, prefetcher: ShardPrefetcher | None):
+    def __init__(self, epoch: int, batches: np.ndarray, prefetcher: ShardPrefetcher):
         self.epoch = epoch
         self.batches = batches  # int64 (num_batches, batch_size)
         self.prefetcher = prefetcher
@@ -144,8 +144,7 @@ class EpochSampler:
 
     def __iter__(self):
         for index, batch in enumerate(self.batches):
-            if self.prefetcher is not None:
-                self.prefetcher.requested((index + 1) * len(batch))
+            self.prefetcher.requested((index + 1) * len(batch))
             yield [(self.epoch, sample_id) for sample_id in batch.tolist()]
 
 
