@@ -209,6 +209,7 @@ class TrainLoop:
                 callback.on_step_end(self, metrics)
         for callback in self.callbacks:
             callback.on_train_end(self)
+        self.data.close()
         elapsed = time.perf_counter() - started
         return self.summary(metrics if self.step > first_step else {}, elapsed)
 

@@ -289,15 +289,3 @@ def rope_positions(
         positions[start : start + length, 0] = first + offsets // side
         positions[start : start + length, 1] = first + offsets % side
     return positions
-    for span in image_spans:
-        start = int(span[0])
-        first = int(positions[start, 0])
-        if mode == "shared":
-            positions[span] = first
-            continue
-        side = math.isqrt(len(span))
-        assert side * side == len(span), "2-D positions need square image spans"
-        offsets = torch.arange(len(span))
-        positions[span, 0] = first + offsets // side
-        positions[span, 1] = first + offsets % side
-    return positions
