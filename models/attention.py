@@ -146,17 +146,17 @@ class PackedLayout:
         token_T = np.arange(num_tokens)
         doc_start_T = np.repeat(seg_doc_start, seg_lengths)
         is_image_T = np.repeat(seg_is_image.astype(bool), seg_lengths)
-        vis_end_T = np.where(is_image_T, np.repeat(seg_end - 1, seg_lengths), token_T)
+        vis_end = np.where(is_image_T, np.repeat(seg_end - 1, seg_lengths), token_T)
         cu_seqlens = torch.tensor([0] + [end for _, end in doc_bounds], dtype=torch.int32)
         doc_lengths = tuple(end - start for start, end in doc_bounds)
         position_ids = torch.from_numpy(token_T - doc_start_T)
         doc_start_T = torch.from_numpy(doc_start_T.astype(np.int32))
-        vis_end_T = torch.from_numpy(vis_end_T.astype(np.int32))
+        vis_end_T = torch.from_numpy(vis_end.astype(np.int32))
         is_image_T = torch.from_numpy(is_image_T)
 
         sdpa_blocks = sdpa_inverse_index = flash_calls = flash_inverse_index = flex_blocks = None
         if "sdpa" in plan:
-            sdpa_blocks, sdpa_inverse_index = _plan_sdpa(segments, doc_bounds, vis_end_T)
+            sdpa_blocks, sdpa_inverse_index = _plan_sdpa(segments, doc_bounds, vis_end)
         if "flash" in plan:
             flash_calls, flash_inverse_index = _plan_flash(segments, doc_bounds)
         if "flex" in plan:
@@ -242,23 +242,28 @@ def _parse_docs(docs) -> tuple[list[tuple[int, str, int, int]], list[tuple[int, 
     return segments, doc_bounds
 
 
-def _plan_sdpa(segments, doc_bounds, vis_end_T: Tensor) -> tuple[tuple[SdpaBlock, ...], Tensor]:
+def _plan_sdpa(segments, doc_bounds, vis_end: np.ndarray) -> tuple[tuple[SdpaBlock, ...], Tensor]:
     docs_with_images = {doc for doc, kind, _, _ in segments if kind == "image"}
     groups: dict[tuple[int, bool], list[int]] = {}
     for doc, (start, end) in enumerate(doc_bounds):
         groups.setdefault((end - start, doc in docs_with_images), []).append(doc)
 
-    blocks = []
+    # In numpy, one tensor per block field at the end (a torch call on a small tensor costs
+    # microseconds, and there are a few per group of equal-length documents).
+    blocks, token_indices = [], []
     for (seqlen, has_image), group_docs in groups.items():
         doc_starts = np.array([doc_bounds[doc][0] for doc in group_docs])
-        token_index = torch.from_numpy((doc_starts[:, None] + np.arange(seqlen)).reshape(-1))
+        token_index = (doc_starts[:, None] + np.arange(seqlen)).reshape(-1)
         vis_end_local = None
         if has_image:
-            vis_end_local = vis_end_T[token_index].view(len(group_docs), seqlen)
-            vis_end_local = (vis_end_local - torch.from_numpy(doc_starts)[:, None]).to(torch.int32)
-        blocks.append(SdpaBlock(len(group_docs), seqlen, token_index, vis_end_local))
-    token_order = torch.cat([block.token_index for block in blocks])
-    return tuple(blocks), torch.argsort(token_order)
+            local = vis_end[token_index].reshape(len(group_docs), seqlen) - doc_starts[:, None]
+            vis_end_local = torch.from_numpy(local.astype(np.int32))
+        token_indices.append(token_index)
+        blocks.append(
+            SdpaBlock(len(group_docs), seqlen, torch.from_numpy(token_index), vis_end_local)
+        )
+    inverse = np.argsort(np.concatenate(token_indices), kind="stable")
+    return tuple(blocks), torch.from_numpy(inverse)
 
 
 def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
