@@ -44,6 +44,7 @@ SKIP_REASONS = (
     "chat_template",  # the tokenizer's chat template rejects the conversation
     "unreadable",  # any other failure while reading a source record (shard time only)
 )
+_PHILOX_EMPTY_BUFFER = np.zeros(4, dtype=np.uint64)  # with buffer_pos 4: nothing buffered
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>"}
 IMAGE_TOKENS = ("<image_start>", "<image_end>")
 
@@ -280,9 +281,9 @@ class Decoder:
         self.model_cfg = model_cfg
         self.max_tokens = max_tokens
         self.max_image_pixels = max_image_pixels
-        self.seed = seed
         # Counter-based: each sample's draws come from its own counter range (`_sample_rng`).
-        self._bit_generator = np.random.Philox(key=seed % (1 << 64))
+        self._key = np.array([seed % (1 << 64), 0], dtype=np.uint64)
+        self._bit_generator = np.random.Philox(key=self._key)
         self._rng = np.random.Generator(self._bit_generator)
         self.spans = model_cfg.image_spans()
         ids = tokenizer.convert_tokens_to_ids
@@ -372,9 +373,9 @@ class Decoder:
             "bit_generator": "Philox",
             "state": {
                 "counter": np.array([0, 0, epoch, sample_index], dtype=np.uint64),
-                "key": np.array([self.seed % (1 << 64), 0], dtype=np.uint64),
+                "key": self._key,  # the setter copies what it is given
             },
-            "buffer": np.zeros(4, dtype=np.uint64),
+            "buffer": _PHILOX_EMPTY_BUFFER,
             "buffer_pos": 4,  # the buffer is empty: the next draw computes a fresh block
             "has_uint32": 0,
             "uinteger": 0,

@@ -273,18 +273,21 @@ SHM_ROOT = Path("/dev/shm")
 OWNERS_SUFFIX = "splitvlm_owners"  # SHM_ROOT/PREFIX_splitvlm_owners: PIDs of a prefix's readers
 
 
+def _prefix_name(prefix_int: int, name: str) -> str:
+    # streaming's private layout (0.11-0.13): the names of a prefix are PREFIX_NAME, 6 digits.
+    return f"{prefix_int:06}_{name}"
+
+
 def release_prefix(prefix_int: int) -> None:
     """Unlink a streaming registration's shared memory, its lock files and our owner record of
     it. Processes that have it mapped keep their mapping; only the names go, so the prefix is
     free again (streaming's scan also skips every prefix whose lock files are left)."""
-    # streaming's private layout (0.11-0.13): the names of a prefix are PREFIX_NAME.
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path
 
     for name in [*SHM_TO_CLEAN, OWNERS_SUFFIX]:
-        (SHM_ROOT / _get_path(prefix_int, name)).unlink(missing_ok=True)
+        (SHM_ROOT / _prefix_name(prefix_int, name)).unlink(missing_ok=True)
     for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-        (Path(tempfile.gettempdir()) / _get_path(prefix_int, name)).unlink(missing_ok=True)
+        (Path(tempfile.gettempdir()) / _prefix_name(prefix_int, name)).unlink(missing_ok=True)
 
 
 def record_owner(prefix_int: int) -> None:
@@ -293,7 +296,7 @@ def record_owner(prefix_int: int) -> None:
     its registration only when the registration is left behind too."""
     if not SHM_ROOT.is_dir():
         return
-    path = SHM_ROOT / f"{prefix_int:06}_{OWNERS_SUFFIX}"
+    path = SHM_ROOT / _prefix_name(prefix_int, OWNERS_SUFFIX)
     with open(path, "a") as record:
         record.write(f"{os.getpid()}\n")  # one short append: whole, even with several writers
     atexit.register(path.unlink, missing_ok=True)
@@ -303,15 +306,16 @@ def release_dead_registrations() -> list[int]:
     """Release the registrations of splitvlm readers that are all dead; returns their prefixes.
 
     A process that ends without Python's exit handlers (killed, crashed, or ended by Ray, which
-    does not run them) leaves its streaming registration behind. Every later reader on the node
-    then scans past it, and streaming keeps one file descriptor open per registration it scanned
-    until its process exits (seen here: 184 left-over registrations, 17,000 open descriptors
+    does not run them) leaves its streaming registration behind. streaming then refuses that
+    registration's remote cache to every later reader ("Reused local directory"): a restarted
+    run would never start. And every later reader on the node scans past it, keeping one file
+    descriptor open per registration it scanned until its process exits (seen here: 184 left-over registrations, 17,000 open descriptors
     after the trainer tests, then "Too many open files"). Only registrations splitvlm recorded
     (`record_owner`) are released: another program's are not ours to judge. A recycled PID
     makes a registration look alive, which only delays its release. Call on the local leader.
     """
     released = []
-    for record in sorted(SHM_ROOT.glob(f"[0-9][0-9][0-9][0-9][0-9][0-9]_{OWNERS_SUFFIX}")):
+    for record in sorted(SHM_ROOT.glob(f"*_{OWNERS_SUFFIX}")):
         try:
             pids = [int(line) for line in record.read_text().split()]
         except (OSError, ValueError):
@@ -331,37 +335,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # somebody else's process
         return True
     return True
-
-
-def release_stale_caches(local_dirs: list[str]) -> list[int]:
-    """Unregister dead readers of these remote-backed cache directories from streaming's shared
-    memory; returns the prefixes released.
-
-    A reader killed together with Python's resource tracker (Ray ending a worker's process
-    group, a forced stop, the OOM killer) leaves its prefix registered, and streaming then
-    refuses the directory to every later reader: the same run restarted would never start.
-    The directories are this run's own (`cache_key`), so a registration naming one is a
-    previous attempt of this run. Linux only (/dev/shm); call on the local leader.
-    """
-    # streaming's private layout (0.11-0.13): PREFIX_locals lists the local dirs of a prefix.
-    from streaming.base.constant import LOCALS
-    from streaming.base.shared.prefix import _unpack_locals
-
-    if not SHM_ROOT.is_dir():
-        return []
-    ours = set(local_dirs)
-    released = []
-    for entry in sorted(SHM_ROOT.glob(f"[0-9][0-9][0-9][0-9][0-9][0-9]_{LOCALS}")):
-        prefix_int = int(entry.name.split("_", 1)[0])
-        try:
-            their_locals, _ = _unpack_locals(entry.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if ours.isdisjoint(their_locals):
-            continue
-        release_prefix(prefix_int)
-        released.append(prefix_int)
-    return released
 
 
 REGISTRATION_ATTEMPTS = 5
@@ -460,19 +433,13 @@ class StepBatches:
         self.cfg = cfg
         self.world = world
         self.batch_size = rank_batch_size(cfg, world.world_size)
-        remote_locals = [
-            os.path.abspath(os.path.join(s.local, s.split)) for s in streams if s.remote
-        ]
         for attempt in range(REGISTRATION_ATTEMPTS):
             try:
                 with registration_lock(world):
                     if world.local_rank == 0:
                         released = release_dead_registrations()
-                        if cache_key and remote_locals:
-                            released += release_stale_caches(remote_locals)
                         if released:
-                            note = f"released stale streaming registrations {sorted(released)}"
-                            print(note, flush=True)
+                            print(f"released stale streaming registrations {released}", flush=True)
                     barrier()  # every local rank registers after the cleanup
                     self.source = StreamingDataset(
                         streams=streams, **streaming_kwargs(cfg, self.batch_size)
