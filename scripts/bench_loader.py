@@ -10,7 +10,9 @@ workers) and returns the stored samples undecoded; "pipeline" is what training r
 rank's sample ids from streaming's partition, read by index and decoded (tokenize, images →
 tensors, spans, masks) in the loader workers, then packed in this process.
 Times per sample are measured after the first batch (startup is reported separately); raw and
-pipeline run alternately `--repeats` times and each reports its median run.
+pipeline run alternately `--repeats` times and each reports its median run, with the CPU time
+per sample of this process and of its loader workers (Linux). `--what-if` adds two experiments
+that are not the trainer's code (`WHAT_IF`): packing in the workers, and also no tokenizing.
 Last, in one process: what decoding costs from a list, inside streaming's iterator (how the
 loader read until it read by index), read by index, and what the iterator costs alone.
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +49,11 @@ def parse_args(argv=None):
         "--resume-at", type=int, default=1_000_000, help="sample to resume at (0: skip this part)"
     )
     parser.add_argument("--resume-workers", type=int, default=2)
+    parser.add_argument(
+        "--what-if",
+        action="store_true",
+        help="also time two experiments that are not the trainer's code (see WHAT_IF)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
     return parser.parse_args(argv)
 
@@ -105,21 +114,73 @@ def build_pipeline(args, cfg, tokenizer, model_cfg):
     return StepBatches(cfg, decoder, WorldInfo())
 
 
-def time_pipeline(args, cfg, tokenizer, model_cfg) -> dict:
+def time_pipeline(args, cfg, tokenizer, model_cfg, what_if: str = "") -> dict:
     from trainer.data.packing import layout_options, pack_step
 
-    batches = build_pipeline(args, cfg, tokenizer, model_cfg)
+    with _what_if(what_if, cfg, tokenizer, model_cfg):
+        batches = build_pipeline(args, cfg, tokenizer, model_cfg)
 
-    def steps():
-        while True:
-            yield batches.next_step()
+        def steps():
+            while True:
+                yield batches.next_step()
 
-    def measure(step):
-        docs, skipped = step
-        micro_batches = pack_step(docs, cfg.max_tokens, **layout_options(model_cfg))
-        return len(docs) + len(skipped), sum(mb.num_tokens for mb in micro_batches)
+        def measure(step):
+            docs, skipped = step
+            if what_if:  # packed in the workers
+                return len(docs) + len(skipped), sum(doc.num_tokens for doc in docs)
+            micro_batches = pack_step(docs, cfg.max_tokens, **layout_options(model_cfg))
+            return len(docs) + len(skipped), sum(mb.num_tokens for mb in micro_batches)
 
-    return _time_batches(steps(), args.samples, measure)
+        return _time_batches(steps(), args.samples, measure)
+
+
+WHAT_IF = {
+    "pack_in_workers": "each loader worker also packs its batch; the main process only receives",
+    "pack_in_workers_no_tokenizer": "that, and no tokenizing (renders looked up in a table)",
+}
+
+
+@contextmanager
+def _what_if(what_if: str, cfg, tokenizer, model_cfg):
+    """Experiments, not the trainer's code (`WHAT_IF`): patches the loader for the duration.
+    Workers are forked inside, so they inherit the patches."""
+    if not what_if:
+        yield
+        return
+    from trainer.data import stream
+    from trainer.data.decode import ChatRenderer
+    from trainer.data.packing import layout_options, pack_step
+
+    options = layout_options(model_cfg)
+    saved = stream.FlatBatch.__init__, ChatRenderer.__call__
+
+    def pack_then_flatten(self, items):
+        # The micro-batches are not sent back: their trip out of the worker is not counted.
+        docs = [item for item in items if isinstance(item, stream.Document)]
+        pack_step(docs, cfg.max_tokens, **options)
+        saved[0](self, items)
+
+    stream.FlatBatch.__init__ = pack_then_flatten
+    if what_if == "pack_in_workers_no_tokenizer":
+        renders = _render_table(cfg, tokenizer)
+        ChatRenderer.__call__ = lambda self, sample, prompt_only=False: renders[sample["id"]]
+    try:
+        yield
+    finally:
+        stream.FlatBatch.__init__, ChatRenderer.__call__ = saved
+
+
+def _render_table(cfg, tokenizer) -> dict:
+    """Every sample's rendered tokens by id, as pre-tokenized shards would hold them."""
+    from streaming import StreamingDataset
+
+    from trainer.data.decode import ChatRenderer
+    from trainer.data.stream import build_streams
+
+    render = ChatRenderer(tokenizer)
+    dataset = StreamingDataset(streams=build_streams(cfg, cfg.split), batch_size=1)
+    samples = (dataset[index] for index in range(dataset.num_samples))
+    return {sample["id"]: render(sample) for sample in samples}
 
 
 def _time_batches(batches, num_samples: int, measure) -> dict:
@@ -127,19 +188,55 @@ def _time_batches(batches, num_samples: int, measure) -> dict:
     first = measure(next(batches))
     first_batch = time.perf_counter() - started
     samples = tokens = 0
+    workers = _children()  # started by now
+    cpu_before = _cpu_seconds([os.getpid()]), _cpu_seconds(workers)
     steady = time.perf_counter()
     while samples < num_samples:
         num, num_tokens = measure(next(batches))
         samples += num
         tokens += num_tokens
     seconds = time.perf_counter() - steady
+    main_cpu, workers_cpu = (
+        after - before
+        for after, before in zip(
+            (_cpu_seconds([os.getpid()]), _cpu_seconds(workers)), cpu_before, strict=True
+        )
+    )
     assert first[0] > 0
     return {
         "samples_per_s": samples / seconds,
         "tokens_per_s": tokens / seconds,
         "us_per_sample": 1e6 * seconds / samples,
         "first_batch_s": first_batch,
+        # CPU time (user + system) per sample, this process (all threads) and its loader workers
+        "main_cpu_us_per_sample": 1e6 * main_cpu / samples,
+        "workers_cpu_us_per_sample": 1e6 * workers_cpu / samples,
     }
+
+
+def _children() -> list[int]:
+    """PIDs of this process's children (Linux /proc; empty elsewhere)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():  # the field after the state is the parent's PID
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited: its time is lost, so stop at an epoch's end, not after it
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def time_resume(args, data: Path, tokenizer, model_cfg) -> dict:
@@ -233,22 +330,39 @@ def main(argv=None) -> int:
     rows = []
     for num_workers in args.workers:
         cfg = data_config(args, data, num_workers)
-        runs = {"raw": [], "pipeline": []}
-        for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits both
+        what_ifs = list(WHAT_IF) if args.what_if and num_workers else []
+        runs = {name: [] for name in ["raw", "pipeline", *what_ifs]}
+        for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits all
             runs["raw"].append(time_raw(args, cfg, model_cfg.num_image_tokens))
             runs["pipeline"].append(time_pipeline(args, cfg, tokenizer, model_cfg))
-        raw, pipeline = (_median_run(runs[name]) for name in ("raw", "pipeline"))
+            for name in what_ifs:
+                runs[name].append(time_pipeline(args, cfg, tokenizer, model_cfg, name))
+        medians = {name: _median_run(name_runs) for name, name_runs in runs.items()}
+        raw, pipeline = medians["raw"], medians["pipeline"]
         rows.append(
             {
                 "workers": num_workers,
                 "raw": raw,
                 "pipeline": pipeline,
                 "time_ratio": pipeline["us_per_sample"] / raw["us_per_sample"],
+                "what_if": {
+                    name: {
+                        **medians[name],
+                        "time_ratio": medians[name]["us_per_sample"] / raw["us_per_sample"],
+                    }
+                    for name in what_ifs
+                },
                 "runs": runs,
             }
         )
         if not args.json:
             print(_row_line(rows[-1]), flush=True)
+            for name, run in rows[-1]["what_if"].items():
+                print(
+                    f"  what if {name} ({WHAT_IF[name]}): {run['samples_per_s']:,.0f} samples/s, "
+                    f"{run['time_ratio']:.2f}x raw, CPU us per sample {_cpu(run)}",
+                    flush=True,
+                )
     result = {"batch_size": args.batch_size, "samples": args.samples, "loader": rows}
     if args.resume_at:
         result["resume"] = time_resume(args, data, tokenizer, model_cfg)
@@ -289,8 +403,13 @@ def _row_line(row: dict) -> str:
         f"workers {row['workers']}: raw {raw['samples_per_s']:8,.0f} samples/s "
         f"{raw['tokens_per_s']:9,.0f} tokens/s | pipeline {pipeline['samples_per_s']:8,.0f} "
         f"samples/s {pipeline['tokens_per_s']:9,.0f} tokens/s | time per sample "
-        f"{row['time_ratio']:.2f}x raw"
+        f"{row['time_ratio']:.2f}x raw | CPU us per sample, main + workers: "
+        f"raw {_cpu(raw)}, pipeline {_cpu(pipeline)}"
     )
+
+
+def _cpu(run: dict) -> str:
+    return f"{run['main_cpu_us_per_sample']:.0f} + {run['workers_cpu_us_per_sample']:.0f}"
 
 
 if __name__ == "__main__":
