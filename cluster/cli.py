@@ -234,6 +234,8 @@ def _cmd_shards(args) -> int:
 
 
 def add_shards_parser(commands) -> None:
+    from trainer.data.shards import MAX_IMAGE_PIXELS, SHARD_SIZE_LIMIT
+
     parser = _add_command(
         commands,
         "shards",
@@ -267,7 +269,7 @@ def add_shards_parser(commands) -> None:
     parser.add_argument(
         "--max-image-pixels",
         type=int,
-        default=1 << 26,
+        default=MAX_IMAGE_PIXELS,
         help="skip images with more pixels (decompression bombs); 0: no limit",
     )
     parser.add_argument(
@@ -275,7 +277,10 @@ def add_shards_parser(commands) -> None:
     )
     parser.add_argument("--compression", default="zstd", help="MDS shard compression, or 'none'")
     parser.add_argument(
-        "--size-limit", type=int, default=1 << 26, help="bytes per shard before compression"
+        "--size-limit",
+        type=int,
+        default=SHARD_SIZE_LIMIT,
+        help="bytes per shard before compression",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is up to date"

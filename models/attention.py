@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.config import ATTENTION_BACKEND_NAMES
+
 SEGMENT_KINDS = ("text", "image")
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default sparse block size
 
@@ -179,7 +181,7 @@ class PackedLayout:
 
     def to(self, device: torch.device | str) -> PackedLayout:
         """A copy with every tensor on `device` (non_blocking: pin the CPU layout to overlap)."""
-        return _to_device(self, torch.device(device))
+        return map_tensors(self, lambda tensor: tensor.to(device, non_blocking=True))
 
 
 # Which plan each backend runs on ("flash" and "flash_emulated" share one decomposition).
@@ -195,14 +197,16 @@ def _require_plan(layout: PackedLayout, plan: str) -> None:
         )
 
 
-def _to_device(value, device: torch.device):
+def map_tensors(value, function: Callable[[Tensor], Tensor]):
+    """`value` with `function` applied to every tensor in it, through tuples and dataclasses
+    (layouts, their plans, batches); anything else is kept as it is."""
     if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
+        return function(value)
     if isinstance(value, tuple):
-        return tuple(_to_device(item, device) for item in value)
+        return tuple(map_tensors(item, function) for item in value)
     if dataclasses.is_dataclass(value):
         changes = {
-            f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value)
+            f.name: map_tensors(getattr(value, f.name), function) for f in dataclasses.fields(value)
         }
         return dataclasses.replace(value, **changes)
     return value
@@ -461,7 +465,7 @@ def _flex_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
         seq_lengths=(num_tokens, num_tokens),
     )
     # Only the compiled kernel is block-sparse; eager flex (CPU) materializes all T^2 scores,
-    # while compiling on CPU costs ~30 s per shape and still has no backward there.
+    # while compiling on CPU is slow per shape and still has no backward there.
     attend = _compiled_flex_attention() if q_THD.is_cuda else flex_attention
     out_1HTD = attend(
         q_THD.transpose(0, 1).unsqueeze(0),
@@ -480,6 +484,7 @@ ATTENTION_BACKENDS: dict[str, Callable] = {
     "flash_emulated": _flash_emulated_attention,
     "flex": _flex_attention,
 }
+assert tuple(ATTENTION_BACKENDS) == ATTENTION_BACKEND_NAMES, "update models.config as well"
 
 
 def packed_attention(

@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# The names of the registries in models.attention and models.vision, which assert they match.
+# Here so that checking a config imports neither torch nor transformers (seconds per CLI call).
+ATTENTION_BACKEND_NAMES = ("sdpa", "flash", "flash_emulated", "flex")
+ADAPTOR_NAMES = ("linear", "mlp")
+
 
 @dataclass
 class VisionConfig:
@@ -110,6 +115,13 @@ class ModelConfig:
             raise ValueError(
                 "model.vision.image_size must be a multiple of model.vision.patch_size"
             )
+        if self.attention_backend not in ATTENTION_BACKEND_NAMES:
+            raise ValueError(
+                f"model.attention_backend={self.attention_backend!r}; "
+                f"valid: {', '.join(ATTENTION_BACKEND_NAMES)}"
+            )
+        if self.adaptor not in ADAPTOR_NAMES:
+            raise ValueError(f"model.adaptor={self.adaptor!r}; valid: {', '.join(ADAPTOR_NAMES)}")
         if self.image_attention not in ("bidirectional", "causal"):
             raise ValueError(
                 f"model.image_attention={self.image_attention!r}; valid: bidirectional, causal"

@@ -114,7 +114,7 @@ def _copy_rows(ours: torch.Tensor, theirs: torch.Tensor) -> None:
         ours[theirs.shape[0] :] = theirs.mean(dim=0)
 
 
-def build_model(cfg: ModelConfig) -> SplitVLM:
+def build_split_vlm(cfg: ModelConfig) -> SplitVLM:
     """The model for `cfg`: random init, or with its LLM loaded from `cfg.pretrained_llm`."""
     if cfg.pretrained_llm:
         apply_llm_config(cfg)

@@ -23,6 +23,7 @@ from torch import nn
 
 import yaml
 from models.attention import PackedLayout
+from models.batch import IGNORE_INDEX
 from models.blocks import Block, RMSNorm, rope_tables, run_blocks
 from models.config import ModelConfig, model_config_from_dict
 from models.diffusion import DiffusionHead
@@ -46,6 +47,38 @@ class Trunk:
 
 
 class SplitVLM(nn.Module):
+    # Which tokens pass each top-level module, for the FLOPs count (models/flops.py, which
+    # refuses a module missing here): "patches" the tower's input patches, "image"/"text" the
+    # image or text tokens, "all" every token, "text_targets" positions with a text target,
+    # "masked" masked image tokens, "all_if_image_loss" every token when the micro-batch has a
+    # masked image token, "diffusion_targets" masked tokens of fully masked spans; None: a lookup.
+    TOKENS_THROUGH = {
+        "embed": None,
+        "vision": "patches",
+        "adaptor": "image",
+        "text_in": "text",
+        "image_in": "image",
+        "core": "all",
+        "text_head_blocks": "all",
+        "text_norm": "text_targets",
+        "lm_head": "text_targets",
+        "image_head_blocks": "all_if_image_loss",
+        "image_norm": "masked",
+        "image_head": "masked",
+        "diffusion": "diffusion_targets",
+    }
+    # Block stacks and the `PackedBatch` layout their attention runs on.
+    ATTENTION_LAYOUT = {
+        "text_in": "text_layout",
+        "image_in": "image_layout",
+        "core": "layout",
+        "text_head_blocks": "layout",
+        "image_head_blocks": "layout",
+    }
+    # The component a top-level module's (or parameter's) weights belong to, for per-component
+    # learning rates; everything else is the language model ("llm").
+    COMPONENTS = {"vision": "vision", "adaptor": "adaptor", "mask_embedding": "adaptor"}
+
     def __init__(self, cfg: ModelConfig, vision_config: dict | None = None):
         """`vision_config`: a transformers SiglipVisionConfig as a dict, to rebuild an exported
         tower's architecture without its original checkpoint directory."""
@@ -111,6 +144,11 @@ class SplitVLM(nn.Module):
         model = cls(cfg, vision_config)
         model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
         return model.to(device)
+
+    @classmethod
+    def parameter_component(cls, name: str) -> str:
+        """ "vision", "adaptor" or "llm": the component the parameter `name` belongs to."""
+        return cls.COMPONENTS.get(name.split(".", 1)[0], "llm")
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Every block, in order: the unit engines shard and checkpoint."""
@@ -230,7 +268,7 @@ class SplitVLM(nn.Module):
         """Summed losses of one `PackedBatch`: text over text targets, image (and diffusion)
         over masked image tokens (of fully masked spans, for diffusion)."""
         trunk = self.trunk(batch)
-        text_positions = (batch.labels != -100).nonzero().squeeze(1)
+        text_positions = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.text_logits(batch, trunk, text_positions)
         losses = {
             "text_loss_sum": F.cross_entropy(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from models.config import ModelConfig, VisionConfig
+from models.config import ADAPTOR_NAMES, ModelConfig, VisionConfig
 
 
 def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipVisionModel:
@@ -46,6 +46,7 @@ def _mlp_adaptor(vision_dim: int, d_model: int) -> nn.Module:
 
 
 ADAPTORS = {"linear": _linear_adaptor, "mlp": _mlp_adaptor}
+assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
 
 def build_adaptor(name: str, vision_dim: int, d_model: int) -> nn.Module:

@@ -106,11 +106,13 @@ def time_raw(args, cfg, num_image_tokens: int) -> dict:
 
 
 def build_pipeline(args, cfg, tokenizer, model_cfg):
-    from trainer.data.decode import Decoder
+    from trainer.data.decode import SampleDecoder
     from trainer.data.stream import StepBatches
     from trainer.distributed import WorldInfo
 
-    decoder = Decoder(tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels)
+    decoder = SampleDecoder(
+        tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels
+    )
     return StepBatches(cfg, decoder, WorldInfo())
 
 
@@ -277,10 +279,12 @@ def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
     index then decoding (how it reads now, `SampleReader`)."""
     from streaming import StreamingDataset
 
-    from trainer.data.decode import Decoder
+    from trainer.data.decode import SampleDecoder
     from trainer.data.stream import SampleReader, build_streams, streaming_kwargs
 
-    decoder = Decoder(tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels)
+    decoder = SampleDecoder(
+        tokenizer, model_cfg, cfg.max_tokens, max_image_pixels=cfg.max_image_pixels
+    )
     dataset = StreamingDataset(
         streams=build_streams(cfg, cfg.split), **streaming_kwargs(cfg, cfg.batch_size)
     )
@@ -312,10 +316,8 @@ def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from transformers import AutoTokenizer
-
     from models.config import ModelConfig, VisionConfig
-    from trainer.data.decode import prepare_tokenizer
+    from trainer.data.decode import load_tokenizer
     from trainer.data.demo import write_demo
 
     temp = None
@@ -324,8 +326,7 @@ def main(argv=None) -> int:
         temp = tempfile.TemporaryDirectory(prefix="bench_loader_")
         data = Path(temp.name)
         write_demo(data, sizes={args.split: 6000})
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(data / "tokenizer"))
-    prepare_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer or data / "tokenizer")
     model_cfg = ModelConfig(vision=VisionConfig(image_size=args.image_size))
     rows = []
     for num_workers in args.workers:

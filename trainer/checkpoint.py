@@ -84,6 +84,20 @@ def find_latest_checkpoint(run_dir: Path) -> Path | None:
     return next(iter(complete_checkpoints(run_dir)), None)
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete step directory as it is, or a run directory's latest complete checkpoint: the
+    one resume would take. Anything else is a ValueError (one line)."""
+    path = Path(path)
+    if path.name.startswith("step_") and _check_complete(path) is None:
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(
+            f"{path} is neither a checkpoint (a complete step_NNNNNNN/) nor a run directory with one"
+        )
+    return latest
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, the `latest` one first, then newest first; broken ones are left out
     with a warning naming them."""

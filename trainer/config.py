@@ -14,10 +14,20 @@ from pathlib import Path
 
 import yaml
 from models.config import ModelConfig
+from trainer.data.shards import MAX_IMAGE_PIXELS
 
 
 class ConfigError(ValueError):
     """A user error in a config file or an override; the message is one line."""
+
+
+# The names the trainer's registries accept. Here rather than next to the registries because
+# trainer.engines and trainer.optim import this module (importing them back would be a cycle, and
+# pull torch into every config load); each registry asserts that it matches.
+ENGINE_NAMES = ("local", "fsdp", "deepspeed")
+PRECISIONS = ("auto", "bf16", "fp32")  # engine.mixed_precision
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+ZERO_STAGES = (1, 2, 3)  # engine.zero_stage
 
 
 @dataclass
@@ -30,6 +40,14 @@ class RunConfig:
     log_every: int = 10
     # RUN/samples.jsonl: the sample ids of every step (all ranks), appended, replays included.
     log_sample_ids: bool = False
+
+    def validate(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"run.seed={self.seed} must be >= 0 (numpy seeds are unsigned)")
+        if self.steps < 0:
+            raise ValueError(f"run.steps={self.steps} must be >= 0")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every={self.log_every} must be >= 1")
 
 
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")  # mosaicml-streaming's
@@ -72,7 +90,10 @@ class DataConfig:
     shuffle_seed: int = 0
     shuffle_block_size: int = 0  # 0: streaming's default, max(4e6 / num_canonical_nodes, 2^18)
     num_workers: int = 0  # DataLoader worker processes that read and decode samples
-    max_image_pixels: int = 1 << 26  # larger images are skipped (decompression bombs); 0: no limit
+    # Steps prepared ahead (read, balanced, packed, copied to the device) while the current one
+    # computes, by a thread of the training process; 0: each step's data is prepared in turn.
+    prefetch_steps: int = 1
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped; 0: no limit
     # Stop the run when more than this fraction of the samples seen were skipped, judged once
     # `bad_fraction_min_samples` samples have been seen (a few bad samples early are noise).
     max_bad_fraction: float = 0.05
@@ -86,6 +107,8 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.prefetch_steps < 0:
+            raise ValueError("data.prefetch_steps must be >= 0 (0: no prefetching)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError("data.max_bad_fraction must be between 0 and 1")
         relative = [stream.proportion is not None for stream in self.streams]
@@ -125,15 +148,47 @@ class OptimConfig:
     # unfreezes, and the last pattern matching a name wins. Applied after model.vision.trainable.
     freeze: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for name in ("lr", "weight_decay", "grad_clip", "vision_lr_scale", "adaptor_lr_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
 
 @dataclass
 class EngineConfig:
-    name: str = "local"  # local | fsdp | deepspeed
+    name: str = "local"  # ENGINE_NAMES: local | fsdp | deepspeed
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; not local
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     compile: bool = False  # torch.compile each transformer block (local, fsdp)
     cpu_offload: bool = False  # keep sharded parameters/optimizer state in host memory (GPU)
     zero_stage: int = 3  # deepspeed: ZeRO stage 1, 2 or 3
+
+    def validate(self) -> None:
+        # cpu_offload without a GPU is refused by the engine: only the worker knows its device.
+        if self.name not in ENGINE_NAMES:
+            raise ValueError(f"engine.name={self.name!r}; valid: {', '.join(ENGINE_NAMES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"engine.mixed_precision={self.mixed_precision!r}; valid: {', '.join(PRECISIONS)}"
+            )
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(
+                f"engine.zero_stage={self.zero_stage}; valid: {', '.join(map(str, ZERO_STAGES))}"
+            )
+        if self.compile and self.name == "deepspeed":
+            raise ValueError(
+                "engine.compile is not supported with engine.name=deepspeed (ZeRO-3's parameter "
+                "hooks run inside the block); use engine.name=fsdp"
+            )
 
 
 @dataclass
@@ -144,6 +199,12 @@ class CheckpointConfig:
     # adaptor-alignment stage before finetuning; ignored once the run has its own checkpoint.
     init_from: str = ""
     on_stop: bool = True  # a run stopped by SIGINT/SIGTERM saves a checkpoint at its last step
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0 (0: only at the end)")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0: keep all)")
 
 
 @dataclass
@@ -215,6 +276,11 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def validate(self) -> None:
+        """Every section's `validate()`: raise ValueError naming the first key that cannot work."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key.sub=value` overrides (values are YAML)."""
@@ -246,19 +312,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for parent in reversed(parents):
             nested = {parent: nested}
         _merge(cfg, nested, prefix="", source="--set")
-    try:
-        cfg.model.validate()
-        cfg.logging.validate()
-        cfg.data.validate()
-        cfg.cluster.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return cfg
+    return _validated(cfg)
 
 
 def config_from_dict(raw: dict) -> Config:
+    """A config from `config_to_dict` output (how Ray workers get theirs), checked like a file."""
     cfg = Config()
     _merge(cfg, raw, prefix="", source="dict")
+    return _validated(cfg)
+
+
+def _validated(cfg: Config) -> Config:
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return cfg
 
 

@@ -67,21 +67,27 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def all_reduce_max(value: int) -> int:
+def all_reduce_max(value: int, group=None) -> int:
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return int(tensor.item())
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj, group=None) -> list:
     """Every rank's `obj`, in rank order (pickled: for a few small values per step)."""
     if not is_distributed():
         return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def new_cpu_group():
+    """A gloo group of every rank, for collectives that must not interleave with the default
+    group's (the data pipeline's, issued from its own thread). Collective: all ranks call it."""
+    return dist.new_group(backend="gloo")
 
 
 def barrier() -> None:
@@ -97,7 +103,7 @@ def broadcast_object(obj):
     return holder[0]
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+def _collective_device(group=None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

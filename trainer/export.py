@@ -19,19 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import yaml
 from models.split_vlm import SplitVLM
-from trainer.checkpoint import STATE_FILE, find_latest_checkpoint
+from trainer.checkpoint import resolve_checkpoint
 from trainer.config import load_config, save_config
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step directory as it is, or a run directory's latest complete checkpoint."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    latest = find_latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
-    if latest is None:
-        raise ValueError(f"{path} is neither a checkpoint (step_NNNNNNN/) nor a run directory")
-    return latest
+from trainer.data.decode import tokenizer_dir
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -54,7 +44,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg.model), sort_keys=False))
     (out / "vision_config.json").write_text(json.dumps(model.vision.config.to_dict(), indent=1))
     save_config(cfg, out / "train_config.yaml")
-    tokenizer = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer")
+    tokenizer = tokenizer_dir(cfg.data)
     if tokenizer.is_dir():
         shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
     return step_dir

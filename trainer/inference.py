@@ -13,46 +13,42 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import yaml
-from models.pretrained import build_model
+from models.batch import IGNORE_INDEX
+from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM, image_loss, pool_grid
+from trainer.checkpoint import resolve_checkpoint
 from trainer.config import Config, config_from_dict
-from trainer.data.decode import Decoder, Document
+from trainer.data.decode import Document, SampleDecoder, load_tokenizer, tokenizer_dir
 from trainer.data.packing import collate, layout_options
 from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
 
 
 def find_weights(path: Path) -> Path:
-    """`path` is a run directory, a checkpoint step directory, or an exported model directory."""
+    """The weights file of an exported model directory, or of a run's or step directory's
+    complete checkpoint (`resolve_checkpoint`: the one resume would take)."""
     path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
-    for candidate in (path / "model.safetensors", path / "engine" / "model.safetensors"):
-        if candidate.is_file():
-            return candidate
-    if (path / "engine").is_dir():
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    step_dir = resolve_checkpoint(path)
+    weights = step_dir / "engine" / "model.safetensors"
+    if not weights.is_file():
         raise ValueError(
-            f"{path} is a sharded checkpoint; export it first (splitvlm export {path} --out DIR) "
-            "and use DIR"
+            f"{step_dir} is a sharded checkpoint; export it first "
+            f"(splitvlm export {step_dir} --out DIR) and use DIR"
         )
-    raise ValueError(f"no model.safetensors under {path} (a run, checkpoint or export directory)")
+    return weights
 
 
-def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Config, Decoder]:
+def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Config, SampleDecoder]:
     """The model, a config (the run's, or defaults around an export's model config) and a
     decoder. An export has no data path: set `cfg.data.path` before evaluating."""
-    from transformers import AutoTokenizer
-
-    from trainer.data.decode import prepare_tokenizer
-    from trainer.loop import load_tokenizer
-
     weights = find_weights(path)
     if (weights.parent / "vision_config.json").is_file():  # written by `splitvlm export`
         model = SplitVLM.from_pretrained(weights.parent, device).eval()
         cfg = Config(model=model.cfg)
         cfg.data.path = ""
-        tokenizer = AutoTokenizer.from_pretrained(str(weights.parent / "tokenizer"))
-        prepare_tokenizer(tokenizer)
-        return model, cfg, Decoder(tokenizer, cfg.model, max_tokens=1 << 30)
+        tokenizer = load_tokenizer(weights.parent / "tokenizer")
+        return model, cfg, SampleDecoder(tokenizer, cfg.model, max_tokens=UNLIMITED_TOKENS)
     config_file = next(
         (
             p / "config.yaml"
@@ -64,13 +60,21 @@ def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Confi
     if config_file is None:
         raise ValueError(f"no config.yaml next to {weights}")
     cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.data))
     # The weights replace every parameter, so skip loading the pretrained LLM a second time.
     cfg.model.pretrained_llm = ""
-    model = build_model(cfg.model)
+    model = build_split_vlm(cfg.model)
     model.load_state_dict(load_file(str(weights), device=device))
     model.to(device).eval()
-    return model, cfg, Decoder(tokenizer, cfg.model, max_tokens=1 << 30, seed=cfg.run.seed)
+    return (
+        model,
+        cfg,
+        SampleDecoder(tokenizer, cfg.model, max_tokens=UNLIMITED_TOKENS, seed=cfg.run.seed),
+    )
+
+
+# Inference decodes one sample at a time, without the training run's per-micro-batch budget.
+UNLIMITED_TOKENS = 1 << 30
 
 
 def extend(doc: Document, token_ids: list[int]) -> Document:
@@ -95,7 +99,7 @@ def extend(doc: Document, token_ids: list[int]) -> Document:
 
 @torch.no_grad()
 def generate_text(
-    model: SplitVLM, decoder: Decoder, prompts: list[Document], max_new_tokens: int = 16
+    model: SplitVLM, decoder: SampleDecoder, prompts: list[Document], max_new_tokens: int = 16
 ) -> list[list[int]]:
     """Greedy completions of many prompts at once, packed into one sequence per step (no KV
     cache: the prompts here are short, and packing keeps every step a single forward)."""
@@ -123,7 +127,7 @@ def generate_text(
 
 @torch.no_grad()
 def evaluate(
-    model: SplitVLM, cfg: Config, decoder: Decoder, split: str = "heldout", limit: int = 0
+    model: SplitVLM, cfg: Config, decoder: SampleDecoder, split: str = "heldout", limit: int = 0
 ):
     """Exact-match accuracy of greedy answers per prompt, and teacher-forced text loss."""
     from streaming import StreamingDataset
@@ -161,7 +165,7 @@ def evaluate(
         docs = [decoder(samples[i], i) for i in range(start, min(start + 64, count))]
         batch = collate(docs, **layout_options(model.cfg))
         trunk = model.trunk(batch)
-        positions = (batch.labels != -100).nonzero().squeeze(1)
+        positions = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits = model.text_logits(batch, trunk, positions).float()
         loss_sum += float(F.cross_entropy(logits, batch.labels[positions], reduction="sum"))
         loss_count += batch.num_text_targets
@@ -195,7 +199,7 @@ def evaluate(
 
 @torch.no_grad()
 def generate_image(
-    model: SplitVLM, decoder: Decoder, prompt: str, seed: int = 0
+    model: SplitVLM, decoder: SampleDecoder, prompt: str, seed: int = 0
 ) -> tuple[Image.Image, list[Image.Image]]:
     """Fill 100%-masked image spans coarse to fine; returns the final image and each scale's.
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
-from models.pretrained import build_model as build_split_vlm
+from models.flops import ModelFlops
+from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.callbacks import (
     Checkpointer,
@@ -31,38 +31,18 @@ from trainer.checkpoint import (
     warn_skipped,
 )
 from trainer.config import Config, DataConfig, save_config
-from trainer.data.decode import Decoder, prepare_tokenizer
-from trainer.data.packing import balance_ranks, layout_options, pack_step
-from trainer.data.stream import StepBatches, run_cache_key
-from trainer.distributed import (
-    WorldInfo,
-    all_gather_object,
-    all_reduce_max,
-    broadcast_object,
-    world_info,
-)
+from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
+from trainer.data.pipeline import StepPipeline
+from trainer.data.stream import run_cache_key
+from trainer.distributed import WorldInfo, broadcast_object, world_info
 from trainer.engines import build_engine
-from trainer.metrics import ModelFlops, StepMeter
+from trainer.metrics import StepMeter
 from trainer.optim import apply_freeze, learning_rate
 from trainer.reporting import reporting_callbacks
 
 
-def tokenizer_path(cfg: Config) -> Path:
-    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.path) / "tokenizer"
-
-
 class DataError(RuntimeError):
     """The data went bad at run time (too many skipped samples): the run stops, exit code 1."""
-
-
-def load_tokenizer(cfg: Config):
-    """The tokenizer with the special tokens decoding needs (added if missing)."""
-    path = tokenizer_path(cfg)
-    if not path.is_dir():
-        raise ValueError(f"tokenizer directory not found: {path} (set data.tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    prepare_tokenizer(tokenizer)
-    return tokenizer
 
 
 def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> None:
@@ -81,7 +61,7 @@ def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> 
     )
 
 
-def build_model(cfg: Config, tokenizer) -> SplitVLM:
+def build_training_model(cfg: Config, tokenizer) -> SplitVLM:
     """The single-device model, initialized (or loaded from checkpoint.init_from) and frozen
     as configured; engines shard it afterwards."""
     if cfg.model.vocab_size <= 0:
@@ -107,8 +87,8 @@ class TrainLoop:
         self.world = world or world_info()
         self.run_dir = Path(cfg.run.dir)
         seed_everything(cfg.run.seed + self.world.rank)
-        tokenizer = load_tokenizer(cfg)
-        model = build_model(cfg, tokenizer)
+        tokenizer = load_tokenizer(tokenizer_dir(cfg.data))
+        model = build_training_model(cfg, tokenizer)
         device = (
             torch.device("cuda", self.world.local_rank)
             if torch.cuda.is_available()
@@ -119,7 +99,7 @@ class TrainLoop:
             ModelFlops(model), self.world, device, cfg.logging.peak_flops_per_device
         )
         self.engine = build_engine(cfg, self.world, model, device)
-        decoder = Decoder(
+        decoder = SampleDecoder(
             tokenizer,
             cfg.model,
             cfg.data.max_tokens,
@@ -127,8 +107,8 @@ class TrainLoop:
             max_image_pixels=cfg.data.max_image_pixels,
         )
         # Remote streams are cached per run: two jobs on a node never share a streaming cache.
-        self.data = StepBatches(
-            cfg.data, decoder, self.world, cache_key=run_cache_key(cfg.run.name, cfg.run.dir)
+        self.data = StepPipeline(
+            cfg, decoder, self.world, device, cache_key=run_cache_key(cfg.run.name, cfg.run.dir)
         )
         self.step = 0
         self.samples_seen = 0
@@ -216,22 +196,15 @@ class TrainLoop:
     def train_step(self) -> dict:
         cfg = self.cfg
         step_started = time.perf_counter()
-        docs, skipped = self.data.next_step()
-        if cfg.data.balance_ranks:
-            docs = balance_ranks(docs, self.world.rank, all_gather_object)
-        data_seconds = time.perf_counter() - step_started
-        micro_batches = pack_step(
-            docs,
-            cfg.data.max_tokens,
-            agree_num_micro_batches=all_reduce_max,
-            **layout_options(cfg.model),
-        )
-        losses = self.engine.forward_backward(micro_batches)
+        data, wait_seconds = self.data.next_step()
+        compute_started = time.perf_counter()
+        losses = self.engine.forward_backward(data.micro_batches)
         lr = learning_rate(self.step, cfg.run.steps, cfg.optim)
         grad_norm = self.engine.step(lr)
+        compute_seconds = time.perf_counter() - compute_started
         self.step += 1
         seconds = time.perf_counter() - step_started
-        measured = self.meter.measure(docs, skipped, micro_batches, data_seconds, seconds)
+        measured = self.meter.measure(data, wait_seconds, compute_seconds, seconds)
         self.tokens_seen += measured["tokens"]
         self.samples_seen += self.data.global_batch_size
         self.skipped.update(measured["skipped_by_reason"])

@@ -9,19 +9,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
-
-# Parameter-name prefixes of the model's components; everything else is the language model.
-VISION_PREFIXES = ("vision.",)
-ADAPTOR_PREFIXES = ("adaptor.", "mask_embedding")
-
-
-def component(name: str) -> str:
-    if name.startswith(VISION_PREFIXES):
-        return "vision"
-    if name.startswith(ADAPTOR_PREFIXES):
-        return "adaptor"
-    return "llm"
+from trainer.config import SCHEDULES, OptimConfig
 
 
 def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -58,7 +46,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if not param.requires_grad:
             continue
         decay = param.ndim >= 2 and id(param) not in embeddings
-        groups.setdefault((component(name), decay), []).append(param)
+        groups.setdefault((model.parameter_component(name), decay), []).append(param)
     if not groups:
         raise ValueError("every parameter is frozen (model.vision.trainable, optim.freeze)")
     # Fixed order, empty groups left out: ZeRO flattens per group and rejects empty ones.
@@ -93,13 +81,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-SCHEDULES = ("cosine", "linear", "constant")
-
-
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Linear warmup to `lr`, then decay to `lr * min_lr_ratio` at `total_steps`."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    assert cfg.schedule in SCHEDULES, f"unvalidated optim.schedule={cfg.schedule!r}"
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

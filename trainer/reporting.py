@@ -22,7 +22,9 @@ WANDB_ID_FILE = "wandb_run_id"
 def reporting_callbacks(cfg: Config, run_dir: Path, world: WorldInfo) -> list[Callback]:
     if not world.is_main:
         return []
-    callbacks: list[Callback] = [Progress(cfg.run.steps, cfg.run.log_every, cfg.logging.progress)]
+    callbacks: list[Callback] = [
+        ConsoleProgress(cfg.run.steps, cfg.run.log_every, cfg.logging.progress)
+    ]
     if cfg.logging.wandb.mode != "disabled":
         callbacks.append(WandbLogger(cfg, run_dir))
     if cfg.logging.plot:
@@ -47,6 +49,7 @@ def format_line(metrics: dict, total_steps: int, eta_seconds: float, skipped: in
     mfu = metrics.get("mfu")
     parts.append(f"mfu {mfu:.1%}" if mfu is not None else "mfu n/a")
     parts.append(f"data {metrics['data_wait_fraction']:.0%}")
+    parts.append(f"host {metrics['host_fraction']:.0%}")
     if metrics.get("max_allocated_gb") is not None:
         parts.append(f"mem {metrics['max_allocated_gb']:.1f}GB")
     else:
@@ -57,7 +60,7 @@ def format_line(metrics: dict, total_steps: int, eta_seconds: float, skipped: in
     return "  ".join(parts)
 
 
-class Progress(Callback):
+class ConsoleProgress(Callback):
     """A progress bar (step, ETA, loss, tokens/s) when stdout is a terminal, plus a line every
     `log_every` steps; only the lines otherwise (log files, Ray workers, CI)."""
 

@@ -62,6 +62,23 @@ def test_usage_and_config_errors_exit_2_with_one_line(tmp_path, capsys):
     assert "metrics.jsonl not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("engine.name=fsdx", "engine.name='fsdx'; valid: local, fsdp, deepspeed"),
+        ("optim.schedule=cosin", "optim.schedule='cosin'; valid: cosine, linear, constant"),
+    ],
+)
+def test_a_bad_config_value_exits_2_before_ray_starts(override, message, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(REPO)
+    assert cli.main(["train", "yaml/tiny.yaml", "--set", override]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not ray.is_initialized()
+
+
 def test_a_runtime_failure_exits_1_and_keeps_the_traceback(tmp_path, monkeypatch, capsys):
     def broken(run_dir, out=None):
         raise RuntimeError("disk on fire\nsecond line")

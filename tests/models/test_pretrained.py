@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import build_model
+from models.pretrained import build_split_vlm
 from trainer.data.decode import Document
 from trainer.data.packing import collate
 
@@ -53,7 +53,7 @@ def our_model(path, **overrides):
         vision=VisionConfig(image_size=16, patch_size=8, hidden_size=16, num_layers=1),
         **overrides,
     )
-    return build_model(cfg).eval()
+    return build_split_vlm(cfg).eval()
 
 
 def test_loaded_model_reproduces_the_checkpoint_logits_on_packed_documents(checkpoint):

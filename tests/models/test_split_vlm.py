@@ -12,10 +12,10 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import build_model
+from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.config import load_config
-from trainer.data.decode import Decoder
+from trainer.data.decode import SampleDecoder
 from trainer.data.demo import make_sample
 from trainer.data.packing import collate
 from trainer.data.shards import pack_blobs
@@ -137,7 +137,7 @@ def test_masking_never_leaks_its_target(tokenizer, target):
 
     model = tiny_model(image_target=target, vocab_size=len(tokenizer))
     cfg = model.cfg
-    decoder = Decoder(tokenizer, cfg, max_tokens=512)
+    decoder = SampleDecoder(tokenizer, cfg, max_tokens=512)
     sample = image_sample()
     doc = decoder(sample, 0)
     doc.image_mask[:] = False
@@ -171,7 +171,7 @@ def test_masking_never_leaks_its_target(tokenizer, target):
 
 def test_image_predictions_are_shifted_by_one(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
-    decoder = Decoder(tokenizer, model.cfg, max_tokens=512)
+    decoder = SampleDecoder(tokenizer, model.cfg, max_tokens=512)
     doc = decoder(image_sample(), 0)
     doc.image_mask[:] = False
     doc.image_mask[[0, 3, 15]] = True
@@ -218,8 +218,8 @@ def test_llava_configuration_is_a_plain_decoder(tokenizer, tmp_path):
         image_attention="causal",
         vision=VisionConfig(image_size=16, patch_size=4, hidden_size=16, num_layers=1),
     )
-    model = build_model(cfg).eval()
-    decoder = Decoder(tokenizer, cfg, max_tokens=512)
+    model = build_split_vlm(cfg).eval()
+    decoder = SampleDecoder(tokenizer, cfg, max_tokens=512)
     doc = decoder(image_sample(), 0)
     doc.image_mask[:] = False
     batch = collate([doc], image_attention="causal")

@@ -170,3 +170,62 @@ def test_bad_data_options_are_config_errors():
         load_config(None, ["data.shuffle_algo=py9"])
     with pytest.raises(ConfigError, match=r"data.max_bad_fraction must be between 0 and 1"):
         load_config(None, ["data.max_bad_fraction=2"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.steps=-1"], "run.steps=-1 must be >= 0"),
+        (["run.log_every=0"], "run.log_every=0 must be >= 1"),
+        (["run.seed=-1"], "run.seed=-1 must be >= 0"),
+        (["model.attention_backend=fast"], "model.attention_backend='fast'; valid: sdpa, flash,"),
+        (["model.adaptor=conv"], "model.adaptor='conv'; valid: linear, mlp"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["optim.schedule=cosin"], "optim.schedule='cosin'; valid: cosine, linear, constant"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be >= 0"),
+        (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 must be >= 0"),
+        (["optim.beta2=1"], "optim.beta2=1.0 must be in [0, 1)"),
+        (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be >= 0"),
+        (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio=1.5 must be in [0, 1]"),
+        (["optim.grad_clip=-1"], "optim.grad_clip=-1.0 must be >= 0"),
+        (["optim.adaptor_lr_scale=-0.5"], "optim.adaptor_lr_scale=-0.5 must be >= 0"),
+        (["engine.name=fsdx"], "engine.name='fsdx'; valid: local, fsdp, deepspeed"),
+        (["engine.mixed_precision=fp16"], "engine.mixed_precision='fp16'; valid: auto, bf16, fp32"),
+        (["engine.zero_stage=4"], "engine.zero_stage=4; valid: 1, 2, 3"),
+        (["engine.name=deepspeed", "engine.compile=true"], "engine.compile is not supported"),
+        (["checkpoint.every=-1"], "checkpoint.every=-1 must be >= 0"),
+        (["checkpoint.keep_last=-1"], "checkpoint.keep_last=-1 must be >= 0"),
+        (["cluster.num_workers=0"], "cluster.num_workers=0: need 1 <= min <= max"),
+        (["logging.progress=fancy"], "logging.progress='fancy'; valid: auto, bar, lines"),
+    ],
+)
+def test_every_section_is_validated_at_load(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "yaml/tiny.yaml", overrides)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_config_from_a_dict_is_validated_too():
+    raw = config_to_dict(load_config(None))
+    raw["engine"]["zero_stage"] = 0
+    with pytest.raises(ConfigError, match=r"^engine.zero_stage=0; valid: 1, 2, 3$"):
+        config_from_dict(raw)
+
+
+def test_the_valid_names_are_the_registries():
+    from models.attention import ATTENTION_BACKENDS
+    from models.vision import ADAPTORS
+    from trainer.engines import ENGINES
+    from trainer.engines.wrap import PRECISIONS
+    from trainer.optim import SCHEDULES
+
+    for key, registry in [
+        ("model.attention_backend", ATTENTION_BACKENDS),
+        ("model.adaptor", ADAPTORS),
+        ("engine.name", ENGINES),
+        ("engine.mixed_precision", PRECISIONS),
+        ("optim.schedule", SCHEDULES),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, [f"{key}=nope"])
+        assert str(error.value) == f"{key}='nope'; valid: {', '.join(registry)}"

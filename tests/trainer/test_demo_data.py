@@ -6,7 +6,7 @@ from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
 from models.config import ModelConfig
-from trainer.data.decode import DecodeError, Decoder
+from trainer.data.decode import DecodeError, SampleDecoder
 from trainer.data.demo import make_sample, write_demo
 from trainer.data.shards import pack_blobs, unpack_blobs
 
@@ -42,7 +42,7 @@ def test_mds_round_trip_equals_what_was_written(demo):
 
 def test_splits_differ_and_token_counts_are_exact(demo):
     tokenizer = AutoTokenizer.from_pretrained(str(demo / "tokenizer"))
-    decoder = Decoder(tokenizer, ModelConfig(), max_tokens=512)
+    decoder = SampleDecoder(tokenizer, ModelConfig(), max_tokens=512)
     train = StreamingDataset(local=str(demo / "train"), shuffle=False, batch_size=1)
     heldout = StreamingDataset(local=str(demo / "heldout"), shuffle=False, batch_size=1)
     train_images = {train[i]["images"] for i in range(30)} - {b""}
@@ -60,7 +60,7 @@ def test_splits_differ_and_token_counts_are_exact(demo):
 def test_decode_marks_spans_targets_and_masks(demo):
     tokenizer = AutoTokenizer.from_pretrained(str(demo / "tokenizer"))
     cfg = ModelConfig(mask_rate_min=0.5, mask_rate_max=0.5)
-    decoder = Decoder(tokenizer, cfg, max_tokens=512)
+    decoder = SampleDecoder(tokenizer, cfg, max_tokens=512)
     rng = random.Random(0)
     sample = next(s for s in (make_sample(i, rng) for i in range(50)) if s["messages"])
     sample["images"] = pack_blobs(sample["images"])
@@ -85,7 +85,7 @@ def test_decode_marks_spans_targets_and_masks(demo):
 
 def test_decode_errors_are_counted_reasons(demo):
     tokenizer = AutoTokenizer.from_pretrained(str(demo / "tokenizer"))
-    decoder = Decoder(tokenizer, ModelConfig(), max_tokens=20)
+    decoder = SampleDecoder(tokenizer, ModelConfig(), max_tokens=20)
     cases = {
         "empty": {"text": "", "messages": [], "images": b""},
         "too_long": {"text": "count : " + "one " * 40, "messages": [], "images": b""},

@@ -66,12 +66,13 @@ def assert_close(got: dict, want: dict, rel: float, steps) -> None:
 
 
 def demo_documents(cfg, count: int = 40, seed: int = 1):
-    from trainer.data.decode import Decoder
+    from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
     from trainer.data.demo import make_sample
     from trainer.data.shards import pack_blobs
-    from trainer.loop import load_tokenizer
 
-    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
+    decoder = SampleDecoder(
+        load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed
+    )
     rng = random.Random(seed)
     docs = []
     for index in range(count):
@@ -122,6 +123,14 @@ def task_train_in_two_parts(world, args: list[str], stop_after: int) -> None:
     train(config(args), world)
 
 
+def task_train_with_a_rank_of_skips(world, args: list[str]) -> None:
+    """Rank 1 skips every sample (too long for its data.max_tokens), so each of its steps runs
+    filler micro-batches only; rank 0 trains on its own samples (no balancing to share them)."""
+    from trainer.loop import train
+
+    train(config([*args, "data.balance_ranks=false", *(["data.max_tokens=2"] * world.rank)]), world)
+
+
 def task_split_step(world, args: list[str]) -> dict:
     from trainer.loop import TrainLoop
 
@@ -160,10 +169,11 @@ def task_balance(world, args: list[str]) -> dict:
 
 
 def step_batches(cfg, world, cls):
-    from trainer.data.decode import Decoder
-    from trainer.loop import load_tokenizer
+    from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
 
-    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed)
+    decoder = SampleDecoder(
+        load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens, seed=cfg.run.seed
+    )
     return cls(cfg.data, decoder, world)
 
 
@@ -180,6 +190,7 @@ def task_expect_incompatible(world, args: list[str]) -> str:
 
 TASKS = {
     "train": task_train,
+    "train_with_a_rank_of_skips": task_train_with_a_rank_of_skips,
     "train_in_two_parts": task_train_in_two_parts,
     "split_step": task_split_step,
     "sample_ids": task_sample_ids,
@@ -241,10 +252,11 @@ def spawn(world_size: int, tasks: list, tmp: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(demo_data, tmp_path_factory):
     """Everything distributed, once: three spawns plus the single-process references."""
+    from trainer.data.decode import load_tokenizer, tokenizer_dir
     from trainer.data.stream import StepBatches
     from trainer.distributed import WorldInfo
     from trainer.engines.local import LocalEngine
-    from trainer.loop import TrainLoop, build_model, load_tokenizer
+    from trainer.loop import TrainLoop, build_training_model
 
     tmp = tmp_path_factory.mktemp("engines")
     timings = {}
@@ -256,11 +268,13 @@ def runs(demo_data, tmp_path_factory):
     # on the text-only micro-batch) and freezes part of a block (a sharded unit of mixed
     # trainable and frozen parameters).
     split_options = ("model.vision.trainable=true", "optim.freeze=[core.0.attn.*]")
+    no_prefetch = "data.prefetch_steps=0"
     started = time.perf_counter()
     # The reference: one process, local engine.
     local_loop = TrainLoop(config(args("local")), WorldInfo())
     local_loop.run()
     local_eval = local_loop.engine.evaluate(eval_micro_batches(local_loop.cfg))
+    TrainLoop(config(args("local_no_prefetch", no_prefetch)), WorldInfo()).run()
     local_ids = []
     data = step_batches(config(args("local")), WorldInfo(), StepBatches)
     for _ in range(2):
@@ -269,8 +283,10 @@ def runs(demo_data, tmp_path_factory):
     del local_loop, data
     gc.collect()  # release the streaming datasets' shared memory before the ranks open theirs
     split_cfg = config(args("split_local", *split_options))
-    split_cfg.model.vocab_size = len(load_tokenizer(split_cfg))
-    engine = LocalEngine(split_cfg, WorldInfo(), build_model(split_cfg, None), torch.device("cpu"))
+    split_cfg.model.vocab_size = len(load_tokenizer(tokenizer_dir(split_cfg.data)))
+    engine = LocalEngine(
+        split_cfg, WorldInfo(), build_training_model(split_cfg, None), torch.device("cpu")
+    )
     micro_batches = [mb for rank in split_micro_batches(split_cfg) for mb in rank]
     split_local = {
         "before": engine.forward_backward(micro_batches),
@@ -289,6 +305,13 @@ def runs(demo_data, tmp_path_factory):
             ("ids", "sample_ids", {"args": args("ids"), "steps": 2}),
             ("balance", "balance", {"args": args("balance")}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
+            ("", "train", {"args": args("fsdp_no_prefetch", fsdp, ac, no_prefetch)}),
+            ("", "train_with_a_rank_of_skips", {"args": args("skips", fsdp)}),
+            (
+                "",
+                "train_with_a_rank_of_skips",
+                {"args": args("skips_no_prefetch", fsdp, no_prefetch)},
+            ),
             ("", "train_in_two_parts", {"args": args("fsdp_resumed", fsdp, ac), "stop_after": 2}),
             ("bf16", "train", {"args": args("bf16", fsdp, "engine.mixed_precision=bf16")}),
         ],
@@ -361,6 +384,20 @@ def test_a_rank_with_text_only_micro_batches_neither_hangs_nor_changes_the_step(
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), name
 
 
+def test_prefetching_changes_no_loss_on_local_and_on_2_fsdp_ranks(runs):
+    tmp = runs["tmp"]
+    for prefetched, in_turn in (("local", "local_no_prefetch"), ("fsdp", "fsdp_no_prefetch")):
+        assert losses(tmp / prefetched) == losses(tmp / in_turn)  # bitwise
+
+
+def test_a_rank_whose_every_sample_is_skipped_neither_hangs_nor_changes_the_losses(runs):
+    tmp = runs["tmp"]
+    metrics = [json.loads(line) for line in (tmp / "skips/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m["skipped_by_reason"] == {"too_long": 8} for m in metrics)
+    assert losses(tmp / "skips") == losses(tmp / "skips_no_prefetch")
+
+
 def test_a_step_sees_the_same_samples_on_1_and_2_ranks(runs):
     assert runs["ids"] == runs["local_ids"]
     assert len(runs["ids"][0]) == 16 and not set(runs["ids"][0]) & set(runs["ids"][1])
@@ -422,7 +459,8 @@ def test_export_loads_in_models_and_gives_the_trained_engines_losses(
 
 
 def test_freeze_patterns_freeze_exactly_the_matched_parameters(tiny_overrides):
-    from trainer.loop import build_model, load_tokenizer
+    from trainer.data.decode import load_tokenizer, tokenizer_dir
+    from trainer.loop import build_training_model
     from trainer.optim import apply_freeze, build_optimizer, set_learning_rate
 
     cfg = config(
@@ -433,7 +471,7 @@ def test_freeze_patterns_freeze_exactly_the_matched_parameters(tiny_overrides):
             "optim.adaptor_lr_scale=10",
         ]
     )
-    model = build_model(cfg, load_tokenizer(cfg))
+    model = build_training_model(cfg, load_tokenizer(tokenizer_dir(cfg.data)))
     names = [n for n, _ in model.named_parameters()]
     # Stage 1 of LLaVA-style training: only the adaptor (and the mask embedding) learn.
     frozen = apply_freeze(model, ["*", "!adaptor.*", "!mask_embedding"])

@@ -19,7 +19,7 @@ from cluster.cli import main as cli_main
 from models.config import ModelConfig
 from models.vision import normalize_pixels
 from trainer.config import DataConfig, StreamConfig
-from trainer.data.decode import DecodeError, Decoder, prepare_tokenizer
+from trainer.data.decode import DecodeError, SampleDecoder, prepare_tokenizer
 from trainer.data.demo import save_tokenizer, vocabulary
 from trainer.data.formats import MANIFEST, convert
 from trainer.data.shards import pack_blobs, unpack_blobs, write_shards
@@ -55,8 +55,10 @@ def read_shards(out: Path) -> list[dict]:
     return [dataset[i] for i in range(len(dataset))]
 
 
-def decoder_for(tokenizer, **kwargs) -> Decoder:
-    return Decoder(tokenizer, ModelConfig(), max_tokens=kwargs.pop("max_tokens", 512), **kwargs)
+def decoder_for(tokenizer, **kwargs) -> SampleDecoder:
+    return SampleDecoder(
+        tokenizer, ModelConfig(), max_tokens=kwargs.pop("max_tokens", 512), **kwargs
+    )
 
 
 def targets(doc, tokenizer) -> list[str]:

@@ -19,21 +19,16 @@ from matplotlib.image import imread
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.attention import PackedLayout
+from models.flops import ModelFlops, attention_pairs, dense_weights
 from trainer.callbacks import MetricsLogger
 from trainer.config import ConfigError, load_config
-from trainer.data.decode import Decoder
+from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
 from trainer.data.packing import layout_options, pack_step
 from trainer.data.stream import Skipped, StepBatches
 from trainer.distributed import WorldInfo
-from trainer.loop import build_model, load_tokenizer, train
-from trainer.metrics import (
-    ModelFlops,
-    StepMeter,
-    attention_pairs,
-    dense_weights,
-    peak_flops_for_name,
-)
-from trainer.reporting import Progress, wandb_metrics
+from trainer.loop import build_training_model, train
+from trainer.metrics import StepMeter, peak_flops_for_name
+from trainer.reporting import ConsoleProgress, wandb_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY = "fake0wandb0key0" + "0123456789abcdef" * 2
@@ -49,6 +44,7 @@ METRICS = {
     "model_flops_per_token",
     "mfu",
     "data_wait_fraction",
+    "host_fraction",
     "micro_batches",
     "token_imbalance",
     "skipped",
@@ -105,7 +101,7 @@ def test_a_short_run_reports_every_metric_to_jsonl_console_wandb_and_a_png(
     assert sum(m["skipped_by_reason"].get("too_long", 0) for m in metrics) > 0
     assert summary["skipped"] == {"too_long": sum(m["skipped"] for m in metrics)}
     # Every token passes the core and the text-head blocks, forward and backward.
-    model = build_model(cfg, load_tokenizer(cfg))
+    model = build_training_model(cfg, load_tokenizer(tokenizer_dir(cfg.data)))
     core_weights = sum(dense_weights(getattr(model, n))[0] for n in ("core", "text_head_blocks"))
     assert all(m["model_flops_per_token"] > 6 * core_weights for m in metrics)
 
@@ -165,9 +161,9 @@ def micro_batch(demo_data, vision_trainable: bool):
             f"model.vision.trainable={vision_trainable}",
         ],
     )
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tokenizer)
-    decoder = Decoder(tokenizer, cfg.model, cfg.data.max_tokens, seed=0)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.data))
+    model = build_training_model(cfg, tokenizer)
+    decoder = SampleDecoder(tokenizer, cfg.model, cfg.data.max_tokens, seed=0)
     docs, _ = StepBatches(cfg.data, decoder, WorldInfo()).next_step()
     (batch,) = pack_step(docs, cfg.data.max_tokens, **layout_options(cfg.model))
     assert batch.pixel_values.shape[0] > 0 and batch.num_masked_image_tokens > 0
@@ -221,8 +217,9 @@ def _meter_worker(rank: int, world_size: int, port: int, results):
         )
         reasons = ["too_long"] if rank == 0 else ["too_long", "image_corrupt", "too_long"]
         skipped = [Skipped(i, reason) for i, reason in enumerate(reasons)]
+        data = SimpleNamespace(docs=docs, skipped=skipped, micro_batches=[1, 2])
         results[rank] = meter.measure(
-            docs, skipped, micro_batches=[1, 2], data_seconds=0.1 + 0.2 * rank, seconds=2.0
+            data, wait_seconds=0.1 + 0.2 * rank, compute_seconds=1.5 - 0.5 * rank, seconds=2.0
         )
     finally:
         dist.destroy_process_group()
@@ -241,6 +238,7 @@ def test_step_metrics_are_global_over_ranks():
     assert m["samples_per_s"] == 2.5
     assert m["token_imbalance"] == 300 / 200
     assert m["data_wait_fraction"] == pytest.approx(0.3 / 2.0)  # the slowest rank's wait
+    assert m["host_fraction"] == pytest.approx(1.0 / 2.0)  # rank 1: 2.0 s, 1.0 s computing
     assert m["skipped"] == 4 and m["skipped_by_reason"] == {"image_corrupt": 1, "too_long": 3}
     assert m["model_flops_per_token"] == 2 * 2000 / 400
     assert m["mfu"] == pytest.approx(4000 / 2.0 / (2 * 1e3))
@@ -283,6 +281,7 @@ def step_metrics(step: int) -> dict:
         "tokens_per_s": 12345.0,
         "mfu": None,
         "data_wait_fraction": 0.02,
+        "host_fraction": 0.04,
         "max_allocated_gb": None,
         "max_rss_gb": 1.25,
         "skipped": 1,
@@ -298,7 +297,7 @@ class Terminal(io.StringIO):
 @pytest.mark.parametrize("stream_type", [io.StringIO, Terminal])
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(stream_type):
     stream = stream_type()
-    progress = Progress(total_steps=10, log_every=5, mode="auto", stream=stream)
+    progress = ConsoleProgress(total_steps=10, log_every=5, mode="auto", stream=stream)
     progress.on_train_start(FakeLoop(step=0))
     for step in range(1, 11):
         progress.on_step_end(FakeLoop(step=step), step_metrics(step))
@@ -308,6 +307,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(stream_type):
     periodic = [line for line in lines if "lr 1.00e-03" in line]
     assert [line.split()[1] for line in periodic] == ["5/10", "10/10"]
     assert "skipped 5" in periodic[0] and "mfu n/a" in periodic[0] and "rss 1.25GB" in periodic[0]
+    assert "data 2%  host 4%" in periodic[0]
     if stream_type is Terminal:
         assert "\r" in text and any("tokens/s 12,345" in line for line in lines)
         assert any("10/10 |" in line for line in lines)  # the bar, with its ETA

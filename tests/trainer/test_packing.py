@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from models.batch import IGNORE_INDEX
 from models.config import ModelConfig
 from models.split_vlm import SplitVLM
 from trainer.data.decode import Document
 from trainer.data.packing import (
-    IGNORE_INDEX,
     collate,
     pack_step,
     plan_micro_batches,

@@ -54,6 +54,35 @@ def test_a_stop_request_ends_the_run_after_the_current_step(tiny_overrides, on_s
     assert (latest / "trainer_state.json").stat().st_mtime_ns == mtime
 
 
+def test_a_stop_while_steps_are_prefetched_resumes_at_the_next_sample(tiny_overrides, tmp_path):
+    common = [*tiny_overrides, "run.steps=8", "run.log_sample_ids=true", "data.prefetch_steps=2"]
+    straight = load_config(REPO / "yaml/tiny.yaml", [*common, f"run.dir={tmp_path / 'straight'}"])
+    train(straight)
+    stopped = load_config(REPO / "yaml/tiny.yaml", [*common, f"run.dir={tmp_path / 'stopped'}"])
+    loop = TrainLoop(stopped)
+    loop.callbacks.insert(0, RequestStopAt(3))  # steps 4 and 5 are prepared by then
+    assert loop.run()["step"] == 3
+    state = json.loads(
+        (tmp_path / "stopped/checkpoints/step_0000003/trainer_state.json").read_text()
+    )
+    assert state["data"] == {"epoch": 0, "sample_in_epoch": 3 * 8}  # no prefetched step counted
+    (tmp_path / "stopped" / STOP_FILE).unlink()
+    assert train(stopped)["step"] == 8
+
+    consumed = read_jsonl(tmp_path / "stopped/samples.jsonl")
+    assert consumed == read_jsonl(tmp_path / "straight/samples.jsonl")  # steps 1-8, once each
+    for got, want in zip(
+        read_jsonl(tmp_path / "stopped/metrics.jsonl"),
+        read_jsonl(tmp_path / "straight/metrics.jsonl"),
+        strict=True,
+    ):
+        assert (got["step"], got["text_loss"], got["image_loss"]) == (
+            want["step"],
+            want["text_loss"],
+            want["image_loss"],
+        )
+
+
 def test_a_restart_replays_the_steps_after_the_checkpoint_and_counts_them(tiny_overrides, tmp_path):
     common = [*tiny_overrides, "checkpoint.every=4", "checkpoint.keep_last=0"]
     common.append("run.log_sample_ids=true")

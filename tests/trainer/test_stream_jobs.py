@@ -17,14 +17,14 @@ READER = """
 import json, os, signal, sys
 
 from trainer.config import load_config
-from trainer.data.decode import Decoder
+from trainer.data.decode import SampleDecoder
 from trainer.data.stream import StepBatches
 from trainer.distributed import WorldInfo
-from trainer.loop import load_tokenizer
+from trainer.data.decode import load_tokenizer, tokenizer_dir
 
 args = json.loads(sys.argv[1])
 cfg = load_config("yaml/tiny.yaml", args["overrides"])
-decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens)
+decoder = SampleDecoder(load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens)
 batches = StepBatches(cfg.data, decoder, WorldInfo(), cache_key=args["cache_key"])
 steps = []
 for _ in range(args["steps"]):
@@ -151,13 +151,13 @@ def test_streaming_registration_waits_for_the_node_lock(demo_data):
     import threading
 
     from trainer.config import load_config
-    from trainer.data.decode import Decoder
-    from trainer.data.stream import LOCK_NAME, StepBatches
+    from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
+    from trainer.data.stream import StepBatches
+    from trainer.data.streaming_compat import LOCK_NAME
     from trainer.distributed import WorldInfo
-    from trainer.loop import load_tokenizer
 
     cfg = load_config(REPO / "yaml/tiny.yaml", [f"data.path={demo_data}", "data.batch_size=8"])
-    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens)
+    decoder = SampleDecoder(load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens)
     built = []
     with open(Path(tempfile.gettempdir()) / LOCK_NAME, "a") as other_job:
         fcntl.flock(other_job, fcntl.LOCK_EX)  # another job is registering
@@ -177,10 +177,9 @@ def test_decompressing_a_shard_never_uses_a_name_another_job_writes(demo_data, t
     import shutil
 
     from trainer.config import load_config
-    from trainer.data.decode import Decoder
+    from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
     from trainer.data.stream import StepBatches
     from trainer.distributed import WorldInfo
-    from trainer.loop import load_tokenizer
 
     shards = tmp_path / "data"
     shutil.copytree(demo_data / "train", shards / "train", ignore=shutil.ignore_patterns("*.mds"))
@@ -191,8 +190,27 @@ def test_decompressing_a_shard_never_uses_a_name_another_job_writes(demo_data, t
         REPO / "yaml/tiny.yaml",
         [f"data.path={shards}", f"data.tokenizer={demo_data / 'tokenizer'}", "data.batch_size=8"],
     )
-    decoder = Decoder(load_tokenizer(cfg), cfg.model, cfg.data.max_tokens)
+    decoder = SampleDecoder(load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens)
     docs, skipped = StepBatches(cfg.data, decoder, WorldInfo()).next_step()
     assert len(docs) == 8 and not skipped
     assert list((shards / "train").glob("*.mds"))
     assert [p.name for p in (shards / "train").glob("*.tmp") if p.is_file()] == []
+
+
+def test_the_streaming_private_api_we_rely_on_is_there():
+    """A mosaicml-streaming upgrade fails here first, naming what moved."""
+    import streaming
+    from streaming import Stream, StreamingDataset
+    from streaming.base import constant
+
+    from trainer.data.streaming_compat import TESTED_VERSIONS
+
+    assert streaming.__version__.startswith(TESTED_VERSIONS), streaming.__version__
+    for owner, name in (
+        (Stream, "_decompress_shard_part"),
+        (StreamingDataset, "_get_work"),
+        (constant, "SHM_TO_CLEAN"),
+        (constant, "BARRIER_FILELOCK"),
+        (constant, "CACHE_FILELOCK"),
+    ):
+        assert hasattr(owner, name), f"{owner.__name__}.{name}"

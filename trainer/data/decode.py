@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,6 +79,24 @@ def prepare_tokenizer(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set one (it ends every document)")
     return len(missing)
+
+
+def tokenizer_dir(data_cfg) -> Path:
+    """`data.tokenizer`, or the tokenizer written next to the shards (`splitvlm shards demo`)."""
+    return Path(data_cfg.tokenizer) if data_cfg.tokenizer else Path(data_cfg.path) / "tokenizer"
+
+
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a local directory, with the special tokens decoding needs
+    (`prepare_tokenizer`). The one way every part of splitvlm loads a tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer directory not found: {path} (set data.tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def open_image(blob: bytes, max_pixels: int) -> Image.Image:
@@ -267,7 +286,7 @@ class Document:
         return int(self.input_ids.numel())
 
 
-class Decoder:
+class SampleDecoder:
     def __init__(
         self,
         tokenizer,
@@ -367,8 +386,8 @@ class Decoder:
 
         Philox is counter-based: the key is the seed, and (epoch, sample) fill the two high
         words of the 256-bit counter, so every sample starts a range of 2^128 blocks no other
-        sample reaches. Setting the state takes 2 us; a generator seeded per sample
-        (`default_rng([seed, epoch, index])`) took 11 us, a tenth of decoding a sample."""
+        sample reaches. Setting the state is much cheaper than seeding a generator per sample
+        (`default_rng([seed, epoch, index])`), which runs for every sample decoded."""
         self._bit_generator.state = {
             "bit_generator": "Philox",
             "state": {

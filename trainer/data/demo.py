@@ -49,14 +49,6 @@ SPECIAL_TOKENS = (
 SPLITS = {"train": 6000, "heldout": 400}
 
 
-def chance_accuracy() -> dict[str, float]:
-    return {
-        "color": 1 / len(COLORS),
-        "shape": 1 / len(SHAPES),
-        "position": 1 / len(POSITIONS),
-    }
-
-
 def render_shape(
     color: str, shape: str, position: str, rng: random.Random, size: int = 32
 ) -> bytes:

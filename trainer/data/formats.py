@@ -1,6 +1,6 @@
 """`splitvlm shards SOURCE --format FMT --out DIR`: common VLM data formats → MDS shards.
 
-Formats (README "Data" has an example of each):
+Formats (docs/data.md has an example of each):
 - `text`: JSONL, one `{"text": …}` per line; loss on every token.
 - `llava`: LLaVA-style JSON (a list) or JSONL of `{"id", "image": path | [paths],
   "conversations": [{"from": "human" | "gpt" | "system", "value": …}]}`; image paths are
@@ -41,8 +41,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from trainer.data.decode import SKIP_REASONS, ChatRenderer, DecodeError, check_image
-from trainer.data.shards import IMAGE_PLACEHOLDER, MDS_COLUMNS, estimate_text_tokens, pack_blobs
+from trainer.data.decode import (
+    SKIP_REASONS,
+    ChatRenderer,
+    DecodeError,
+    check_image,
+    load_tokenizer,
+)
+from trainer.data.shards import (
+    IMAGE_PLACEHOLDER,
+    MAX_IMAGE_PIXELS,
+    SHARD_HASHES,
+    SHARD_SIZE_LIMIT,
+    estimate_text_tokens,
+    write_shards,
+)
 
 MANIFEST = "splitvlm_shards.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -54,7 +67,6 @@ LLAVA_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
-DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
 MAX_EXAMPLES = 5  # example record ids kept per skip reason
 
 
@@ -210,13 +222,7 @@ def _init_worker(options: Options) -> None:
         return  # forked from a parent that already loaded everything
     renderer = None
     if options.tokenizer:
-        from transformers import AutoTokenizer
-
-        from trainer.data.decode import prepare_tokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(options.tokenizer)
-        prepare_tokenizer(tokenizer)
-        renderer = ChatRenderer(tokenizer)
+        renderer = ChatRenderer(load_tokenizer(options.tokenizer))
     _worker.update(options=options, renderer=renderer)
 
 
@@ -418,7 +424,7 @@ def _map_list(function, items: list) -> list:
     return [function(item) for item in items]
 
 
-class Progress:
+class ShardProgress:
     """tqdm on a terminal; otherwise a plain line every `every` seconds (logs, CI)."""
 
     def __init__(self, total: int | None, enabled: bool, every: float = 10.0):
@@ -479,16 +485,14 @@ def convert(
     image_root: str | Path = "",
     tokenizer: str | Path = "",
     max_tokens: int = 0,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
     num_workers: int | None = None,
     compression: str | None = "zstd",
-    size_limit: int = 1 << 26,
+    size_limit: int = SHARD_SIZE_LIMIT,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Report:
     """Convert SOURCE (format `fmt`) into MDS shards at `out`; see the module docstring."""
-    from streaming import MDSWriter
-
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(READERS)}")
     source, out = Path(source), Path(out)
@@ -506,7 +510,7 @@ def convert(
         max_tokens=max_tokens,
         tokenizer=str(Path(tokenizer).resolve()) if tokenizer else "",
     )
-    writer_options = {"compression": compression, "size_limit": size_limit, "hashes": ["xxh64"]}
+    writer_options = {"compression": compression, "size_limit": size_limit, "hashes": SHARD_HASHES}
     fingerprint = _fingerprint(fmt, source, options, writer_options)
     manifest = out / MANIFEST
     if manifest.is_file() and (out / "index.json").is_file():
@@ -524,23 +528,25 @@ def convert(
     report = Report(out=str(out), format=fmt, token_count="exact" if tokenizer else "estimate")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    bar = Progress(total, progress)
+    bar = ShardProgress(total, progress)
     num_workers = num_workers or os.cpu_count() or 1
+
+    def accepted() -> Iterator[dict]:
+        for result in _ordered_map(build_sample, tasks, num_workers):
+            bar.update(result[0] != "ok")
+            if result[0] == "ok":
+                report.num_samples += 1
+                report.num_text_tokens += result[1]["num_text_tokens"]
+                yield result[1]
+                continue
+            _, reason, record_id, detail = result
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            examples = report.examples.setdefault(reason, [])
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(f"{record_id} ({detail})"[:200])
+
     try:
-        with MDSWriter(out=str(partial), columns=MDS_COLUMNS, **writer_options) as writer:
-            for result in _ordered_map(build_sample, tasks, num_workers):
-                if result[0] == "ok":
-                    sample = result[1]
-                    writer.write({**sample, "images": pack_blobs(sample["images"])})
-                    report.num_samples += 1
-                    report.num_text_tokens += sample["num_text_tokens"]
-                else:
-                    _, reason, record_id, detail = result
-                    report.skipped[reason] = report.skipped.get(reason, 0) + 1
-                    examples = report.examples.setdefault(reason, [])
-                    if len(examples) < MAX_EXAMPLES:
-                        examples.append(f"{record_id} ({detail})"[:200])
-                bar.update(result[0] != "ok")
+        write_shards(partial, accepted(), compression=compression, size_limit=size_limit)
     finally:
         bar.close()
     report.skipped = {r: report.skipped[r] for r in SKIP_REASONS if r in report.skipped}

@@ -16,62 +16,15 @@ token, no loss targets, so they add nothing to the loss or the gradient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from models.attention import PackedLayout
+from models.batch import IGNORE_INDEX, PackedBatch
 from trainer.data.decode import Document
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class PackedBatch:
-    """One micro-batch: a flat token sequence with the layouts the model's stages need."""
-
-    input_ids: torch.Tensor  # int64 (T,)
-    labels: torch.Tensor  # int64 (T,): next-token target at each position, IGNORE_INDEX if none
-    layout: PackedLayout  # the merged sequence
-    rope_positions: torch.Tensor  # int64 (T, 2): RoPE position of each token, two axes (2-D RoPE)
-    text_index: torch.Tensor  # int64 (T_text,): positions of text tokens in the merged sequence
-    text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
-    image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
-    image_layout: PackedLayout | None  # every image its own document (image-in blocks)
-    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
-    image_mask: torch.Tensor  # bool (T_image,)
-    image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
-    sample_ids: list[str]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def num_text_targets(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
-    @property
-    def num_masked_image_tokens(self) -> int:
-        return int(self.image_mask.sum())
-
-    @property
-    def num_diffusion_targets(self) -> int:
-        return int((self.image_mask & self.image_span_full).sum())
-
-    def to(self, device: torch.device | str) -> PackedBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=True)
-            elif isinstance(value, PackedLayout):
-                value = value.to(device)
-            moved[f.name] = value
-        return PackedBatch(**moved)
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, min_bins: int = 1) -> list[list[int]]:
@@ -177,27 +130,11 @@ def pack_step(
     num_fillers = max(num_micro_batches - len(docs), 0)
     if num_micro_batches != len(bins) and docs:
         bins = plan_micro_batches(lengths, max_tokens, min(num_micro_batches, len(docs)))
-    with _one_intra_op_thread():
-        options = (image_attention, image_positions, attention_backend)
-        micro_batches = [collate([docs[i] for i in b], *options) for b in bins]
-        micro_batches += [filler_micro_batch(docs, *options) for _ in range(num_fillers)]
+    options = (image_attention, image_positions, attention_backend)
+    micro_batches = [collate([docs[i] for i in b], *options) for b in bins]
+    micro_batches += [filler_micro_batch(docs, *options) for _ in range(num_fillers)]
     assert len(micro_batches) == num_micro_batches
     return micro_batches
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread():
-    """Collating is many tiny integer ops, and some (repeat_interleave) fan out to the intra-op
-    thread pool however small the input. When the cores are busy (loader workers, other jobs)
-    every fork/join waits for a descheduled thread: 11 ms per call with 2 threads on a loaded
-    2-core machine, 8 us with one. Setting the thread count is a cheap (sub-microsecond) store;
-    it is process-wide, which is safe because packing runs between steps, never during compute."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def filler_micro_batch(docs: list[Document], *layout_args) -> PackedBatch:
@@ -252,15 +189,17 @@ def collate(
     labels[:-1] = torch.where(target_mask[1:], input_ids[1:], IGNORE_INDEX)
     # Labels never cross a document boundary: the last token of a document predicts nothing.
     labels[layout.cu_seqlens[1:].long() - 1] = IGNORE_INDEX
-    is_image = torch.tensor(segment_is_image).repeat_interleave(torch.tensor(segment_lengths))
+    # In numpy: packing may run beside the model's compute (the step prefetcher), where torch ops
+    # that fan out to the intra-op thread pool would compete with it for the same threads.
+    is_image = np.repeat(np.array(segment_is_image, dtype=bool), segment_lengths)
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,
         layout=layout,
         rope_positions=rope_positions(layout.position_ids, image_spans, image_positions),
-        text_index=torch.nonzero(~is_image).flatten(),
+        text_index=torch.from_numpy(np.flatnonzero(~is_image)),
         text_layout=PackedLayout.from_docs(text_docs, attention_backend) if text_docs else None,
-        image_index=torch.nonzero(is_image).flatten(),
+        image_index=torch.from_numpy(np.flatnonzero(is_image)),
         image_layout=PackedLayout.from_docs(image_docs, attention_backend) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
         image_mask=torch.cat([d.image_mask for d in docs]),

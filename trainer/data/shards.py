@@ -16,8 +16,6 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from streaming import MDSWriter
-
 IMAGE_PLACEHOLDER = "<image>"
 
 MDS_COLUMNS = {
@@ -30,6 +28,12 @@ MDS_COLUMNS = {
     "image_sizes": "json",
     "num_text_tokens": "int",
 }
+
+# Bytes of samples per shard before compression (mosaicml-streaming's own default).
+SHARD_SIZE_LIMIT = 1 << 26
+SHARD_HASHES = ["xxh64"]  # checked by readers with validate_hash
+# Images with more pixels are skipped at shard and decode time (a decompression-bomb guard).
+MAX_IMAGE_PIXELS = 1 << 26
 
 _LENGTH = struct.Struct("<I")
 
@@ -51,15 +55,21 @@ def unpack_blobs(data: bytes) -> list[bytes]:
 
 
 def write_shards(
-    out: Path, samples: Iterable[dict], compression: str | None = "zstd", size_limit: int = 1 << 26
+    out: Path,
+    samples: Iterable[dict],
+    compression: str | None = "zstd",
+    size_limit: int = SHARD_SIZE_LIMIT,
 ) -> int:
-    """Write `samples` (dicts with MDS_COLUMNS keys, `images` as a list of bytes) to MDS at `out`."""
+    """Write `samples` (dicts with MDS_COLUMNS keys, `images` as a list of bytes) to MDS at `out`;
+    returns how many. The one writer of shards: the demo and every format converter use it."""
+    from streaming import MDSWriter
+
     count = 0
     with MDSWriter(
         out=str(out),
         columns=MDS_COLUMNS,
         compression=compression,
-        hashes=["xxh64"],
+        hashes=SHARD_HASHES,
         size_limit=size_limit,
     ) as writer:
         for sample in samples:

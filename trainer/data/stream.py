@@ -20,18 +20,12 @@ caches remote streams in a directory of its own (`cache_key`).
 
 from __future__ import annotations
 
-import atexit
-import fcntl
 import hashlib
 import json
-import os
 import re
 import tempfile
 import threading
-import time
-import uuid
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -41,9 +35,15 @@ from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig, StreamConfig
-from trainer.data.decode import DecodeError, Decoder, Document
+from trainer.data.decode import DecodeError, Document, SampleDecoder
 from trainer.data.shards import check_split_dir
-from trainer.distributed import WorldInfo, barrier
+from trainer.data.streaming_compat import (
+    SharedDirStream,
+    epoch_partition,
+    open_dataset,
+    release_dataset,
+)
+from trainer.distributed import WorldInfo
 
 
 @dataclass
@@ -57,13 +57,12 @@ class SampleReader(Dataset):
     `Skipped` marker. The loader workers only read and decode; which samples, in what order, is
     decided in the main process (`StepBatches`).
 
-    Decoding inside streaming's own iterator was 3x slower per sample than the same decoding of
-    samples held in a list (657 vs 224 us, `scripts/bench_loader.py`): its download and ready
-    threads poll every few milliseconds and take the GIL from the decoding thread each time it
-    lets go of it.
+    Not inside streaming's own iterator: its download and ready threads poll every few
+    milliseconds and take the GIL from the decoding thread each time it lets go of it, which
+    makes decoding there several times slower (`scripts/bench_loader.py` measures both).
     """
 
-    def __init__(self, source: StreamingDataset, decoder: Decoder):
+    def __init__(self, source: StreamingDataset, decoder: SampleDecoder):
         self.source = source
         self.decoder = decoder
 
@@ -169,10 +168,8 @@ _TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in ("sampl
 class FlatBatch:
     """A loader batch on its way out of a worker: each tensor field of its documents as one
     concatenated array, so a batch pickles as a handful of arrays instead of several per
-    document. Measured over the demo shards (batch 16, one process): flattening, pickling,
-    unpickling and rebuilding the documents take 26 us a sample, against 51 us with an array per
-    field per document. (A tensor would cross through a shared-memory segment of its own, about
-    1 ms each.)"""
+    document: pickling cost grows with the number of arrays, not their size. (A tensor would
+    cross through a shared-memory segment of its own, far slower for small arrays.)"""
 
     def __init__(self, items: list):
         docs = [item for item in items if isinstance(item, Document)]
@@ -201,32 +198,6 @@ class FlatBatch:
             )
         )
         return [next(docs) if item is None else item for item in self.skipped]
-
-
-class SharedDirStream(Stream):
-    """streaming's Stream, safe for a local shard directory several jobs read at once.
-
-    The first reader of a compressed shard decompresses it next to the `.zstd` file, through a
-    temporary file whose name (`NAME.tmp`) is the same in every process: two jobs reading fresh
-    shards together could truncate the file the other had just renamed into place (measured: 2
-    of 6 tries crashed with "Relative sample index … is not present"). Here each writes a
-    temporary file of its own and renames it over the shard, which readers see whole, old or new.
-    """
-
-    def _decompress_shard_part(self, zip_info, zip_filename, raw_filename, compression) -> None:
-        from streaming.base.compression import decompress
-        from streaming.base.hashing import get_hash
-
-        data = Path(zip_filename).read_bytes()
-        if self.validate_hash:
-            if get_hash(self.validate_hash, data) != zip_info.hashes.get(self.validate_hash):
-                raise ValueError(f"Checksum failure: {zip_filename}")
-        tmp = f"{raw_filename}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as out:
-            out.write(decompress(compression, data))
-        os.replace(tmp, raw_filename)
-        if not self.safe_keep_zip:  # a remote stream's own cache: no other reader
-            os.remove(zip_filename)
 
 
 def streaming_kwargs(cfg: DataConfig, batch_size: int) -> dict:
@@ -267,115 +238,6 @@ def local_dir(stream: StreamConfig, cache_dir: str, cache_key: str = "") -> Path
         root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "splitvlm-cache"
         local = root / re.sub(r"[^A-Za-z0-9._-]+", "_", stream.remote).strip("_")
     return local / cache_key if stream.remote and cache_key else local
-
-
-SHM_ROOT = Path("/dev/shm")
-OWNERS_SUFFIX = "splitvlm_owners"  # SHM_ROOT/PREFIX_splitvlm_owners: PIDs of a prefix's readers
-
-
-def _prefix_name(prefix_int: int, name: str) -> str:
-    # streaming's private layout (0.11-0.13): the names of a prefix are PREFIX_NAME, 6 digits.
-    return f"{prefix_int:06}_{name}"
-
-
-def release_prefix(prefix_int: int) -> None:
-    """Unlink a streaming registration's shared memory, its lock files and our owner record of
-    it. Processes that have it mapped keep their mapping; only the names go, so the prefix is
-    free again (streaming's scan also skips every prefix whose lock files are left)."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
-
-    for name in [*SHM_TO_CLEAN, OWNERS_SUFFIX]:
-        (SHM_ROOT / _prefix_name(prefix_int, name)).unlink(missing_ok=True)
-    for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-        (Path(tempfile.gettempdir()) / _prefix_name(prefix_int, name)).unlink(missing_ok=True)
-
-
-def record_owner(prefix_int: int) -> None:
-    """Add this process to the readers of a registration (every local rank calls it). A normal
-    exit removes the record along with streaming's own exit-time cleanup, so a record outlives
-    its registration only when the registration is left behind too."""
-    if not SHM_ROOT.is_dir():
-        return
-    path = SHM_ROOT / _prefix_name(prefix_int, OWNERS_SUFFIX)
-    with open(path, "a") as record:
-        record.write(f"{os.getpid()}\n")  # one short append: whole, even with several writers
-    atexit.register(path.unlink, missing_ok=True)
-
-
-def release_dead_registrations() -> list[int]:
-    """Release the registrations of splitvlm readers that are all dead; returns their prefixes.
-
-    A process that ends without Python's exit handlers (killed, crashed, or ended by Ray, which
-    does not run them) leaves its streaming registration behind. streaming then refuses that
-    registration's remote cache to every later reader ("Reused local directory"): a restarted
-    run would never start. And every later reader on the node scans past it, keeping one file
-    descriptor open per registration it scanned until its process exits (seen here: 184 left-over registrations, 17,000 open descriptors
-    after the trainer tests, then "Too many open files"). Only registrations splitvlm recorded
-    (`record_owner`) are released: another program's are not ours to judge. A recycled PID
-    makes a registration look alive, which only delays its release. Call on the local leader.
-    """
-    released = []
-    for record in sorted(SHM_ROOT.glob(f"*_{OWNERS_SUFFIX}")):
-        try:
-            pids = [int(line) for line in record.read_text().split()]
-        except (OSError, ValueError):
-            continue
-        if not any(_alive(pid) for pid in pids):
-            prefix_int = int(record.name.split("_", 1)[0])
-            release_prefix(prefix_int)
-            released.append(prefix_int)
-    return released
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
-
-
-REGISTRATION_ATTEMPTS = 5
-REGISTRATION_LOCK_TIMEOUT_S = 120.0
-LOCK_NAME = "splitvlm-streaming.lock"  # in the node's temp directory, like streaming's locks
-
-
-@contextmanager
-def registration_lock(world: WorldInfo):
-    """Serializes streaming's shared-memory registration between the jobs on this node.
-
-    streaming finds its prefix by scanning for the first free one, then registers it, with
-    barriers between ranks in the middle: two jobs starting together can pick the same prefix
-    (seen here: FileExistsError '/001005_locals'). Each node's local leader holds a file lock from
-    before any rank of the job scans until every rank has registered. Multi-node jobs starting
-    at once could each hold one node and wait for the other in a barrier: after
-    REGISTRATION_LOCK_TIMEOUT_S a leader goes on without the lock, and says so.
-    """
-    lock_file = None
-    barrier()
-    if world.local_rank == 0:
-        lock_file = open(Path(tempfile.gettempdir()) / LOCK_NAME, "a")
-        deadline = time.monotonic() + REGISTRATION_LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    print("warning: streaming registration without the node lock", flush=True)
-                    lock_file.close()
-                    lock_file = None
-                    break
-                time.sleep(0.05)
-    barrier()  # no rank of this job scans before its leader holds the lock
-    try:
-        yield
-        barrier()  # every rank of this job has registered
-    finally:
-        if lock_file is not None:
-            lock_file.close()  # releases the lock
 
 
 def check_streams(cfg: DataConfig, split: str = "") -> None:
@@ -423,7 +285,7 @@ class StepBatches:
     def __init__(
         self,
         cfg: DataConfig,
-        decoder: Decoder,
+        decoder: SampleDecoder,
         world: WorldInfo,
         split: str = "",
         cache_key: str = "",
@@ -433,25 +295,7 @@ class StepBatches:
         self.cfg = cfg
         self.world = world
         self.batch_size = rank_batch_size(cfg, world.world_size)
-        for attempt in range(REGISTRATION_ATTEMPTS):
-            try:
-                with registration_lock(world):
-                    if world.local_rank == 0:
-                        released = release_dead_registrations()
-                        if released:
-                            print(f"released stale streaming registrations {released}", flush=True)
-                    barrier()  # every local rank registers after the cleanup
-                    self.source = StreamingDataset(
-                        streams=streams, **streaming_kwargs(cfg, self.batch_size)
-                    )
-                    record_owner(self.source._shm_prefix_int)
-                break
-            except FileExistsError:
-                # A reader outside our lock (another program using streaming) registered the
-                # prefix between streaming's scan and its own registration. Only with one rank
-                # is trying again safe: with more, the others already wait in a barrier.
-                if world.world_size > 1 or attempt == REGISTRATION_ATTEMPTS - 1:
-                    raise
+        self.source = open_dataset(streams, world, **streaming_kwargs(cfg, self.batch_size))
         self.reader = SampleReader(self.source, decoder)
         self.cursor = DataCursor()
         self.last_sample_ids: list[str] = []  # this rank's samples of the last step, in order
@@ -462,26 +306,13 @@ class StepBatches:
     def global_batch_size(self) -> int:
         return self.batch_size * self.world.world_size
 
-    def rank_sample_ids(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
-        """This rank's samples of `epoch` from global sample `sample_in_epoch` on, in order:
-        streaming's own partition, the one its iterator would read."""
-        # streaming 0.11-0.13: _get_work computes the epoch's partition once per node (the local
-        # leader, into shared memory) for the worlds __iter__ detects. Detected here, in the main
-        # process, a rank has one worker: the loader's workers take its batches in turn, so the
-        # order does not depend on data.num_workers.
-        source = self.source
-        source._unique_worker_world = source._unique_rank_world.detect_workers()
-        source._parallel_worker_world = source._parallel_rank_world.detect_workers()
-        ids = source._get_work(epoch, sample_in_epoch)
-        return ids[ids != -1]  # padding at the end of the epoch
-
     def seek(self, epoch: int, sample_in_epoch: int) -> None:
         """Continue at global sample `sample_in_epoch` of `epoch` (before the next `next()`)."""
         self.cursor.epoch, self.cursor.sample_in_epoch = epoch, sample_in_epoch
         self._stop_epoch()
 
     def _start_epoch(self) -> None:
-        ids = self.rank_sample_ids(self.cursor.epoch, self.cursor.sample_in_epoch)
+        ids = epoch_partition(self.source, self.cursor.epoch, self.cursor.sample_in_epoch)
         num_batches = len(ids) // self.batch_size  # a partial last batch is dropped
         batches = ids[: num_batches * self.batch_size].reshape(num_batches, self.batch_size)
         # As far ahead as streaming's own iterator would download (`predownload`).
@@ -493,6 +324,10 @@ class StepBatches:
             batch_sampler=sampler,
             collate_fn=FlatBatch if self.cfg.num_workers else _keep_list,
             num_workers=self.cfg.num_workers,
+            # A loader draws its workers' base seed when it starts an epoch: from a generator
+            # of its own, not from torch's global one, whose stream belongs to the model (a
+            # prefetching thread starts epochs at other moments than the training thread).
+            generator=torch.Generator().manual_seed(self.cursor.epoch),
         )
         self._iterator = iter(loader)
 
@@ -506,9 +341,7 @@ class StepBatches:
         of a run. Ray ends its workers without Python's exit handlers, which is where streaming
         would unregister: without this, every run left its registration on the node."""
         self._stop_epoch()
-        barrier()  # no rank of this job still needs the registration's names
-        if self.world.local_rank == 0:
-            release_prefix(self.source._shm_prefix_int)
+        release_dataset(self.source, self.world)
 
     def __del__(self) -> None:
         # A prefetcher waiting for the reader would otherwise keep the dataset alive.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import Config
+from trainer.config import ENGINE_NAMES, Config
 from trainer.distributed import WorldInfo
 from trainer.engines.base import Engine
 
@@ -29,9 +29,9 @@ def _deepspeed(cfg, world, model, device):
 
 
 ENGINES = {"local": _local, "fsdp": _fsdp, "deepspeed": _deepspeed}
+assert tuple(ENGINES) == ENGINE_NAMES, "update trainer.config.ENGINE_NAMES as well"
 
 
 def build_engine(cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device) -> Engine:
-    if cfg.engine.name not in ENGINES:
-        raise ValueError(f"unknown engine.name {cfg.engine.name!r}; valid: {', '.join(ENGINES)}")
+    assert cfg.engine.name in ENGINES, f"unvalidated engine.name={cfg.engine.name!r}"
     return ENGINES[cfg.engine.name](cfg, world, model, device)

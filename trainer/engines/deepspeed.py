@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import Config
+from trainer.config import ZERO_STAGES, Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, IncompatibleCheckpointError
-from trainer.engines.wrap import prepare_blocks, resolve_precision
+from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
 META_FILE = "splitvlm_engine.json"
@@ -30,8 +30,7 @@ META_FILE = "splitvlm_engine.json"
 
 def deepspeed_config(cfg: Config, device: torch.device) -> dict:
     engine = cfg.engine
-    if engine.zero_stage not in (1, 2, 3):
-        raise ValueError(f"engine.zero_stage={engine.zero_stage}; valid: 1, 2, 3")
+    assert engine.zero_stage in ZERO_STAGES, f"unvalidated engine.zero_stage={engine.zero_stage}"
     zero: dict = {"stage": engine.zero_stage}
     if engine.zero_stage == 1:
         zero["overlap_comm"] = False  # required by unmanaged accumulation below stage 2
@@ -58,11 +57,7 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device):
         super().__init__(cfg, world)
-        if cfg.engine.compile:
-            raise ValueError(
-                "engine.compile is not supported with engine.name=deepspeed (ZeRO-3's parameter "
-                "hooks run inside the block); use engine.name=fsdp"
-            )
+        assert not cfg.engine.compile, "unvalidated engine.compile with engine.name=deepspeed"
         if cfg.engine.cpu_offload and device.type != "cuda":
             raise ValueError("engine.cpu_offload moves GPU state to host memory; it needs a GPU")
         ensure_process_group(world)
@@ -75,7 +70,7 @@ class DeepSpeedEngine(Engine):
         model.run_every_branch = True
         # torch's non-reentrant checkpointing re-runs each block's forward in backward, and with
         # it ZeRO-3's gather hooks, so it needs no DeepSpeed-specific variant.
-        prepare_blocks(model, cfg.engine.activation_checkpointing, compile=False)
+        parallelize(model, cfg.engine)  # ZeRO-3 partitions in deepspeed.initialize below
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, cfg.optim),

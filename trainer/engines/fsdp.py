@@ -33,7 +33,7 @@ from torch.distributed.fsdp import (
 from trainer.config import Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, clip_and_step
-from trainer.engines.wrap import prepare_blocks, resolve_precision
+from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, set_learning_rate
 
 
@@ -48,22 +48,25 @@ class FSDPEngine(Engine):
         param_dtype = resolve_precision(engine_cfg.mixed_precision, device)
         mesh = init_device_mesh(device.type, (world.world_size,))
         model.run_every_branch = True
-        prepare_blocks(model, engine_cfg.activation_checkpointing, engine_cfg.compile)
-        shard = {
+        units = {
             "mesh": mesh,
             # Gradients are reduced in fp32 whatever the compute dtype.
             "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
             "offload_policy": CPUOffloadPolicy() if engine_cfg.cpu_offload else OffloadPolicy(),
         }
-        for block in model.transformer_blocks():
-            fully_shard(block, **shard)
-        # The vision tower is its own unit because it is usually frozen: FSDP2 reduce-scatters a
-        # unit's gradients together, and a unit of only frozen parameters simply has none to
-        # reduce, while its weights are still sharded (half the memory on 2 ranks) and gathered
-        # for its forward. The adaptor, mask embedding, embeddings, norms and heads are small and
-        # go with the root, which is gathered once per forward.
-        fully_shard(model.vision, **shard)
-        fully_shard(model, **shard)
+
+        def shard(model: nn.Module) -> None:
+            for block in model.transformer_blocks():
+                fully_shard(block, **units)
+            # The vision tower is its own unit because it is usually frozen: FSDP2
+            # reduce-scatters a unit's gradients together, and a unit of only frozen parameters
+            # simply has none to reduce, while its weights are still sharded (half the memory on
+            # 2 ranks) and gathered for its forward. The adaptor, mask embedding, embeddings,
+            # norms and heads are small and go with the root, gathered once per forward.
+            fully_shard(model.vision, **units)
+            fully_shard(model, **units)
+
+        parallelize(model, engine_cfg, shard)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
 

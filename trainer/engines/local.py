@@ -11,7 +11,7 @@ from torch import nn
 from trainer.config import Config
 from trainer.distributed import WorldInfo
 from trainer.engines.base import Engine, clip_and_step
-from trainer.engines.wrap import prepare_blocks
+from trainer.engines.wrap import parallelize
 from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
 
@@ -24,7 +24,7 @@ class LocalEngine(Engine):
                 "use engine.name=fsdp or deepspeed with cluster.num_workers > 1"
             )
         self.device = device
-        prepare_blocks(model, cfg.engine.activation_checkpointing, cfg.engine.compile)
+        parallelize(model, cfg.engine)
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 

@@ -8,12 +8,13 @@ names — and with them checkpoints and exports — do not depend on these optio
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from trainer.config import PRECISIONS
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
@@ -38,18 +39,22 @@ def apply_compile(blocks: list[nn.Module]) -> None:
         block.compile()
 
 
-def prepare_blocks(model: nn.Module, activation_checkpointing: bool, compile: bool) -> None:
+def parallelize(model: nn.Module, engine_cfg, shard: Callable[[nn.Module], None] | None = None):
+    """The one place the order is set: activation checkpointing → compile → shard (`shard`, the
+    engine's own: FSDP2's fully_shard per unit; none for local, whose model stays whole, and for
+    ZeRO, which partitions inside deepspeed.initialize right after this)."""
     blocks = model.transformer_blocks()
-    if activation_checkpointing:
+    if engine_cfg.activation_checkpointing:
         apply_activation_checkpointing(blocks)
-    if compile:
+    if engine_cfg.compile:
         apply_compile(blocks)
+    if shard is not None:
+        shard(model)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """engine.mixed_precision → the compute dtype: `auto` is bf16 on GPU and fp32 on CPU."""
-    if name not in PRECISIONS:
-        raise ValueError(f"engine.mixed_precision={name!r}; valid: {', '.join(PRECISIONS)}")
+    assert name in PRECISIONS, f"unvalidated engine.mixed_precision={name!r}"
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if name == "bf16" else torch.float32

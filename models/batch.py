@@ -1,0 +1,60 @@
+"""The model's input: one packed micro-batch (`PackedBatch`), built by the data pipeline
+(trainer/data/packing.py) and read by every stage of the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.attention import PackedLayout, map_tensors
+
+# Label of a position with no next-token target (torch's cross-entropy ignore index).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch: a flat token sequence with the layouts the model's stages need."""
+
+    input_ids: torch.Tensor  # int64 (T,)
+    labels: torch.Tensor  # int64 (T,): next-token target at each position, IGNORE_INDEX if none
+    layout: PackedLayout  # the merged sequence
+    rope_positions: torch.Tensor  # int64 (T, 2): RoPE position of each token, two axes (2-D RoPE)
+    text_index: torch.Tensor  # int64 (T_text,): positions of text tokens in the merged sequence
+    text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
+    image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
+    image_layout: PackedLayout | None  # every image its own document (image-in blocks)
+    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
+    image_mask: torch.Tensor  # bool (T_image,)
+    image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
+    sample_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_text_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_masked_image_tokens(self) -> int:
+        return int(self.image_mask.sum())
+
+    @property
+    def num_diffusion_targets(self) -> int:
+        return int((self.image_mask & self.image_span_full).sum())
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy on `device` (non_blocking: from pinned memory the copy overlaps compute)."""
+        return map_tensors(self, lambda tensor: tensor.to(device, non_blocking=True))
+
+    def pin_memory(self) -> PackedBatch:
+        return map_tensors(self, torch.Tensor.pin_memory)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the batch holds, its layouts' included."""
+        found: list[torch.Tensor] = []
+        map_tensors(self, lambda tensor: found.append(tensor) or tensor)
+        return found
