@@ -227,6 +227,10 @@ def _init_ray(cfg: Config) -> None:
         return
     _, high = cluster.worker_range
     ray.init(
+        # "local": always a new cluster of our own. Without it ray.init joins whatever RAY_ADDRESS
+        # or Ray's address file of the last `ray start` names (left behind when that head was
+        # killed), and then refuses num_cpus ("When connecting to an existing cluster ...").
+        address="local",
         num_cpus=cluster.num_cpus or max(os.cpu_count() or 1, high * cluster.cpus_per_worker + 1),
         num_gpus=cluster.num_gpus,
         include_dashboard=cluster.dashboard,

@@ -2,14 +2,23 @@
 and SIGTERM to it: a checkpoint at the step it stopped, no Ray process left behind."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import cli_env, end_session, is_loopback, listening_addresses, pids_in_session
+from helpers import (
+    cli_env,
+    end_session,
+    free_port,
+    is_loopback,
+    listening_addresses,
+    pids_in_session,
+)
 
 from trainer.checkpoint import find_latest_checkpoint
 
@@ -24,6 +33,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_train_command_runs_on_an_embedded_ray_cluster(tmp_path):
     data = tmp_path / "demo"  # absent: the tiny preset writes the demo shards itself
     run_dir = tmp_path / "run"
+    # What a `ray start` head killed with -9 leaves behind: Ray's record of the last cluster
+    # started, naming a head that is gone, and a shell that still points at it. The default
+    # (no cluster.address) starts a cluster of its own all the same.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))  # short: Ray's unix sockets
+    dead_head = f"127.0.0.1:{free_port()}"
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead_head)
     result = subprocess.run(
         [
             sys.executable,
@@ -41,10 +57,12 @@ def test_train_command_runs_on_an_embedded_ray_cluster(tmp_path):
             "run.log_every=20",
         ],
         cwd=REPO,
+        env=cli_env(RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS=dead_head),
         capture_output=True,
         text=True,
         timeout=600,
     )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (data / "train" / "index.json").is_file() and (data / "tokenizer").is_dir()
     # The step lines come from the Ray Train worker process, once each.
