@@ -20,6 +20,12 @@ Backends (see `ATTENTION_BACKENDS`), all equal up to fp32 rounding, outputs and 
   pure-PyTorch stand-in with flash-attn's signature and semantics, so it is tested on CPU.
 - "flex": FlexAttention with a BlockMask built from the interval vectors (GPU; on CPU torch
   only runs the forward, eagerly, materializing T^2 scores).
+- "varlen": the "flash" decomposition through torch's own `torch.nn.attention.varlen.varlen_attn`
+  (bundled FlashAttention-2; CUDA, fp16/bf16, torch >= 2.10), no external package.
+- "varlen_emulated": the same through `varlen_attn_emulated`, varlen_attn's signature over the
+  flash-attn emulator, so it is tested on CPU.
+- "auto": "varlen" where its kernel runs (CUDA, fp16/bf16, head dim a multiple of 8 up to 256,
+  torch >= 2.10), "sdpa" everywhere else; resolved per call from q, so layouts carry both plans.
 """
 
 from __future__ import annotations
@@ -132,7 +138,8 @@ class PackedLayout:
             raise ValueError(
                 f"unknown attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
             )
-        plan = set(_PLAN_OF.values()) if backend is None else {_PLAN_OF[backend]}
+        plans_wanted = _PLANS_OF.values() if backend is None else [_PLANS_OF[backend]]
+        plan = {name for names in plans_wanted for name in names}
         segments, doc_bounds = _parse_docs(docs)
         num_tokens = doc_bounds[-1][1]
         # Per-token arrays in numpy, made tensors once: planning runs for every micro-batch
@@ -184,8 +191,17 @@ class PackedLayout:
         return map_tensors(self, lambda tensor: tensor.to(device, non_blocking=True))
 
 
-# Which plan each backend runs on ("flash" and "flash_emulated" share one decomposition).
-_PLAN_OF = {"sdpa": "sdpa", "flash": "flash", "flash_emulated": "flash", "flex": "flex"}
+# The plans each backend runs on: the flash and varlen backends share one decomposition, and
+# "auto" needs both of its candidates, since packing plans on CPU before the copy to a device.
+_PLANS_OF = {
+    "sdpa": ("sdpa",),
+    "flash": ("flash",),
+    "flash_emulated": ("flash",),
+    "flex": ("flex",),
+    "varlen": ("flash",),
+    "varlen_emulated": ("flash",),
+    "auto": ("sdpa", "flash"),
+}
 _PLAN_FIELD = {"sdpa": "sdpa_blocks", "flash": "flash_calls", "flex": "flex_blocks"}
 
 
@@ -400,26 +416,68 @@ def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) 
 
 
 def _flash_decomposition(
-    q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale, varlen_kernel: Callable
+    q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, run_call: Callable
 ) -> Tensor:
+    """The FlashCall plan through `run_call(q of the call's queries, k, v, call)`, one kernel."""
     _require_plan(layout, "flash")
     # Each query row comes out of exactly one call, and the calls share the full k/v, so the
     # kernel's own autograd gives exact gradients: dK/dV of the calls simply add up.
     outputs = [
-        varlen_kernel(
-            q_THD.index_select(0, call.query_index),
+        run_call(q_THD.index_select(0, call.query_index), k_TKD, v_TKD, call)
+        for call in layout.flash_calls
+    ]
+    return torch.cat(outputs).index_select(0, layout.flash_inverse_index)
+
+
+def _flash_attn_call(kernel: Callable, scale: float | None) -> Callable:
+    """A FlashCall through flash-attn's `flash_attn_varlen_func` signature."""
+
+    def run_call(q_QHD, k_TKD, v_TKD, call: FlashCall) -> Tensor:
+        # max_seqlen_q at least 2: at 1, with GQA and no window, flash-attn reshapes q to one
+        # row per batch (seqlenq_ngroups_swapped), which our zero-query batches break. The bound
+        # only sizes the launch grid (128-row blocks), so 2 costs nothing.
+        max_seqlen_q = max(call.max_seqlen_q, 2)
+        return kernel(
+            q_QHD,
+            k_TKD,
+            v_TKD,
+            call.cu_seqlens_q,
+            call.cu_seqlens_k,
+            max_seqlen_q,
+            call.max_seqlen_k,
+            softmax_scale=scale,
+            causal=call.causal,
+        )
+
+    return run_call
+
+
+def _varlen_attn_call(kernel: Callable, scale: float | None) -> Callable:
+    """A FlashCall through torch's `varlen_attn` signature. Its flash kernel is flash-attn 2's,
+    with the same facts: int32 cu_seqlens, zero-query batches allowed, max_k covering them,
+    fp16/bf16 only, head dim a multiple of 8 up to 256 (varlen_attn does not pad it)."""
+
+    def run_call(q_QHD, k_TKD, v_TKD, call: FlashCall) -> Tensor:
+        # Causal is the tuple (-1, 0): varlen_attn compares `window_size == (-1, 0)`. Full is
+        # (-1, max_k), which the kernel clamps to no window in forward and backward: exactly
+        # (-1, -1) lets varlen_attn pick cuDNN over its flash kernel (sm90/sm100, cuDNN >= 9.18,
+        # equal heads, max_q > 128), and how cuDNN treats zero-query batches is unverified. Any
+        # window also keeps flash off its max_q == 1 GQA path (see _flash_attn_call).
+        window = (-1, 0) if call.causal else (-1, call.max_seqlen_k)
+        return kernel(
+            q_QHD,
             k_TKD,
             v_TKD,
             call.cu_seqlens_q,
             call.cu_seqlens_k,
             call.max_seqlen_q,
             call.max_seqlen_k,
-            softmax_scale=scale,
-            causal=call.causal,
+            scale=scale,
+            window_size=window,
+            enable_gqa=q_QHD.shape[1] != k_TKD.shape[1],
         )
-        for call in layout.flash_calls
-    ]
-    return torch.cat(outputs).index_select(0, layout.flash_inverse_index)
+
+    return run_call
 
 
 def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
@@ -430,11 +488,53 @@ def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
             "attention backend 'flash' needs flash-attn 2.x (CUDA only): "
             "pip install splitvlm[gpu]; on CPU use backend 'sdpa'"
         ) from error
-    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func)
+    run_call = _flash_attn_call(flash_attn_varlen_func, scale)
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
 
 
 def _flash_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
-    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, scale, flash_attn_varlen_func_emulated)
+    run_call = _flash_attn_call(flash_attn_varlen_func_emulated, scale)
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
+
+
+@functools.cache
+def _torch_varlen_attn() -> Callable | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def _varlen_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    varlen_attn = _torch_varlen_attn()
+    if varlen_attn is None:
+        raise ImportError(
+            f"attention backend 'varlen' needs torch >= 2.10 (this is {torch.__version__}); "
+            "use backend 'auto' or 'sdpa'"
+        )
+    run_call = _varlen_attn_call(varlen_attn, scale)
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
+
+
+def _varlen_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    run_call = _varlen_attn_call(varlen_attn_emulated, scale)
+    return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
+
+
+def _auto_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+    # Where varlen's kernel runs: flash-attn 2 takes only fp16/bf16 (fp32 training on a GPU,
+    # e.g. the local engine, gets sdpa) and head dims that are multiples of 8 up to 256.
+    head_dim = q_THD.shape[2]
+    use_varlen = (
+        q_THD.is_cuda
+        and q_THD.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and _torch_varlen_attn() is not None
+    )
+    backend = _varlen_attention if use_varlen else _sdpa_attention
+    return backend(q_THD, k_TKD, v_TKD, layout, scale)
 
 
 @functools.cache
@@ -483,6 +583,9 @@ ATTENTION_BACKENDS: dict[str, Callable] = {
     "flash": _flash_attention,
     "flash_emulated": _flash_emulated_attention,
     "flex": _flex_attention,
+    "varlen": _varlen_attention,
+    "varlen_emulated": _varlen_emulated_attention,
+    "auto": _auto_attention,
 }
 assert tuple(ATTENTION_BACKENDS) == ATTENTION_BACKEND_NAMES, "update models.config as well"
 
@@ -560,16 +663,18 @@ def flash_attn_varlen_func_emulated(
     """Pure-PyTorch `flash_attn.flash_attn_varlen_func`: q (total_q, H, D), k/v (total_k, Hkv, D).
 
     Same contract as the kernel, checked instead of trusted: cu_seqlens int32 and monotone,
-    every batch no longer than max_seqlen_q/k, Hkv divides H, D <= 256. With causal=True and
-    seqlen_q != seqlen_k the mask is aligned bottom-right (query i sees key j iff
-    j <= i + seqlen_k - seqlen_q); a query row with no visible key returns 0 (and LSE +inf).
+    every batch no longer than max_seqlen_q/k, Hkv divides H, D <= 256, and no zero-query batch
+    on the max_seqlen_q == 1 GQA path (the kernel reshapes q to one row per batch there).
+    Masks are aligned bottom-right: query i of a batch sits at key i + seqlen_k - seqlen_q and
+    sees keys [that - window_size[0], that + window_size[1]] (-1: unbounded); causal=True is
+    window (-1, 0), so with seqlen_q != seqlen_k query i sees key j iff
+    j <= i + seqlen_k - seqlen_q. A query row with no visible key returns 0 (and LSE +inf).
     Batches may have zero queries. Returns out, or (out, softmax_lse (H, total_q) fp32,
     S_dmask) with return_attn_probs; like the kernel, no gradient flows back through the LSE.
-    Computes in fp32 and returns q.dtype. Dropout, windows, softcap, ALiBi and paged KV are not
-    emulated.
+    Computes in fp32 and returns q.dtype. Dropout, softcap, ALiBi and paged KV are not emulated.
     """
-    if dropout_p != 0.0 or tuple(window_size) != (-1, -1) or softcap != 0.0:
-        raise NotImplementedError("the emulator has no dropout, sliding window or softcap")
+    if dropout_p != 0.0 or softcap != 0.0:
+        raise NotImplementedError("the emulator has no dropout or softcap")
     if alibi_slopes is not None or block_table is not None:
         raise NotImplementedError("the emulator has no ALiBi or paged KV cache")
     assert cu_seqlens_q.dtype == torch.int32, "cu_seqlens_q must have dtype int32"
@@ -586,6 +691,14 @@ def flash_attn_varlen_func_emulated(
     assert offsets_q[0] == 0 and offsets_k[0] == 0
     assert offsets_q[-1] == q.shape[0], "cu_seqlens_q must end at total_q"
     assert offsets_k[-1] <= k.shape[0], "cu_seqlens_k must end within total_k"
+    window_left, window_right = window_size
+    no_window = window_left < 0 and window_right < 0
+    swaps_q = max_seqlen_q == 1 and num_heads > num_kv_heads and no_window
+    assert not swaps_q or q.shape[0] == len(offsets_q) - 1, (
+        "max_seqlen_q == 1 with GQA and no window needs exactly one query per batch"
+    )
+    if causal:
+        window_right = 0
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
     group_size = num_heads // num_kv_heads
 
@@ -600,10 +713,14 @@ def flash_attn_varlen_func_emulated(
         k_KHD = k[k_begin:k_end].float().repeat_interleave(group_size, dim=1)
         v_KHD = v[k_begin:k_end].float().repeat_interleave(group_size, dim=1)
         scores_HQK = torch.einsum("qhd,khd->hqk", q_QHD, k_KHD) * scale
-        if causal:
-            query_Q = torch.arange(seqlen_q, device=q.device)
-            key_K = torch.arange(seqlen_k, device=q.device)
-            visible_QK = key_K[None, :] <= query_Q[:, None] + (seqlen_k - seqlen_q)
+        if window_left >= 0 or window_right >= 0:
+            diagonal_Q1 = torch.arange(seqlen_q, device=q.device)[:, None] + seqlen_k - seqlen_q
+            key_1K = torch.arange(seqlen_k, device=q.device)[None, :]
+            visible_QK = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+            if window_right >= 0:
+                visible_QK &= key_1K <= diagonal_Q1 + window_right
+            if window_left >= 0:
+                visible_QK &= key_1K >= diagonal_Q1 - window_left
             scores_HQK = scores_HQK.masked_fill(~visible_QK, float("-inf"))
         # Softmax by hand so rows without a visible key give 0 (not NaN) in forward and backward.
         row_max_HQ1 = scores_HQK.amax(-1, keepdim=True).detach()
@@ -619,3 +736,50 @@ def flash_attn_varlen_func_emulated(
         return out
     # S_dmask is only materialized by the kernel when dropout_p > 0, which is not emulated
     return out, torch.cat(lses, dim=1), torch.empty(0, dtype=q.dtype, device=q.device)
+
+
+def varlen_attn_emulated(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: Tensor | None = None,
+    block_table: Tensor | None = None,
+    num_splits: int | None = None,
+):
+    """Pure-PyTorch `torch.nn.attention.varlen.varlen_attn` (torch 2.14): the flash-attn emulator
+    behind varlen_attn's signature, since varlen_attn runs the same FlashAttention-2 kernel.
+
+    window_size (left, right) as in the kernel, (-1, 0) causal, bottom-right aligned when query
+    and key lengths differ; k/v with fewer heads need enable_gqa=True (ValueError otherwise, as
+    in torch). Returns out, or (out, lse (H, total_q) fp32) when `return_aux.lse`. The paged KV
+    cache (seqused_k, block_table) is not emulated; num_splits changes only rounding.
+    """
+    if seqused_k is not None or block_table is not None or cu_seq_k is None:
+        raise NotImplementedError("the emulator has no paged KV cache (seqused_k, block_table)")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"Expect query and key/value to have the same number of heads but got "
+            f"Hq={query.shape[1]} and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA."
+        )
+    out, lse, _ = flash_attn_varlen_func_emulated(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        softmax_scale=scale,
+        window_size=tuple(window_size),
+        return_attn_probs=True,
+    )
+    return (out, lse) if return_aux is not None and return_aux.lse else out

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 # The names of the registries in models.attention and models.vision, which assert they match.
 # Here so that checking a config imports neither torch nor transformers (seconds per CLI call).
-ATTENTION_BACKEND_NAMES = ("sdpa", "flash", "flash_emulated", "flex")
+ATTENTION_BACKEND_NAMES = (
+    "sdpa",
+    "flash",
+    "flash_emulated",
+    "flex",
+    "varlen",
+    "varlen_emulated",
+    "auto",
+)
 ADAPTOR_NAMES = ("linear", "mlp")
 
 
@@ -59,7 +67,7 @@ class ModelConfig:
     image_positions: str = "sequential"
     # New image-in / image-head blocks: "fresh" init, or "copy" the neighbouring text blocks.
     image_blocks_init: str = "fresh"
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # varlen on CUDA (fp16/bf16), sdpa otherwise; per call
     vision: VisionConfig = field(default_factory=VisionConfig)
     adaptor: str = "mlp"
     # Masked image understanding: each image's mask rate r ~ U(min, max); the image head predicts

@@ -130,7 +130,7 @@ def time_pipeline(args, cfg, tokenizer, model_cfg, what_if: str = "") -> dict:
             docs, skipped = step
             if what_if:  # packed in the workers
                 return len(docs) + len(skipped), sum(doc.num_tokens for doc in docs)
-            micro_batches = pack_step(docs, cfg.max_tokens, **layout_options(model_cfg))
+            micro_batches = pack_step(docs, cfg.max_tokens, **layout_options(model_cfg, "cpu"))
             return len(docs) + len(skipped), sum(mb.num_tokens for mb in micro_batches)
 
         return _time_batches(steps(), args.samples, measure)
@@ -153,7 +153,7 @@ def _what_if(what_if: str, cfg, tokenizer, model_cfg):
     from trainer.data.decode import ChatRenderer
     from trainer.data.packing import layout_options, pack_step
 
-    options = layout_options(model_cfg)
+    options = layout_options(model_cfg, "cpu")
     saved = stream.FlatBatch.__init__, ChatRenderer.__call__
 
     def pack_then_flatten(self, items):

@@ -77,6 +77,10 @@ def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Confi
 UNLIMITED_TOKENS = 1 << 30
 
 
+def model_device(model: SplitVLM) -> torch.device:
+    return next(model.parameters()).device
+
+
 def extend(doc: Document, token_ids: list[int]) -> Document:
     """`doc` with `token_ids` appended as text."""
     new = torch.tensor(token_ids, dtype=torch.long)
@@ -110,7 +114,7 @@ def generate_text(
     for _ in range(max_new_tokens):
         if not active:
             break
-        batch = collate([docs[i] for i in active], **layout_options(cfg))
+        batch = collate([docs[i] for i in active], **layout_options(cfg, model_device(model)))
         trunk = model.trunk(batch)
         last = batch.layout.cu_seqlens[1:].long() - 1
         next_ids = model.text_logits(batch, trunk, last).argmax(dim=-1).tolist()
@@ -163,7 +167,7 @@ def evaluate(
     image_loss_sum, predictions_and_targets = 0.0, []
     for start in range(0, count, 64):
         docs = [decoder(samples[i], i) for i in range(start, min(start + 64, count))]
-        batch = collate(docs, **layout_options(model.cfg))
+        batch = collate(docs, **layout_options(model.cfg, model_device(model)))
         trunk = model.trunk(batch)
         positions = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits = model.text_logits(batch, trunk, positions).float()
@@ -225,7 +229,7 @@ def generate_image(
     doc = decoder(sample, 0)
     spans = cfg.image_spans()
     doc.image_mask = torch.ones_like(doc.image_mask)
-    batch = collate([doc], **layout_options(cfg))
+    batch = collate([doc], **layout_options(cfg, model_device(model)))
     tokens = torch.zeros(cfg.num_image_tokens, cfg.d_model)
     generator = torch.Generator().manual_seed(seed)
     scales, offset = [], 0

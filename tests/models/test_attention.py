@@ -1,5 +1,8 @@
+import importlib.util
 import random
 import warnings
+from itertools import accumulate
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ from models.attention import (
     dense_reference_attention,
     flash_attn_varlen_func_emulated,
     packed_attention,
+    varlen_attn_emulated,
 )
+from models.config import ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -37,8 +42,13 @@ needs_flex_cpu = pytest.mark.skipif(
     FLEX_CPU_SKIP_REASON is not None, reason=str(FLEX_CPU_SKIP_REASON)
 )
 # flex has no CPU backward in torch, so on CPU it is checked on forward outputs only
-CPU_BACKENDS = ["sdpa", "flash_emulated", pytest.param("flex", marks=needs_flex_cpu)]
-CPU_TRAINING_BACKENDS = ["sdpa", "flash_emulated"]
+CPU_BACKENDS = [
+    "sdpa",
+    "flash_emulated",
+    "varlen_emulated",
+    pytest.param("flex", marks=needs_flex_cpu),
+]
+CPU_TRAINING_BACKENDS = ["sdpa", "flash_emulated", "varlen_emulated"]
 
 
 def random_docs(rng: random.Random) -> list[list[tuple[str, int]]]:
@@ -266,9 +276,43 @@ def test_scale_is_passed_to_every_backend():
     layout = PackedLayout.from_docs(CONTRACT_DOCS)
     q, k, v = random_qkv(layout.num_tokens, 2, 1, seed=1)
     expected = dense_reference_attention(q, k, v, layout, scale=0.05)
-    for backend in ["sdpa", "flash_emulated"] + ([] if FLEX_CPU_SKIP_REASON else ["flex"]):
+    for backend in CPU_TRAINING_BACKENDS + ["auto"] + ([] if FLEX_CPU_SKIP_REASON else ["flex"]):
         out = packed_attention(q, k, v, layout, backend=backend, scale=0.05)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(3))
+def test_auto_is_the_default_plans_both_candidates_and_is_sdpa_on_cpu(seed, dtype):
+    assert ModelConfig().attention_backend == "auto"
+    # packing plans on CPU before the copy to a device, so "auto" plans sdpa and flash
+    layout = PackedLayout.from_docs(random_docs(random.Random(seed)), backend="auto")
+    assert layout.sdpa_blocks is not None and layout.flash_calls is not None
+    assert layout.flex_blocks is None
+    q, k, v = (t.to(dtype) for t in random_qkv(layout.num_tokens, 4, 2, seed))
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads("sdpa", q, k, v, layout, grad_out)
+    out, grads = _outputs_and_grads("auto", q, k, v, layout, grad_out)
+    assert torch.equal(out, expected_out)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["flash_emulated", "varlen_emulated"])
+def test_single_query_calls_with_gqa_stay_off_the_kernels_one_query_per_batch_path(backend):
+    # Every call of this plan has segments of one query and zero-query batches between them:
+    # the shape on which flash-attn would reshape q as one row per batch (the emulators check).
+    docs = [[("image", 1), ("text", 1), ("image", 1)], [("text", 1)], [("image", 1), ("text", 1)]]
+    layout = PackedLayout.from_docs(docs)
+    assert all(call.max_seqlen_q == 1 for call in layout.flash_calls)
+    assert all((call.cu_seqlens_q.diff() == 0).any() for call in layout.flash_calls)
+    q, k, v = random_qkv(layout.num_tokens, 4, 2, seed=0)
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
+    out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +453,76 @@ def test_emulator_zero_query_batch_reads_no_keys():
     assert (k.grad[:4] == 0).all() and (k.grad[4:] != 0).any()
 
 
+def test_emulator_refuses_zero_query_batches_on_the_single_query_gqa_path():
+    # flash-attn: max_seqlen_q == 1, GQA and no window reshape q to (batches, Hkv, H / Hkv, D)
+    q, _, _ = random_qkv(1, 4, 2, seed=0)
+    _, k, v = random_qkv(5, 4, 2, seed=1)
+    cu_q = torch.tensor([0, 0, 1], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 5], dtype=torch.int32)
+    for causal in (False, True):  # causal is dropped before the window is set when max_q == 1
+        with pytest.raises(AssertionError, match="one query per batch"):
+            flash_attn_varlen_func_emulated(q, k, v, cu_q, cu_k, 1, 3, causal=causal)
+    # what the backends pass instead: max_seqlen_q >= 2 (flash), a window (varlen)
+    full = flash_attn_varlen_func_emulated(q, k, v, cu_q, cu_k, 2, 3)
+    windowed = flash_attn_varlen_func_emulated(q, k, v, cu_q, cu_k, 1, 3, window_size=(-1, 3))
+    torch.testing.assert_close(windowed, full, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The varlen_attn stand-in
+
+
+def _varlen(q, k, v, cu_q, cu_k, **kwargs):
+    cu_q = torch.tensor(cu_q, dtype=torch.int32)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32)
+    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())
+    return varlen_attn_emulated(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+# Three batches: 2 queries over 5 keys, no query over 3 keys, 4 queries over 4 keys (GQA 4:2).
+VARLEN_CU_Q, VARLEN_CU_K = [0, 2, 2, 6], [0, 5, 8, 12]
+
+
+def _varlen_qkv():
+    q, _, _ = random_qkv(6, 4, 2, seed=0)
+    _, k, v = random_qkv(12, 4, 2, seed=1)
+    return q, k, v
+
+
+def _grouped_masked_attention(q, k, v, visible_QK):
+    return _masked_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), visible_QK)
+
+
+def test_varlen_stand_in_causal_window_aligns_bottom_right():
+    q, k, v = _varlen_qkv()
+    visible = torch.zeros(6, 12, dtype=torch.bool)
+    visible[0, 0:4] = True  # query 0 of batch 0 sits at its key 5 - 2 + 0 = 3
+    visible[1, 0:5] = True
+    for i in range(4):  # equal lengths: plain causal over keys 8..11
+        visible[2 + i, 8 : 8 + i + 1] = True
+    out = _varlen(q, k, v, VARLEN_CU_Q, VARLEN_CU_K, window_size=(-1, 0), enable_gqa=True)
+    torch.testing.assert_close(out, _grouped_masked_attention(q, k, v, visible))
+
+
+def test_varlen_stand_in_full_windows_gqa_and_lse():
+    q, k, v = _varlen_qkv()
+    visible = torch.zeros(6, 12, dtype=torch.bool)
+    visible[0:2, 0:5] = True
+    visible[2:6, 8:12] = True
+    expected = _grouped_masked_attention(q, k, v, visible)
+    # (-1, max_k) is how the varlen backend asks for full attention: the same as (-1, -1)
+    for window in [(-1, -1), (-1, 5)]:
+        out = _varlen(q, k, v, VARLEN_CU_Q, VARLEN_CU_K, window_size=window, enable_gqa=True)
+        torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        _varlen(q, k, v, VARLEN_CU_Q, VARLEN_CU_K)
+    out, lse = _varlen(
+        q, k, v, VARLEN_CU_Q, VARLEN_CU_K, enable_gqa=True, return_aux=SimpleNamespace(lse=True)
+    )
+    torch.testing.assert_close(out, expected)
+    assert lse.shape == (4, 6) and lse.dtype == torch.float32 and torch.isfinite(lse).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 
@@ -436,6 +550,104 @@ def test_flash_matches_sdpa_bf16_on_gpu(seed):
     torch.testing.assert_close(out, expected_out, rtol=2e-2, atol=2e-2)
     for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2, msg=f"d{name}")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_torch_varlen = pytest.mark.skipif(
+    importlib.util.find_spec("torch.nn.attention.varlen") is None,
+    reason="needs torch >= 2.10 (torch.nn.attention.varlen)",
+)
+# Image spans over 128 tokens with equal heads: where varlen_attn would hand a (-1, -1) window to
+# cuDNN (sm90/sm100) instead of its flash kernel.
+LONG_IMAGE_DOC = [("text", 7), ("image", 256), ("text", 5), ("image", 144), ("text", 3)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_torch_varlen
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("seed", range(3))
+def test_varlen_matches_reference_on_gpu(seed, num_heads, num_kv_heads, dtype, tolerance):
+    """Half-precision kernels against the fp32 dense reference on the same (rounded) inputs."""
+    rng = random.Random(seed)
+    docs = random_long_docs(rng, 1000) + [LONG_IMAGE_DOC]
+    rng.shuffle(docs)
+    layout = PackedLayout.from_docs(docs, backend="varlen").to("cuda")
+    qkv = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed, head_dim=64)
+    q, k, v = (t.cuda().to(dtype) for t in qkv)
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads(
+        "reference", q.float(), k.float(), v.float(), layout, grad_out.float()
+    )
+    out, grads = _outputs_and_grads("varlen", q, k, v, layout, grad_out)
+    torch.testing.assert_close(out.float(), expected_out, rtol=tolerance, atol=tolerance)
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(
+            grad.float(), expected, rtol=tolerance, atol=tolerance, msg=f"d{name}"
+        )
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_torch_varlen
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 2), (4, 4)])
+def test_varlen_attn_aligns_causal_bottom_right_with_unequal_lengths_on_gpu(
+    num_heads, num_kv_heads
+):
+    """torch's own tests use equal query and key lengths only; the decomposition needs fewer
+    queries than keys (bottom-right causal), zero-query batches (zero dK/dV) and max_q == 1."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    lengths = [(2, 5), (0, 3), (4, 4), (1, 7), (0, 1), (130, 300), (17, 17)]  # (queries, keys)
+    cu_q = torch.tensor([0, *accumulate(q for q, _ in lengths)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *accumulate(k for _, k in lengths)], dtype=torch.int32)
+    max_q, max_k = max(q for q, _ in lengths), max(k for _, k in lengths)
+    q, _, _ = random_qkv(int(cu_q[-1]), num_heads, num_kv_heads, seed=0, head_dim=64)
+    _, k, v = random_qkv(int(cu_k[-1]), num_heads, num_kv_heads, seed=1, head_dim=64)
+    q, k, v, cu_q, cu_k = (t.cuda() for t in (q, k, v, cu_q, cu_k))
+    dummy_keys = torch.zeros(k.shape[0], dtype=torch.bool, device="cuda")
+    for batch, (num_queries, _) in enumerate(lengths):
+        if num_queries == 0:
+            dummy_keys[cu_k[batch] : cu_k[batch + 1]] = True
+    for window in [(-1, 0), (-1, max_k)]:  # causal, and full as the varlen backend asks for it
+        half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        exact = [t.detach().float().requires_grad_() for t in half]
+        kwargs = {"window_size": window, "enable_gqa": num_heads != num_kv_heads}
+        out = varlen_attn(*half, cu_q, cu_k, max_q, max_k, **kwargs)
+        expected = varlen_attn_emulated(*exact, cu_q, cu_k, max_q, max_k, **kwargs)
+        grad_out = torch.randn_like(expected)
+        out.backward(grad_out.bfloat16())
+        expected.backward(grad_out)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+        for name, leaf, exact_leaf in zip("qkv", half, exact, strict=True):
+            torch.testing.assert_close(
+                leaf.grad.float(), exact_leaf.grad, rtol=2e-2, atol=2e-2, msg=f"d{name} {window}"
+            )
+        assert (half[1].grad[dummy_keys] == 0).all() and (half[2].grad[dummy_keys] == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_torch_varlen
+def test_auto_on_gpu_is_varlen_in_half_precision_and_sdpa_in_fp32():
+    layout = PackedLayout.from_docs(random_long_docs(random.Random(0), 500), backend="auto")
+    layout = layout.to("cuda")
+    q, k, v = (t.cuda() for t in random_qkv(layout.num_tokens, 8, 2, seed=0, head_dim=64))
+    # flash-attn's kernel has no fp32: varlen refuses it, and auto runs sdpa at fp32 accuracy
+    with pytest.raises(RuntimeError):
+        packed_attention(q, k, v, layout, backend="varlen")
+    grad_out = torch.randn_like(q)
+    expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
+    out, grads = _outputs_and_grads("auto", q, k, v, layout, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-4)
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+    half = [t.bfloat16() for t in (q, k, v)]
+    assert torch.equal(
+        packed_attention(*half, layout, backend="auto"),
+        packed_attention(*half, layout, backend="varlen"),
+    )
 
 
 def test_a_layout_planned_for_one_backend_serves_it_and_names_the_fix_for_others():

@@ -104,12 +104,17 @@ def balance_ranks(
     return [docs[i] if source == rank else arrived[(source, i)] for source, i in plan[rank]]
 
 
-def layout_options(model_cfg) -> dict:
-    """The model settings packing depends on, as keyword arguments for `pack_step`/`collate`."""
+def layout_options(model_cfg, device: torch.device | str | None = None) -> dict:
+    """The model settings packing depends on, as keyword arguments for `pack_step`/`collate`.
+    With the `device` the micro-batches go to, `auto` attention plans only what it will run
+    there (on a CPU: sdpa; a GPU keeps both plans, the kernel is chosen per call)."""
+    backend = model_cfg.attention_backend
+    if backend == "auto" and device is not None and torch.device(device).type != "cuda":
+        backend = "sdpa"
     return {
         "image_attention": model_cfg.image_attention,
         "image_positions": model_cfg.image_positions,
-        "attention_backend": model_cfg.attention_backend,
+        "attention_backend": backend,
     }
 
 

@@ -68,7 +68,7 @@ class StepPipeline:
         self.world = world
         self.device = device
         self.batches = StepBatches(cfg.data, decoder, world, cache_key=cache_key)
-        self.layout_options = layout_options(cfg.model)
+        self.layout_options = layout_options(cfg.model, device)
         self.prefetch_steps = cfg.data.prefetch_steps
         # Created on every rank, in the same order: a collective of the default group.
         self.group = new_cpu_group() if is_distributed() else None
