@@ -112,6 +112,7 @@ def world_from_context():
         local_rank=context.get_local_rank(),
         local_world_size=context.get_local_world_size(),
         node_rank=context.get_node_rank(),
+        node_address=ray.util.get_node_ip_address(),
     )
 
 
@@ -270,6 +271,8 @@ def build_trainer(cfg: Config):
             num_workers=low if low == high else (low, high),
             use_gpu=gpu,
             resources_per_worker=resources,
+            placement_strategy=cluster.placement_strategy,
+            elastic_resize_monitor_interval_s=cluster.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.run.name,

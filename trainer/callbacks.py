@@ -3,10 +3,13 @@ accounting after a restart, and the fault-injection hook of the recovery tests."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,6 +203,32 @@ class SampleIdLogger(Callback):
     def on_train_end(self, loop) -> None:
         if self.file is not None:
             self.file.close()
+
+
+class WorkerLogger(Callback):
+    """RUN/workers.jsonl: one line per start of the run (restarts and resizes included) with
+    where every rank runs: its ranks and node, the node's address, host and process, its temp
+    directory (node-local caches) and streaming's view of the world. Rank 0 writes it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "workers.jsonl"
+
+    def on_train_start(self, loop) -> None:
+        from trainer.data.streaming_compat import streaming_world
+
+        world = loop.world
+        here = {
+            **dataclasses.asdict(world),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "temp_dir": tempfile.gettempdir(),
+            "streaming": streaming_world(),
+        }
+        workers = all_gather_object(here)
+        if world.is_main:
+            record = {"step": loop.step, "world_size": world.world_size, "workers": workers}
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
 
 
 class FaultInjector(Callback):

@@ -28,6 +28,7 @@ ENGINE_NAMES = ("local", "fsdp", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")  # engine.mixed_precision
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 ZERO_STAGES = (1, 2, 3)  # engine.zero_stage
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
 
 
 @dataclass
@@ -215,6 +216,12 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0  # when GPUs are used
     use_gpu: bool | str = "auto"  # auto: when the cluster has GPUs
     max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
+    # How Ray Train places the workers' bundles: PACK fills a node first, SPREAD puts them on
+    # as many nodes as it can (STRICT_*: or fails); one worker per node needs SPREAD.
+    placement_strategy: str = "PACK"
+    # Elastic runs: how often a healthy worker group checks whether the cluster has room for
+    # more workers (a node came back); growing restarts it from the latest checkpoint.
+    elastic_resize_interval_s: float = 60.0
     # The embedded cluster only: its CPUs and GPUs (null: what the machine has), and the
     # dashboard with the Jobs API on 127.0.0.1 (off: starts faster).
     num_cpus: int | None = None
@@ -238,6 +245,13 @@ class ClusterConfig:
             raise ValueError(f"cluster.use_gpu={self.use_gpu!r}; valid: auto, true, false")
         if self.max_failures < -1:
             raise ValueError("cluster.max_failures must be >= -1 (-1: unlimited)")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"cluster.placement_strategy={self.placement_strategy!r}; valid: "
+                f"{', '.join(PLACEMENT_STRATEGIES)}"
+            )
+        if self.elastic_resize_interval_s < 0:
+            raise ValueError("cluster.elastic_resize_interval_s must be >= 0")
 
 
 @dataclass

@@ -16,6 +16,7 @@ class WorldInfo:
     local_rank: int = 0
     local_world_size: int = 1
     node_rank: int = 0
+    node_address: str = ""  # the node's cluster address (Ray's node IP), where known
 
     @property
     def is_main(self) -> bool:

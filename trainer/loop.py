@@ -21,6 +21,7 @@ from trainer.callbacks import (
     ReplayCounter,
     SampleIdLogger,
     StopOnRequest,
+    WorkerLogger,
     fault_injection,
 )
 from trainer.checkpoint import (
@@ -120,6 +121,7 @@ class TrainLoop:
             ReplayCounter(self.run_dir),  # before MetricsLogger drops the replayed lines
             MetricsLogger(self.run_dir),
             *([SampleIdLogger(self.run_dir)] if cfg.run.log_sample_ids else []),
+            WorkerLogger(self.run_dir),
             *reporting_callbacks(cfg, self.run_dir, self.world),
             StopOnRequest(self.run_dir),
             Checkpointer(

@@ -6,12 +6,14 @@ which ends every Ray process of the user on the machine).
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+# Re-exported for the tests ("import x as x" marks a re-export).
+from cluster.local_cluster import end_session as end_session
+from cluster.local_cluster import pids_in_session as pids_in_session
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,37 +44,6 @@ def run_cli(*args: str, env: dict, timeout: float = 600, **kwargs) -> subprocess
         timeout=timeout,
         **kwargs,
     )
-
-
-def pids_in_session(session_id: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is `session_id`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state, ppid, pgrp, session.
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def end_session(session_id: int, timeout: float = 5.0) -> None:
-    """SIGTERM every process of the session, SIGKILL what is left after `timeout` seconds."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        for pid in pids_in_session(session_id):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids_in_session(session_id) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not pids_in_session(session_id):
-            return
 
 
 def listening_addresses(pids: list[int]) -> list[str]:

@@ -153,13 +153,13 @@ def test_streaming_registration_waits_for_the_node_lock(demo_data):
     from trainer.config import load_config
     from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
     from trainer.data.stream import StepBatches
-    from trainer.data.streaming_compat import LOCK_NAME
+    from trainer.data.streaming_compat import lock_name
     from trainer.distributed import WorldInfo
 
     cfg = load_config(REPO / "yaml/tiny.yaml", [f"data.path={demo_data}", "data.batch_size=8"])
     decoder = SampleDecoder(load_tokenizer(tokenizer_dir(cfg.data)), cfg.model, cfg.data.max_tokens)
     built = []
-    with open(Path(tempfile.gettempdir()) / LOCK_NAME, "a") as other_job:
+    with open(Path(tempfile.gettempdir()) / lock_name(0), "a") as other_job:
         fcntl.flock(other_job, fcntl.LOCK_EX)  # another job is registering
         thread = threading.Thread(
             target=lambda: built.append(StepBatches(cfg.data, decoder, WorldInfo()))
@@ -209,6 +209,7 @@ def test_the_streaming_private_api_we_rely_on_is_there():
     for owner, name in (
         (Stream, "_decompress_shard_part"),
         (StreamingDataset, "_get_work"),
+        (streaming.base.shared.prefix, "_each_prefix_int"),
         (constant, "SHM_TO_CLEAN"),
         (constant, "BARRIER_FILELOCK"),
         (constant, "CACHE_FILELOCK"),

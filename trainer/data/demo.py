@@ -14,7 +14,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from trainer.data.shards import IMAGE_PLACEHOLDER, estimate_text_tokens, write_shards
+from trainer.data.shards import (
+    IMAGE_PLACEHOLDER,
+    SHARD_SIZE_LIMIT,
+    estimate_text_tokens,
+    write_shards,
+)
 
 COLORS = {
     "red": (220, 40, 40),
@@ -141,8 +146,14 @@ def save_tokenizer(out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def write_demo(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, int]:
-    """Write the demo splits (MDS) and the tokenizer under `out`; returns samples per split."""
+def write_demo(
+    out: Path,
+    sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    size_limit: int = SHARD_SIZE_LIMIT,
+) -> dict[str, int]:
+    """Write the demo splits (MDS, shards of at most `size_limit` bytes) and the tokenizer under
+    `out`; returns samples per split."""
     out = Path(out)
     save_tokenizer(out / "tokenizer")
     written = {}
@@ -157,5 +168,5 @@ def write_demo(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) ->
                 sample["num_text_tokens"] = estimate_text_tokens(sample)
                 yield sample
 
-        written[split] = write_shards(out / split, samples())
+        written[split] = write_shards(out / split, samples(), size_limit=size_limit)
     return written

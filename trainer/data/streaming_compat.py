@@ -5,7 +5,8 @@ and the names below); the private names touched, each where it is used below:
 - `Stream._decompress_shard_part` (overridden: a temporary file of each process's own);
 - the shared-memory layout of a registration: names `PREFIX_NAME` with a 6-digit prefix, and
   `streaming.base.constant.SHM_TO_CLEAN`, `BARRIER_FILELOCK`, `CACHE_FILELOCK`;
-- `StreamingDataset._shm_prefix_int` (the prefix a dataset registered);
+- `StreamingDataset._shm_prefix_int` (the prefix a dataset registered), and the scan for a free
+  one, `streaming.base.shared.prefix._each_prefix_int` (started at a node rank's own range);
 - `StreamingDataset._get_work` and the worlds it reads (`_unique_rank_world`,
   `_parallel_rank_world`, `_unique_worker_world`, `_parallel_worker_world`): the epoch's
   partition of samples over ranks, computed in the main process.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import itertools
 import os
 import tempfile
 import time
@@ -128,7 +130,18 @@ def _alive(pid: int) -> bool:
 
 REGISTRATION_ATTEMPTS = 5
 REGISTRATION_LOCK_TIMEOUT_S = 120.0
-LOCK_NAME = "splitvlm-streaming.lock"  # in the node's temp directory, like streaming's locks
+# Prefix numbers a node rank scans from: node rank k registers at k * PREFIXES_PER_NODE_RANK and
+# up. Nodes that share one machine share /dev/shm, which streaming takes to be the node's own:
+# each node's leader scans for the first free prefix, then all register at once, so two nodes of
+# one job on one machine would pick the same prefix (FileExistsError '/000000_locals', seen with
+# two Ray nodes on loopback addresses). On separate machines the ranges change nothing.
+PREFIXES_PER_NODE_RANK = 10_000
+
+
+def lock_name(node_rank: int) -> str:
+    """The registration lock of a node rank, in the node's temp directory like streaming's own
+    locks: one per node rank, so the nodes of one job on one machine never wait for each other."""
+    return f"splitvlm-streaming.node{node_rank}.lock"
 
 
 @contextmanager
@@ -137,15 +150,15 @@ def registration_lock(world: WorldInfo):
 
     streaming finds its prefix by scanning for the first free one, then registers it, with
     barriers between ranks in the middle: two jobs starting together can pick the same prefix
-    (seen here: FileExistsError '/001005_locals'). Each node's local leader holds a file lock from
-    before any rank of the job scans until every rank has registered. Multi-node jobs starting
-    at once could each hold one node and wait for the other in a barrier: after
-    REGISTRATION_LOCK_TIMEOUT_S a leader goes on without the lock, and says so.
+    (seen here: FileExistsError '/001005_locals'). Each node's local leader holds its node rank's
+    file lock from before any rank of the job scans until every rank has registered. Should a
+    lock still be held after REGISTRATION_LOCK_TIMEOUT_S (two multi-node jobs waiting for each
+    other in a barrier), the leader goes on without it, and says so.
     """
     lock_file = None
     barrier()
     if world.local_rank == 0:
-        lock_file = open(Path(tempfile.gettempdir()) / LOCK_NAME, "a")
+        lock_file = open(Path(tempfile.gettempdir()) / lock_name(world.node_rank), "a")
         deadline = time.monotonic() + REGISTRATION_LOCK_TIMEOUT_S
         while True:
             try:
@@ -178,7 +191,8 @@ def open_dataset(streams: list[Stream], world: WorldInfo, **kwargs) -> Streaming
                     if released:
                         print(f"released stale streaming registrations {released}", flush=True)
                 barrier()  # every local rank registers after the cleanup
-                dataset = StreamingDataset(streams=streams, **kwargs)
+                with _prefixes_from(world.node_rank * PREFIXES_PER_NODE_RANK):
+                    dataset = StreamingDataset(streams=streams, **kwargs)
                 record_owner(dataset._shm_prefix_int)
             return dataset
         except FileExistsError:
@@ -188,6 +202,23 @@ def open_dataset(streams: list[Stream], world: WorldInfo, **kwargs) -> Streaming
             if world.world_size > 1 or attempt == REGISTRATION_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _prefixes_from(first: int):
+    """streaming's prefix scan (`streaming.base.shared.prefix._each_prefix_int`) starting at
+    `first` instead of 0, while a dataset registers."""
+    from streaming.base.shared import prefix
+
+    def each_prefix_int():
+        yield from itertools.count(first)
+
+    original = prefix._each_prefix_int
+    prefix._each_prefix_int = each_prefix_int
+    try:
+        yield
+    finally:
+        prefix._each_prefix_int = original
 
 
 def release_dataset(dataset: StreamingDataset, world: WorldInfo) -> None:
@@ -208,3 +239,11 @@ def epoch_partition(dataset: StreamingDataset, epoch: int, sample_in_epoch: int)
     dataset._parallel_worker_world = dataset._parallel_rank_world.detect_workers()
     ids = dataset._get_work(epoch, sample_in_epoch)
     return ids[ids != -1]  # padding at the end of the epoch
+
+
+def streaming_world() -> dict:
+    """streaming's view of this process's place (nodes, ranks per node, …), from the same
+    environment variables a StreamingDataset reads."""
+    from streaming.base.world import World
+
+    return World.detect().to_json()
