@@ -151,19 +151,9 @@ class LocalCluster:
         else:
             command.append(f"--address={self.address}")
         env = {**self.env, **self.node_env, "TMPDIR": str(self.node_tmp(node))}
-        # A session of its own: everything the node starts is found and ended by its id.
-        starter = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        output, _ = starter.communicate(timeout=NODE_START_TIMEOUT_S)
-        node.session_id = starter.pid
+        node.session_id, returncode, output = start_in_new_session(command, env)
         self.save()
-        if starter.returncode != 0:
+        if returncode != 0:
             self.stop_node(index)
             raise RuntimeError(f"ray start of {node.name} failed:\n{output[-3000:]}")
 
@@ -197,6 +187,23 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             self.stop_node(node.index)
+
+
+def start_in_new_session(
+    command: list[str], env: dict, timeout: float = NODE_START_TIMEOUT_S
+) -> tuple[int, int, str]:
+    """Run a command that starts daemons (`ray start`) in a session of its own, so everything it
+    starts is found and ended by that session id; returns (session id, exit code, output)."""
+    starter = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output, _ = starter.communicate(timeout=timeout)
+    return starter.pid, starter.returncode, output
 
 
 def _comm(pid: int) -> str:

@@ -7,7 +7,6 @@ at the end (see helpers.py).
 
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import cli_env, end_session, free_port
+
+from cluster.local_cluster import start_in_new_session
 
 
 @pytest.fixture(scope="session")
@@ -45,24 +46,15 @@ def ray_head(tmp_path_factory):
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    # A session of its own: everything the head starts can be found and ended by session id.
-    head = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    output, _ = head.communicate(timeout=300)
-    if head.returncode != 0:
-        end_session(head.pid)
+    session_id, returncode, output = start_in_new_session(command, env)
+    if returncode != 0:
+        end_session(session_id)
         pytest.fail(f"ray start failed:\n{output}")
     yield SimpleNamespace(
         gcs_address=f"127.0.0.1:{gcs_port}",
         jobs_address=f"http://127.0.0.1:{dashboard_port}",
         env=env,
-        session_id=head.pid,
+        session_id=session_id,
     )
-    end_session(head.pid)
+    end_session(session_id)
     shutil.rmtree(temp_dir, ignore_errors=True)
