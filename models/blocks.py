@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,20 +22,37 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(positions_T2: torch.Tensor, head_dim: int, theta: float):
+def rope_tables(positions_T2: torch.Tensor, cfg: ModelConfig):
     """cos, sin of shape (T, head_dim // 2), computed once per forward and shared by all layers.
 
     `positions_T2` holds two position axes: the first half of the frequencies rotates by axis 0,
     the second half by axis 1 (2-D RoPE for image grids). Where both axes are equal — all text —
-    this is exactly the 1-D RoPE of Llama/Qwen2.
+    this is exactly the 1-D RoPE of the checkpoint families (Llama-3 scaling included).
     """
-    num_freqs = head_dim // 2
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=positions_T2.device, dtype=torch.float32) / head_dim
-    )
+    inv_freq = rope_inverse_frequencies(cfg, positions_T2.device)
+    num_freqs = inv_freq.shape[0]
     axis = (torch.arange(num_freqs, device=positions_T2.device) >= num_freqs // 2).long()
     angles_TF = positions_T2.float()[:, axis] * inv_freq[None, :]
     return angles_TF.cos(), angles_TF.sin()
+
+
+def rope_inverse_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim // 2,) fp32, in the order and with the operations of transformers'
+    `_compute_default_rope_parameters` and `_compute_llama3_parameters`, so tables match exactly."""
+    head_dim = cfg.head_dim
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / cfg.rope_theta**exponents
+    factor = cfg.rope_llama3_factor
+    if not factor:
+        return inv_freq
+    low, high = cfg.rope_llama3_low_freq_factor, cfg.rope_llama3_high_freq_factor
+    original = cfg.rope_llama3_original_max_positions
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelength < original / high) * ~(wavelength > original / low)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:

@@ -39,19 +39,29 @@ class VisionConfig:
 
 @dataclass
 class ModelConfig:
-    # A transformers causal-LM checkpoint (Llama or Qwen2 family: a local directory or a model id).
-    # When set, width, heads, vocabulary, norms and RoPE come from it, and its layers become the
-    # text-in, core and text-head blocks in order (num_core_blocks is derived).
+    # A transformers causal-LM checkpoint (Llama, Mistral, Qwen2, Qwen3: a local directory or a
+    # model id). When set, width, heads, vocabulary, norms and RoPE come from it, and its layers
+    # become the text-in, core and text-head blocks in order (num_core_blocks is derived).
     pretrained_llm: str = ""
     vocab_size: int = 0  # 0: taken from the tokenizer at build time
     d_model: int = 64
     num_heads: int = 4
     num_kv_heads: int = 2
     mlp_ratio: float = 2.75
+    # Width of one attention head; 0: d_model // num_heads. Qwen3 checkpoints set their own, so
+    # num_heads × head width may differ from d_model.
+    attention_head_dim: int = 0
     mlp_hidden: int = 0  # 0: mlp_ratio × d_model, rounded up to a multiple of 8
     attention_bias: bool = False  # q/k/v projection biases (Qwen2)
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    # Llama-3 RoPE scaling (transformers `rope_scaling: {rope_type: llama3}`), 0: off. Wavelengths
+    # above original_max_positions / low_freq_factor are slowed by the factor, those below
+    # original_max_positions / high_freq_factor kept, the ones between interpolated.
+    rope_llama3_factor: float = 0.0
+    rope_llama3_low_freq_factor: float = 1.0
+    rope_llama3_high_freq_factor: float = 4.0
+    rope_llama3_original_max_positions: int = 8192
     qk_norm: bool = False
     norm_eps: float = 1e-5
     # Depths. Text-in blocks see text only, image-in blocks one image at a time; the merge happens
@@ -93,7 +103,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        return self.attention_head_dim or self.d_model // self.num_heads
 
     @property
     def image_tokens_per_side(self) -> int:
@@ -115,8 +125,17 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot work."""
-        if self.d_model % self.num_heads:
+        if self.attention_head_dim < 0:
+            raise ValueError("model.attention_head_dim must be >= 0")
+        if not self.attention_head_dim and self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads")
+        if self.rope_llama3_factor and not (
+            self.rope_llama3_factor > 0
+            and self.rope_llama3_high_freq_factor > self.rope_llama3_low_freq_factor > 0
+        ):
+            raise ValueError(
+                "model.rope_llama3_*: need factor > 0 and high_freq_factor > low_freq_factor > 0"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
         if self.vision.image_size % self.vision.patch_size:

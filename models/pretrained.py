@@ -1,124 +1,426 @@
-"""Build a SplitVLM, optionally from a transformers causal-LM checkpoint (Llama, Qwen2 families).
+"""Build a SplitVLM, optionally with its LLM read from a transformers causal-LM checkpoint.
 
 The checkpoint's layers become, in order, the text-in blocks, the core and the text-head blocks;
 its embeddings, final norm and LM head map onto ours. Image-in and image-head blocks start fresh
 or as copies of the neighbouring text layers (`model.image_blocks_init`).
+
+Weights are read from the checkpoint's safetensors one tensor (or one row range of a tensor) at
+a time, never as a whole transformers model, so a sharded engine fills each rank's shard of a
+parameter without any rank holding a second copy of the model (DESIGN.md §5):
+
+    llm = PretrainedLLM(cfg.pretrained_llm)
+    llm.apply_config(cfg)                      # width, heads, RoPE, vocabulary, depths
+    for name in llm.source_names():            # our parameter names it provides
+        shard = llm.read(name, rows=slice(a, b))   # fp32, in our layout
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import contextlib
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
+
+from models.blocks import Block
 from models.config import ModelConfig
 from models.split_vlm import SplitVLM
 
-SUPPORTED_LLMS = ("llama", "qwen2")
-
-
-def apply_llm_config(cfg: ModelConfig) -> None:
-    """Take width, heads, norms, RoPE, vocabulary and depth from the checkpoint's config."""
-    from transformers import AutoConfig
-
-    try:
-        hf = AutoConfig.from_pretrained(cfg.pretrained_llm)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"model.pretrained_llm={cfg.pretrained_llm!r}: {err}") from None
-    if hf.model_type not in SUPPORTED_LLMS:
-        raise ValueError(
-            f"model.pretrained_llm is a {hf.model_type!r} model; supported: {', '.join(SUPPORTED_LLMS)}"
-        )
-    rope_scaling = getattr(hf, "rope_scaling", None) or {}
-    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
-        raise ValueError(f"model.pretrained_llm uses RoPE scaling {rope_scaling}; not supported")
-    if getattr(hf, "hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"model.pretrained_llm uses {hf.hidden_act}; only SwiGLU (silu) is supported"
-        )
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    if head_dim * hf.num_attention_heads != hf.hidden_size:
-        raise ValueError("model.pretrained_llm: head_dim × heads != hidden size is not supported")
-    num_layers = hf.num_hidden_layers
-    num_core = num_layers - cfg.num_text_in_blocks - cfg.num_text_head_blocks
-    if num_core < 0:
-        raise ValueError(
-            f"model.pretrained_llm has {num_layers} layers, fewer than num_text_in_blocks + "
-            "num_text_head_blocks"
-        )
-    cfg.d_model = hf.hidden_size
-    cfg.num_heads = hf.num_attention_heads
-    cfg.num_kv_heads = hf.num_key_value_heads
-    cfg.mlp_hidden = hf.intermediate_size
-    cfg.rope_theta = float(getattr(hf, "rope_theta", 10000.0))
-    cfg.norm_eps = hf.rms_norm_eps
-    cfg.attention_bias = hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False))
-    cfg.tie_embeddings = bool(hf.tie_word_embeddings)
-    cfg.qk_norm = False
-    cfg.num_core_blocks = num_core
-    cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
-
-
-def load_llm_weights(model: SplitVLM) -> None:
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.cfg
-    hf_model = AutoModelForCausalLM.from_pretrained(cfg.pretrained_llm, torch_dtype=torch.float32)
-    state = hf_model.state_dict()
-    text_layers = [*model.text_in, *model.core, *model.text_head_blocks]
-    with torch.no_grad():
-        _copy_rows(model.embed.weight, state["model.embed_tokens.weight"])
-        if not cfg.tie_embeddings:
-            _copy_rows(model.lm_head.weight, state["lm_head.weight"])
-        model.text_norm.weight.copy_(state["model.norm.weight"])
-        for index, block in enumerate(text_layers):
-            _load_block(block, state, f"model.layers.{index}.")
-        if cfg.image_blocks_init == "copy":
-            for index, block in enumerate(model.image_in):
-                block.load_state_dict(text_layers[min(index, len(text_layers) - 1)].state_dict())
-            tail = text_layers[len(text_layers) - len(model.image_head_blocks) :]
-            for block, source in zip(model.image_head_blocks, tail, strict=True):
-                block.load_state_dict(source.state_dict())
-            model.image_norm.weight.copy_(state["model.norm.weight"])
-
-
-_BLOCK_KEYS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
+# Our block's modules → the checkpoint's, under "model.layers.{index}." (the Llama layout, which
+# Mistral, Qwen2 and Qwen3 share; q_norm/k_norm exist only with qk_norm).
+_LLAMA_LAYER_KEYS = {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
     "attn.wq": "self_attn.q_proj",
     "attn.wk": "self_attn.k_proj",
     "attn.wv": "self_attn.v_proj",
     "attn.wo": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
     "mlp.gate": "mlp.gate_proj",
     "mlp.up": "mlp.up_proj",
     "mlp.down": "mlp.down_proj",
 }
 
 
-def _load_block(block: nn.Module, state: dict, prefix: str) -> None:
-    ours = block.state_dict()
-    loaded = {}
-    for name in ours:
-        for our_key, hf_key in _BLOCK_KEYS.items():
-            if name == our_key or name.startswith(our_key + "."):
-                loaded[name] = state[prefix + hf_key + name[len(our_key) :]]
-    missing = set(ours) - set(loaded)
-    assert not missing, f"no checkpoint tensor for {sorted(missing)}"
-    block.load_state_dict(loaded)
+@dataclass(frozen=True)
+class LLMFamily:
+    """How the checkpoints of one transformers `model_type` map onto our model."""
+
+    # Sets our ModelConfig fields from the transformers config; a ValueError (one line) for any
+    # feature our blocks lack, so a loaded model never silently differs from the checkpoint.
+    translate: Callable[[object, ModelConfig], None]
+    layer_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_LAYER_KEYS))
+    layer_prefix: str = "model.layers.{}."
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
 
 
-def _copy_rows(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Copy a vocabulary matrix; rows for tokens the checkpoint lacks (added image tokens) start
-    at the mean row, a neutral point that does not bias the softmax."""
-    ours[: theirs.shape[0]] = theirs
-    if ours.shape[0] > theirs.shape[0]:
-        ours[theirs.shape[0] :] = theirs.mean(dim=0)
+def _llama_like(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+    """The translation every family shares: a pre-norm SwiGLU decoder with (GQA) RoPE attention."""
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf.hidden_act!r}; only SwiGLU (silu) is supported")
+    if getattr(hf, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 (RoPE on part of a head) is not supported")
+    if "sliding_attention" in (getattr(hf, "layer_types", None) or []):
+        raise ValueError(
+            "sliding-window attention layers (use_sliding_window) are not supported (our "
+            "packed attention has no window)"
+        )
+    scaling = getattr(hf, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (supported: llama3)")
+    num_layers = hf.num_hidden_layers
+    num_core = num_layers - cfg.num_text_in_blocks - cfg.num_text_head_blocks
+    if num_core < 0:
+        raise ValueError(
+            f"has {num_layers} layers, fewer than num_text_in_blocks + num_text_head_blocks"
+        )
+    cfg.d_model = hf.hidden_size
+    cfg.num_heads = hf.num_attention_heads
+    cfg.num_kv_heads = hf.num_key_value_heads
+    cfg.attention_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // cfg.num_heads
+    cfg.mlp_hidden = hf.intermediate_size
+    cfg.rope_theta = float(getattr(hf, "rope_theta", 10000.0))
+    cfg.rope_llama3_factor = 0.0
+    if rope_type == "llama3":
+        cfg.rope_llama3_factor = float(scaling["factor"])
+        cfg.rope_llama3_low_freq_factor = float(scaling["low_freq_factor"])
+        cfg.rope_llama3_high_freq_factor = float(scaling["high_freq_factor"])
+        cfg.rope_llama3_original_max_positions = int(scaling["original_max_position_embeddings"])
+    cfg.norm_eps = hf.rms_norm_eps
+    cfg.attention_bias = qkv_bias
+    cfg.qk_norm = qk_norm
+    cfg.tie_embeddings = bool(hf.tie_word_embeddings)
+    cfg.num_core_blocks = num_core
+    cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
 
 
-def build_split_vlm(cfg: ModelConfig) -> SplitVLM:
-    """The model for `cfg`: random init, or with its LLM loaded from `cfg.pretrained_llm`."""
-    if cfg.pretrained_llm:
-        apply_llm_config(cfg)
+def _refuse_output_bias(hf) -> None:
+    # transformers' attention_bias also puts a bias on o_proj, which our output projection lacks.
+    if getattr(hf, "attention_bias", False):
+        raise ValueError("attention_bias (q/k/v and output projection biases) is not supported")
+    if getattr(hf, "mlp_bias", False):
+        raise ValueError("mlp_bias is not supported")
+
+
+def _llama(hf, cfg: ModelConfig) -> None:
+    _refuse_output_bias(hf)
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+
+
+def _mistral(hf, cfg: ModelConfig) -> None:
+    window = hf.sliding_window
+    if window is not None and window < hf.max_position_embeddings:
+        raise ValueError(
+            f"sliding_window={window} (< max_position_embeddings={hf.max_position_embeddings}): "
+            "sliding-window attention is not supported (our packed attention has no window); "
+            "checkpoints with sliding_window: null load"
+        )
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+
+
+def _qwen2(hf, cfg: ModelConfig) -> None:
+    _llama_like(hf, cfg, qkv_bias=True, qk_norm=False)  # Qwen2 always has q/k/v biases
+
+
+def _qwen3(hf, cfg: ModelConfig) -> None:
+    _refuse_output_bias(hf)
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=True)
+
+
+SUPPORTED_LLMS = {
+    "llama": LLMFamily(_llama),
+    "mistral": LLMFamily(_mistral),
+    "qwen2": LLMFamily(_qwen2),
+    "qwen3": LLMFamily(_qwen3),
+}
+# Families we know and refuse with a reason, rather than load approximately.
+_NOT_SUPPORTED_YET = {
+    "gemma3_text": "its sliding-window attention layers (our packed attention has no window), "
+    "(1 + w) norms, scaled embedding, query_pre_attn_scalar, four norms per layer and GELU MLP",
+}
+_NOT_SUPPORTED_YET["gemma3"] = _NOT_SUPPORTED_YET["gemma3_text"]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one of our parameters comes from."""
+
+    tensor: str  # the checkpoint's tensor name
+    shape: tuple[int, ...]  # ours
+    vocabulary: bool  # rows past the checkpoint's vocabulary are filled with its mean row
+
+
+class PretrainedLLM:
+    """A transformers causal-LM checkpoint, read tensor by tensor from its safetensors
+    (`model.safetensors`, or `model.safetensors.index.json` and its shards)."""
+
+    # Rows × width read at once when averaging a vocabulary matrix (64 MiB in fp32).
+    mean_chunk_elements = 1 << 24
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoConfig  # imported here: seconds, and only when loading
+
+        self.path = _local_directory(str(path))
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.pretrained_llm={str(path)!r}: {_one_line(err)}") from None
+        self.model_type = self.hf_config.model_type
+        supported = ", ".join(SUPPORTED_LLMS)
+        if self.model_type in _NOT_SUPPORTED_YET:
+            raise ValueError(
+                f"{self.path / 'config.json'}: {self.model_type!r} is not supported yet: it "
+                f"needs {_NOT_SUPPORTED_YET[self.model_type]}; supported: {supported}"
+            )
+        if self.model_type not in SUPPORTED_LLMS:
+            raise ValueError(
+                f"{self.path / 'config.json'}: a {self.model_type!r} model; supported: {supported}"
+            )
+        self.family = SUPPORTED_LLMS[self.model_type]
+        self._sources: dict[str, _Source] | None = None
+        self._mean_rows: dict[str, torch.Tensor] = {}
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, model: SplitVLM) -> PretrainedLLM:
+        """The reader for a model (on meta or sharded too) built from an applied config."""
+        llm = cls(model.cfg.pretrained_llm)
+        llm.apply_config(model.cfg)
+        return llm
+
+    def apply_config(self, cfg: ModelConfig) -> None:
+        """Take width, heads, norms, RoPE, vocabulary and depth from the checkpoint, and check
+        that every tensor we will read exists with the shape we need (headers only). Applying
+        it again to the same config changes nothing."""
+        try:
+            self.family.translate(self.hf_config, cfg)
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'config.json'} ({self.model_type}): {err}") from None
+        self._sources = self._plan(cfg)
+        self._check_tensors(cfg)
+
+    def source_names(self) -> list[str]:
+        """Our parameter names this checkpoint provides (a tied LM head is `embed.weight`)."""
+        assert self._sources is not None, "apply_config first"
+        return list(self._sources)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.source_names())
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Our parameter `name` (or the row range `rows` of its first dimension) in fp32."""
+        assert self._sources is not None and name in self._sources, f"not provided: {name}"
+        source = self._sources[name]
+        start, stop, step = (rows or slice(None)).indices(source.shape[0])
+        assert step == 1, "row ranges are contiguous"
+        with self._open(self._tensor_files[source.tensor]) as handle:
+            if rows is None and not source.vocabulary:
+                return handle.get_tensor(source.tensor).float()
+            tensor = handle.get_slice(source.tensor)
+            their_rows = tensor.get_shape()[0]  # < ours only for a vocabulary matrix
+            parts = [tensor[start : min(stop, their_rows)].float()] if start < their_rows else []
+        if stop > max(start, their_rows):
+            parts.append(self._mean_row(source.tensor).expand(stop - max(start, their_rows), -1))
+        return torch.cat(parts) if parts else torch.empty(0, *source.shape[1:])
+
+    def load_into(self, model: SplitVLM) -> None:
+        """Copy every parameter the checkpoint provides into `model` (one device), one at a
+        time: the only extra memory is one tensor."""
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in self.source_names():
+                parameters[name].copy_(self.read(name))
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _plan(self, cfg: ModelConfig) -> dict[str, _Source]:
+        family, vocab = self.family, (cfg.vocab_size, cfg.d_model)
+        sources = {"embed.weight": _Source(family.embed, vocab, True)}
+        if not cfg.tie_embeddings:
+            sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
+        sources["text_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
+        with torch.device("meta"):
+            block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
+        num_layers = self.hf_config.num_hidden_layers
+        # Our block stacks and, for each block, the checkpoint layer it starts from.
+        stacks = {
+            "text_in": range(cfg.num_text_in_blocks),
+            "core": range(cfg.num_text_in_blocks, cfg.num_text_in_blocks + cfg.num_core_blocks),
+            "text_head_blocks": range(num_layers - cfg.num_text_head_blocks, num_layers),
+        }
+        if cfg.image_blocks_init == "copy":
+            # Image-in blocks copy the first layers, image-head blocks the last ones.
+            stacks["image_in"] = [min(i, num_layers - 1) for i in range(cfg.num_image_in_blocks)]
+            tail = num_layers - cfg.num_image_head_blocks
+            stacks["image_head_blocks"] = [
+                max(tail + i, 0) for i in range(cfg.num_image_head_blocks)
+            ]
+        for stack, layers in stacks.items():
+            for index, layer in enumerate(layers):
+                prefix = family.layer_prefix.format(layer)
+                for name, shape in block_shapes.items():
+                    module, _, leaf = name.rpartition(".")
+                    tensor = f"{prefix}{family.layer_keys[module]}.{leaf}"
+                    sources[f"{stack}.{index}.{name}"] = _Source(tensor, shape, False)
+        if cfg.image_blocks_init == "copy":
+            sources["image_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
+        return sources
+
+    def _check_tensors(self, cfg: ModelConfig) -> None:
+        files, listed_in = self._tensor_files, self._tensors_listed_in
+        # Each checkpoint tensor once (copied image blocks read the text layers' tensors again).
+        needed = {source.tensor: (name, source) for name, source in self._sources.items()}
+        for tensor, (name, _) in needed.items():
+            if tensor not in files:
+                raise ValueError(f"{listed_in}: no tensor {tensor!r} (for our {name})")
+        shapes = {}
+        for file in sorted({files[tensor] for tensor in needed}):
+            with self._open(file) as handle:
+                present = set(handle.keys())
+                for tensor in (t for t in needed if files[t] == file):
+                    if tensor not in present:
+                        raise ValueError(
+                            f"{file}: no tensor {tensor!r} ({listed_in.name} puts it here)"
+                        )
+                    shapes[tensor] = tuple(handle.get_slice(tensor).get_shape())
+        for tensor, (name, source) in needed.items():
+            theirs, ours = shapes[tensor], source.shape
+            fits = (
+                len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] <= ours[0]
+                if source.vocabulary
+                else theirs == ours
+            )
+            if not fits:
+                raise ValueError(
+                    f"{files[tensor]}: tensor {tensor!r} has shape {list(theirs)}, our {name} "
+                    f"needs {list(ours)} (from {self.path / 'config.json'})"
+                )
+        # A tensor we would not read is a feature our blocks lack (a bias, an extra norm): refuse
+        # it rather than load a model that differs from the checkpoint.
+        unused = [
+            tensor
+            for tensor in files
+            if tensor not in needed
+            and not tensor.endswith("rotary_emb.inv_freq")
+            and not (cfg.tie_embeddings and tensor == self.family.lm_head)
+        ]
+        if unused:
+            raise ValueError(
+                f"{files[unused[0]]}: tensor {unused[0]!r} (and {len(unused) - 1} more) has no "
+                f"place in our {self.model_type} model; refusing to load it without them"
+            )
+
+    @functools.cached_property
+    def _tensors_listed_in(self) -> Path:
+        """The file that names the checkpoint's tensors: the single file or the shard index."""
+        single = self.path / "model.safetensors"
+        if single.is_file():  # transformers prefers it too when both exist
+            return single
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return index
+        raise ValueError(
+            f"{self.path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+            "checkpoints are read; save_pretrained writes them)"
+        )
+
+    @functools.cached_property
+    def _tensor_files(self) -> dict[str, Path]:
+        listed_in = self._tensors_listed_in
+        if listed_in.name == "model.safetensors":
+            with self._open(listed_in) as handle:
+                return dict.fromkeys(handle.keys(), listed_in)
+        try:
+            weight_map = json.loads(listed_in.read_text())["weight_map"]
+            files = {tensor: self.path / file for tensor, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(
+                f"{listed_in}: not a safetensors index (needs a JSON 'weight_map' of tensor → file)"
+            ) from None
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise ValueError(f"{listed_in}: names the shard {file.name}, which is missing")
+        return files
+
+    @contextlib.contextmanager
+    def _open(self, file: Path):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                yield handle
+        except SafetensorError as err:
+            raise ValueError(f"{file}: {_one_line(err)}") from None
+
+    def _mean_row(self, tensor: str) -> torch.Tensor:
+        """The mean row of a vocabulary matrix, read in row chunks: the neutral start for tokens
+        the checkpoint lacks (added image tokens), which does not bias the softmax."""
+        if tensor in self._mean_rows:
+            return self._mean_rows[tensor]
+        with self._open(self._tensor_files[tensor]) as handle:
+            matrix = handle.get_slice(tensor)
+            num_rows, width = matrix.get_shape()
+            chunk = max(1, self.mean_chunk_elements // width)
+            total = torch.zeros(width, dtype=torch.float64)
+            for start in range(0, num_rows, chunk):
+                total += matrix[start : start + chunk].double().sum(dim=0)
+        self._mean_rows[tensor] = (total / num_rows).float()
+        return self._mean_rows[tensor]
+
+
+def _local_directory(path: str) -> Path:
+    """A local checkpoint directory as is; a model id is fetched (configs and safetensors only)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # hub errors share no base class; every one means "not found"
+        raise ValueError(
+            f"model.pretrained_llm={path!r}: not a directory, and not a model id that could be "
+            f"fetched ({_one_line(err)})"
+        ) from None
+
+
+def _one_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def apply_llm_config(cfg: ModelConfig) -> PretrainedLLM:
+    """The reader for `cfg.pretrained_llm`, with `cfg` updated from it."""
+    llm = PretrainedLLM(cfg.pretrained_llm)
+    llm.apply_config(cfg)
+    return llm
+
+
+def load_llm_weights(model: SplitVLM) -> None:
+    """Load `model.cfg.pretrained_llm` into a model built from an applied config."""
+    apply_llm_config(model.cfg).load_into(model)
+
+
+def build_split_vlm(
+    cfg: ModelConfig, seed: int | None = None, load_weights: bool = True
+) -> SplitVLM:
+    """The model for `cfg`, its LLM loaded from `cfg.pretrained_llm` when set. `seed`: every
+    parameter first set to its unit's seeded init (`SplitVLM.reset_parameters`), the values a
+    sharded build fills its shards with. `load_weights=False`: constructed only (a meta or
+    partitioned build, filled by the engine)."""
+    llm = apply_llm_config(cfg) if cfg.pretrained_llm else None
     model = SplitVLM(cfg)
-    if cfg.pretrained_llm:
-        load_llm_weights(model)
+    if not load_weights:
+        return model
+    if seed is not None:
+        model.reset_parameters(seed)
+    if llm is not None:
+        llm.load_into(model)
     return model

@@ -1,15 +1,35 @@
-"""Loading a transformers Llama / Qwen2 checkpoint through the path users use."""
+"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3) tensor by tensor from
+their safetensors, through the path users use."""
+
+import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from safetensors import safe_open as real_safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+import models.pretrained
+from models.blocks import rope_tables
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import build_split_vlm
+from models.pretrained import PretrainedLLM, build_split_vlm
+from models.split_vlm import SplitVLM
 from trainer.data.decode import Document
 from trainer.data.packing import collate
 
-# Two tiny checkpoints of the same shape; they differ in RoPE base, norm eps and tied embeddings.
+# Tiny checkpoints of the same shape; they differ in RoPE (base, Llama-3 scaling), norm eps,
+# tied embeddings, q/k/v biases (Qwen2), and per-head q/k norms with a head width of their own
+# (Qwen3: 4 heads × 16 != 32).
 TINY = {
     "vocab_size": 96,
     "hidden_size": 32,
@@ -18,10 +38,24 @@ TINY = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+# With head dim 8 and base 5000 the wavelengths are 6, 53, 444 and 3736 positions: one kept
+# (< 64 / 4), one interpolated, two slowed by the factor (> 64 / 1).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 HF_CONFIGS = {
     "llama": LlamaConfig(**TINY, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama3": LlamaConfig(**TINY, rope_theta=5000.0, rope_scaling=LLAMA3_ROPE),
+    "mistral": MistralConfig(**TINY, sliding_window=None, rope_theta=20000.0),
     "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
+    "qwen3": Qwen3Config(**TINY, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
+SHARDED = {"llama3", "qwen3"}  # saved as an index and several shards; the others as one file
+TWO_LAYERS = {**TINY, "num_hidden_layers": 2}
 
 
 def text_doc(ids: torch.Tensor) -> Document:
@@ -37,42 +71,69 @@ def text_doc(ids: torch.Tensor) -> Document:
     )
 
 
+def save_checkpoint(hf_config, path, sharded=False):
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(hf_config).eval()
+    hf_model.save_pretrained(path, max_shard_size="50KB" if sharded else "1GB")
+    assert (path / "model.safetensors.index.json").is_file() == sharded
+    return hf_model
+
+
 @pytest.fixture(params=sorted(HF_CONFIGS))
 def checkpoint(request, tmp_path):
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(HF_CONFIGS[request.param]).eval()
-    hf_model.save_pretrained(tmp_path)
+    hf_model = save_checkpoint(HF_CONFIGS[request.param], tmp_path, request.param in SHARDED)
     return tmp_path, hf_model
 
 
-def our_model(path, **overrides):
-    cfg = ModelConfig(
+def tiny_config(path, **overrides) -> ModelConfig:
+    return ModelConfig(
         pretrained_llm=str(path),
         num_text_in_blocks=1,
         num_text_head_blocks=1,
         vision=VisionConfig(image_size=16, patch_size=8, hidden_size=16, num_layers=1),
         **overrides,
     )
-    return build_split_vlm(cfg).eval()
 
 
-def test_loaded_model_reproduces_the_checkpoint_logits_on_packed_documents(checkpoint):
+def our_model(path, **overrides):
+    return build_split_vlm(tiny_config(path, **overrides)).eval()
+
+
+def test_loaded_model_reproduces_the_checkpoint_logits_alone_and_packed(checkpoint, monkeypatch):
     path, hf_model = checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading built a transformers model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", refuse)
     model = our_model(path)
     assert model.cfg.num_core_blocks == 2 and model.cfg.d_model == 32
     generator = torch.Generator().manual_seed(1)
     docs = [torch.randint(0, 96, (n,), generator=generator) for n in (11, 5, 17)]
-    batch = collate([text_doc(ids) for ids in docs])
     with torch.no_grad():
-        trunk = model.trunk(batch)
-        logits = model.text_logits(batch, trunk, torch.arange(batch.num_tokens))
-        offset = 0
-        for ids in docs:
+        expected = [hf_model(input_ids=ids[None]).logits[0] for ids in docs]
+        for batch_docs in ([docs[2]], docs):  # one document alone, then all of them packed
+            batch = collate([text_doc(ids) for ids in batch_docs])
+            trunk = model.trunk(batch)
+            logits = model.text_logits(batch, trunk, torch.arange(batch.num_tokens))
             # Each packed document equals the checkpoint run on that document alone.
-            expected = hf_model(input_ids=ids[None]).logits[0]
-            got = logits[offset : offset + len(ids)]
-            assert (got - expected).abs().max() <= 1e-5
-            offset += len(ids)
+            theirs = torch.cat(expected[-len(batch_docs) :])
+            assert (logits - theirs).abs().max() <= 1e-5
+
+
+def test_llama3_rope_scaling_gives_the_checkpoint_frequencies(tmp_path):
+    hf_config = HF_CONFIGS["llama3"]
+    save_checkpoint(hf_config, tmp_path)
+    cfg = tiny_config(tmp_path)
+    PretrainedLLM(tmp_path).apply_config(cfg)
+    positions = torch.arange(300)
+    cos, sin = rope_tables(positions[:, None].repeat(1, 2), cfg)
+    reference = LlamaRotaryEmbedding(hf_config)
+    their_cos, their_sin = reference(torch.zeros(1), positions[None])
+    assert torch.allclose(cos, their_cos[0, :, :4], atol=1e-6)
+    assert torch.allclose(sin, their_sin[0, :, :4], atol=1e-6)
+    cfg.rope_llama3_factor = 0.0
+    assert not torch.allclose(rope_tables(positions[:, None].repeat(1, 2), cfg)[0], cos)
 
 
 def test_image_blocks_copy_their_neighbours(checkpoint):
@@ -86,13 +147,187 @@ def test_image_blocks_copy_their_neighbours(checkpoint):
             assert torch.equal(a, b), name
 
 
-def test_added_tokens_extend_the_vocabulary(checkpoint):
+def test_added_tokens_extend_the_vocabulary(checkpoint, monkeypatch):
     path, hf_model = checkpoint
+    # The mean row is averaged over row chunks (here 7 rows) rather than the whole matrix.
+    monkeypatch.setattr(PretrainedLLM, "mean_chunk_elements", 7 * 32)
     model = our_model(path, vocab_size=100)  # a tokenizer with 4 added tokens
     assert model.embed.weight.shape[0] == 100
-    embeddings = hf_model.get_input_embeddings().weight
-    assert torch.allclose(model.embed.weight[:96], embeddings)
-    assert torch.allclose(model.embed.weight[96:], embeddings.mean(0).expand(4, -1))
+    for ours, theirs in (
+        (model.embed.weight, hf_model.get_input_embeddings().weight),
+        (model.lm_head.weight, hf_model.get_output_embeddings().weight),
+    ):
+        assert torch.allclose(ours[:96], theirs)
+        assert torch.allclose(ours[96:], theirs.mean(0).expand(4, -1))
+
+
+class RecordingSafeOpen:
+    """safe_open that records what is read: (tensor, "whole") or (tensor, (start, stop))."""
+
+    def __init__(self):
+        self.reads = []
+
+    def __call__(self, *args, **kwargs):
+        return _RecordingHandle(real_safe_open(*args, **kwargs), self.reads)
+
+
+class _RecordingHandle:
+    def __init__(self, handle, reads):
+        self.handle, self.reads = handle, reads
+
+    def __enter__(self):
+        self.inner = self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.inner.keys()
+
+    def get_tensor(self, name):
+        self.reads.append((name, "whole"))
+        return self.inner.get_tensor(name)
+
+    def get_slice(self, name):
+        inner, reads = self.inner.get_slice(name), self.reads
+
+        class Slice:
+            def get_shape(self):
+                return inner.get_shape()
+
+            def __getitem__(self, rows):
+                reads.append((name, (rows.start, rows.stop)))
+                return inner[rows]
+
+        return Slice()
+
+
+def test_sharded_engines_read_their_rows_of_any_llm_parameter(tmp_path, monkeypatch):
+    hf_model = save_checkpoint(HF_CONFIGS["qwen3"], tmp_path, sharded=True)
+    cfg = tiny_config(tmp_path, vocab_size=100, image_blocks_init="copy")
+    llm = PretrainedLLM(tmp_path)
+    llm.apply_config(cfg)
+    # Every parameter of the language model, the copied image blocks included, and nothing else.
+    model = SplitVLM(cfg)
+    not_llm = ("vision.", "adaptor.", "mask_embedding", "image_head.")
+    llm_names = {name for name, _ in model.named_parameters() if not name.startswith(not_llm)}
+    assert set(llm.source_names()) == llm_names == PretrainedLLM.for_model(model).names
+    full = {name: llm.read(name) for name in llm.source_names()}
+    assert all(tensor.dtype == torch.float32 for tensor in full.values())
+    q_norm = hf_model.state_dict()["model.layers.2.self_attn.q_norm.weight"]
+    assert torch.equal(full["core.1.attn.q_norm.weight"], q_norm)
+    recorder = RecordingSafeOpen()
+    monkeypatch.setattr(models.pretrained, "safe_open", recorder)
+    layer_1_q, layer_3_down = "model.layers.1.self_attn.q_proj", "model.layers.3.mlp.down_proj"
+    for name, rows, expected_reads in (
+        ("embed.weight", slice(90, 100), [("model.embed_tokens.weight", (90, 96))]),
+        ("embed.weight", slice(97, 99), []),  # added tokens only: the cached mean row
+        ("lm_head.weight", slice(0, 50), [("lm_head.weight", (0, 50))]),
+        ("core.0.attn.wq.weight", slice(16, 40), [(f"{layer_1_q}.weight", (16, 40))]),
+        ("image_head_blocks.0.mlp.down.weight", slice(3, 5), [(f"{layer_3_down}.weight", (3, 5))]),
+        ("text_norm.weight", slice(5, 9), [("model.norm.weight", (5, 9))]),
+    ):
+        recorder.reads.clear()
+        assert torch.equal(llm.read(name, rows), full[name][rows]), (name, rows)
+        assert recorder.reads == expected_reads, name
+
+
+def write_checkpoint(path, hf_config=None) -> dict:
+    """A two-layer Llama checkpoint in one file; its tensors, to rewrite them."""
+    save_checkpoint(hf_config or LlamaConfig(**TWO_LAYERS), path)
+    return load_file(path / "model.safetensors")
+
+
+def error_of(path) -> str:
+    with pytest.raises(ValueError) as info:
+        our_model(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "hf_config, expected",
+    [
+        (GPT2Config(n_layer=2, n_embd=16, n_head=2), "a 'gpt2' model; supported: llama, mistral"),
+        (
+            Gemma3TextConfig(**TWO_LAYERS, head_dim=8),
+            "'gemma3_text' is not supported yet: it needs its sliding-window attention",
+        ),
+        (
+            MistralConfig(**TWO_LAYERS, sliding_window=16, max_position_embeddings=64),
+            "sliding_window=16 (< max_position_embeddings=64): sliding-window attention is not",
+        ),
+        (
+            Qwen3Config(**TWO_LAYERS, use_sliding_window=True, max_window_layers=1),
+            "sliding-window attention layers (use_sliding_window) are not supported",
+        ),
+        (
+            LlamaConfig(**TWO_LAYERS, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "RoPE scaling 'linear' is not supported (supported: llama3)",
+        ),
+        (LlamaConfig(**TWO_LAYERS, attention_bias=True), "attention_bias (q/k/v and output"),
+        (LlamaConfig(**TWO_LAYERS, hidden_act="gelu"), "hidden_act='gelu'; only SwiGLU"),
+    ],
+    ids=["gpt2", "gemma3", "mistral-window", "qwen3-window", "rope-linear", "bias", "gelu"],
+)
+def test_unsupported_architectures_are_refused_by_name(tmp_path, hf_config, expected):
+    hf_config.save_pretrained(tmp_path)
+    message = error_of(tmp_path)
+    assert expected in message and str(tmp_path / "config.json") in message
+
+
+def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
+    tensors = write_checkpoint(tmp_path)
+    file = tmp_path / "model.safetensors"
+    up = "model.layers.1.mlp.up_proj.weight"
+
+    def rewrite(changed):
+        save_file(changed, file, metadata={"format": "pt"})
+        return error_of(tmp_path)
+
+    missing = {k: v for k, v in tensors.items() if k != up}
+    assert (
+        rewrite(missing) == f"{file}: no tensor {up!r} (for our text_head_blocks.0.mlp.up.weight)"
+    )
+    message = rewrite({**tensors, up: tensors[up][:-1]})
+    assert message.startswith(f"{file}: tensor {up!r} has shape [71, 32], our ")
+    bias = "model.layers.0.self_attn.o_proj.bias"
+    message = rewrite({**tensors, bias: torch.zeros(32)})
+    assert message.startswith(f"{file}: tensor {bias!r} (and 0 more) has no place")
+    file.write_bytes(b"not a safetensors file")
+    assert error_of(tmp_path).startswith(f"{file}: ")
+
+
+def test_broken_shard_indexes_are_named(tmp_path):
+    save_checkpoint(LlamaConfig(**TWO_LAYERS), tmp_path, sharded=True)
+    index = tmp_path / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    shards = sorted(set(good["weight_map"].values()))
+    assert len(shards) > 2
+
+    def with_index(text):
+        index.write_text(text)
+        return error_of(tmp_path)
+
+    assert with_index("{not json").startswith(f"{index}: not a safetensors index")
+    moved = dict(good["weight_map"], **{"model.norm.weight": shards[0]})
+    if good["weight_map"]["model.norm.weight"] == shards[0]:
+        moved["model.norm.weight"] = shards[1]
+    message = with_index(json.dumps({"weight_map": moved}))
+    assert message == (
+        f"{tmp_path / moved['model.norm.weight']}: no tensor 'model.norm.weight' "
+        "(model.safetensors.index.json puts it here)"
+    )
+    (tmp_path / shards[-1]).unlink()
+    assert (
+        with_index(json.dumps(good)) == f"{index}: names the shard {shards[-1]}, which is missing"
+    )
+    index.unlink()
+    assert error_of(tmp_path).startswith(
+        f"{tmp_path}: no model.safetensors or model.safetensors.index.json"
+    )
 
 
 def test_unsupported_checkpoints_are_named(tmp_path):
