@@ -52,7 +52,11 @@ class DiffusionHead(nn.Module):
         self.out = nn.Linear(hidden, target_dim)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.input(x_t) + self.cond(cond) + self.time(timestep_embedding(t, self.hidden))
+        # The noised targets and the time embedding are fp32; under mixed precision (FSDP's
+        # param_dtype) the weights are bf16, so inputs take the weights' dtype.
+        dtype = self.input.weight.dtype
+        time = timestep_embedding(t, self.hidden).to(dtype)
+        h = self.input(x_t.to(dtype)) + self.cond(cond.to(dtype)) + self.time(time)
         return self.out(self.blocks(h))
 
     def loss(self, cond_NC: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,7 @@ class DiffusionHead(nn.Module):
         noise = torch.randn_like(target_ND)
         alpha_bar = self.alphas_cumprod[t][:, None]
         x_t = alpha_bar.sqrt() * target_ND + (1 - alpha_bar).sqrt() * noise
-        return (self.predict_noise(x_t, t, cond_NC) - noise).pow(2).mean(dim=-1).sum()
+        return (self.predict_noise(x_t, t, cond_NC).float() - noise).pow(2).mean(dim=-1).sum()
 
     @torch.no_grad()
     def sample(self, cond_NC: torch.Tensor, target_dim: int, generator=None) -> torch.Tensor:

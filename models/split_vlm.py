@@ -12,7 +12,9 @@ target counts so the gradient does not depend on how samples were split or shard
 
 from __future__ import annotations
 
+import copy
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,11 @@ from models.vision import (
     normalize_pixels,
     normalize_targets,
     patchify,
+    pretrained_tower_weights,
 )
+
+# The block stacks, in the order they run (and are sharded and checkpointed).
+BLOCK_GROUPS = ("text_in", "image_in", "core", "text_head_blocks", "image_head_blocks")
 
 
 @dataclass
@@ -130,6 +136,62 @@ class SplitVLM(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.mask_embedding, std=self.cfg.init_std)
 
+    # -- initialization unit by unit (the same values on one device and sharded) ----------------
+
+    def init_units(self) -> list[str]:
+        """The model's parameters as units that are initialized one at a time: every transformer
+        block, the vision tower, each other top-level module, and "" for the root's own
+        parameters (the mask embedding). Every parameter is in exactly one unit."""
+        blocks = [
+            f"{group}.{i}" for group in BLOCK_GROUPS for i in range(len(getattr(self, group)))
+        ]
+        others = [name for name, _ in self.named_children() if name not in BLOCK_GROUPS]
+        return [*blocks, *others, ""]
+
+    def unit_initial_values(self, unit: str, seed: int) -> dict[str, torch.Tensor]:
+        """The initial values of one unit's parameters (fp32, on the CPU) by parameter name,
+        drawn from a generator of the unit's own (`seed`, unit name): the same whatever device,
+        dtype or sharding the model is on, and whichever order the units are filled in. Works on
+        a model whose parameters are on the meta device (only this unit is materialized)."""
+        unit_seed = (seed * 1_000_003 + zlib.crc32(unit.encode())) % 2**63
+        generator = torch.Generator().manual_seed(unit_seed)
+        std = self.cfg.init_std
+        if unit == "":
+            return {"mask_embedding": torch.randn(self.cfg.d_model, generator=generator) * std}
+        if unit == "vision" and self.cfg.vision.pretrained:
+            return {
+                f"vision.{k}": v
+                for k, v in pretrained_tower_weights(self.cfg.vision.pretrained).items()
+            }
+        module = copy.deepcopy(self.get_submodule(unit)).to_empty(device="cpu")
+        if unit == "vision":
+            # transformers' own init of the tower, from the unit's seed
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(unit_seed)
+                module.apply(module._init_weights)
+        else:
+            with torch.no_grad():
+                for part in module.modules():
+                    if isinstance(part, nn.Linear | nn.Embedding):
+                        part.weight.normal_(0.0, std, generator=generator)
+                        if getattr(part, "bias", None) is not None:
+                            part.bias.zero_()
+                    elif isinstance(part, RMSNorm | nn.LayerNorm):
+                        part.weight.fill_(1.0)
+                        if getattr(part, "bias", None) is not None:
+                            part.bias.zero_()
+        return {f"{unit}.{name}": value.detach() for name, value in module.named_parameters()}
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Every parameter to its `unit_initial_values` (single device; sharded engines fill
+        their shards from the same values)."""
+        params = dict(self.named_parameters())  # a tied weight appears once, under its owner
+        for unit in self.init_units():
+            for name, value in self.unit_initial_values(unit, seed).items():
+                if name in params:
+                    params[name].copy_(value)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> SplitVLM:
         """A model written by `splitvlm export`: config.yaml, vision_config.json, safetensors."""
@@ -152,8 +214,7 @@ class SplitVLM(nn.Module):
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Every block, in order: the unit engines shard and checkpoint."""
-        groups = (self.text_in, self.image_in, self.core, self.text_head_blocks)
-        return [b for group in (*groups, self.image_head_blocks) for b in group]
+        return [block for group in BLOCK_GROUPS for block in getattr(self, group)]
 
     # -- image tokens ---------------------------------------------------------------------------
 
@@ -201,7 +262,7 @@ class SplitVLM(nn.Module):
         masked positions still get the mask embedding.
         """
         cfg = self.cfg
-        rope = rope_tables(batch.rope_positions, cfg.head_dim, cfg.rope_theta)
+        rope = rope_tables(batch.rope_positions, cfg)
 
         def gather_rope(index):
             return rope[0][index], rope[1][index]
@@ -240,7 +301,7 @@ class SplitVLM(nn.Module):
         spans = [[(kind, side * side)] for side, _ in cfg.image_spans()]
         layout = PackedLayout.from_docs(spans, cfg.attention_backend).to(x_TC.device)
         positions = layout.position_ids[:, None].repeat(1, 2)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        rope = rope_tables(positions, cfg)
         size = cfg.vision.image_size
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
         adapted, _ = self.image_inputs_and_targets(x_TC.new_zeros(1, 3, size, size), no_mask)

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from models.config import ADAPTOR_NAMES, ModelConfig, VisionConfig
+from models.meta import building_on_meta
 
 
 def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipVisionModel:
@@ -15,7 +16,10 @@ def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipV
     if config is not None:
         tower = SiglipVisionModel(SiglipVisionConfig.from_dict(config))
     elif cfg.pretrained:
-        tower = SiglipVisionModel.from_pretrained(cfg.pretrained)
+        if building_on_meta():  # the architecture only; the weights are read into the shards
+            tower = SiglipVisionModel(SiglipVisionConfig.from_pretrained(cfg.pretrained))
+        else:
+            tower = SiglipVisionModel.from_pretrained(cfg.pretrained)
         if tower.config.image_size != cfg.image_size or tower.config.patch_size != cfg.patch_size:
             raise ValueError(
                 f"model.vision.image_size/patch_size must match the checkpoint at "
@@ -35,6 +39,14 @@ def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipV
         )
     tower.requires_grad_(cfg.trainable)
     return tower
+
+
+def pretrained_tower_weights(path: str) -> dict[str, torch.Tensor]:
+    """The pretrained tower's parameters by name, on the CPU. The tower is one unit (sharded
+    engines gather it whole for its forward), so it is read whole, once per rank, while the
+    other units are filled."""
+    tower = SiglipVisionModel.from_pretrained(path, device_map="cpu")
+    return {name: value.detach() for name, value in tower.named_parameters()}
 
 
 def _linear_adaptor(vision_dim: int, d_model: int) -> nn.Module:

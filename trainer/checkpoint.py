@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from trainer.config import Config, save_config
 from trainer.distributed import WorldInfo, all_reduce_max, barrier, broadcast_object
@@ -169,22 +167,6 @@ def _check_complete(path: Path) -> str | None:
             if file.stat().st_size != size:
                 return f"{name} has {file.stat().st_size} bytes, {size} were written"
     return None
-
-
-def load_model_weights(model: nn.Module, path: Path) -> None:
-    """Weights written by `splitvlm export` (checkpoint.init_from), before any sharding."""
-    weights = Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(
-            f"checkpoint.init_from={path}: no model.safetensors "
-            "(write one with `splitvlm export CHECKPOINT --out DIR`)"
-        )
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint.init_from={path} does not fit model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from models.flops import ModelFlops
-from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.callbacks import (
     Checkpointer,
@@ -28,17 +27,17 @@ from trainer.checkpoint import (
     CheckpointLoadError,
     complete_checkpoints,
     load_checkpoint,
-    load_model_weights,
     warn_skipped,
 )
 from trainer.config import Config, DataConfig, save_config
 from trainer.data.decode import SampleDecoder, load_tokenizer, tokenizer_dir
 from trainer.data.pipeline import StepPipeline
 from trainer.data.stream import run_cache_key
-from trainer.distributed import WorldInfo, broadcast_object, world_info
+from trainer.distributed import WorldInfo, broadcast_object, ensure_process_group, world_info
 from trainer.engines import build_engine
+from trainer.engines.materialize import build_engine_model
 from trainer.metrics import StepMeter
-from trainer.optim import apply_freeze, learning_rate
+from trainer.optim import learning_rate
 from trainer.reporting import reporting_callbacks
 
 
@@ -64,15 +63,9 @@ def check_bad_fraction(skipped: Counter, samples_seen: int, cfg: DataConfig) -> 
 
 def build_training_model(cfg: Config, tokenizer) -> SplitVLM:
     """The single-device model, initialized (or loaded from checkpoint.init_from) and frozen
-    as configured; engines shard it afterwards."""
-    if cfg.model.vocab_size <= 0:
-        cfg.model.vocab_size = len(tokenizer)
-    # Same seed on every rank: replicas start identical before any sharding.
-    torch.manual_seed(cfg.run.seed)
-    model = build_split_vlm(cfg.model)
-    if cfg.checkpoint.init_from:
-        load_model_weights(model, Path(cfg.checkpoint.init_from))
-    apply_freeze(model, cfg.optim.freeze)
+    as configured."""
+    model, initial = build_engine_model(cfg, tokenizer)
+    assert initial is None, "a sharded engine's model: use build_engine_model"
     return model
 
 
@@ -89,17 +82,20 @@ class TrainLoop:
         self.run_dir = Path(cfg.run.dir)
         seed_everything(cfg.run.seed + self.world.rank)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.data))
-        model = build_training_model(cfg, tokenizer)
         device = (
             torch.device("cuda", self.world.local_rank)
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-        # Counted before the engine shards the model, so parameter counts are global.
-        self.meter = StepMeter(
-            ModelFlops(model), self.world, device, cfg.logging.peak_flops_per_device
-        )
-        self.engine = build_engine(cfg, self.world, model, device)
+        if cfg.engine.name == "deepspeed":
+            # ZeRO-3 partitions the model as it is built, over the process group.
+            ensure_process_group(self.world)
+            self.world.export_env()
+        model, initial_weights = build_engine_model(cfg, tokenizer, device)
+        # Counted on the unsharded structure, so parameter counts are global.
+        flops = ModelFlops(initial_weights.template if initial_weights else model)
+        self.meter = StepMeter(flops, self.world, device, cfg.logging.peak_flops_per_device)
+        self.engine = build_engine(cfg, self.world, model, device, initial_weights)
         decoder = SampleDecoder(
             tokenizer,
             cfg.model,

@@ -45,7 +45,8 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim >= 2 and id(param) not in embeddings
+        # A ZeRO-3 parameter built partitioned is a flat placeholder; ds_shape is its own shape.
+        decay = len(getattr(param, "ds_shape", param.shape)) >= 2 and id(param) not in embeddings
         groups.setdefault((model.parameter_component(name), decay), []).append(param)
     if not groups:
         raise ValueError("every parameter is frozen (model.vision.trainable, optim.freeze)")

@@ -25,6 +25,15 @@ from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
+MIXED_STEPS = 20  # the bf16-against-fp32 runs: long enough for rounding to compound
+# The split model with every image path on: a coarse 2x2 span before each full grid, dual input
+# (each masked span followed by its unmasked copy), and the diffusion head on fully masked spans.
+FULL_SPLIT_MODEL = (
+    "model.image_scales=[2]",
+    "model.dual_input=true",
+    "model.diffusion_head=true",
+    "model.full_mask_prob=0.3",
+)
 SPAWN_TIMEOUT_S = 300
 
 
@@ -45,13 +54,40 @@ def overrides(demo_data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def save_tiny_llm(out: Path, vocab_size: int) -> Path:
+    """A random 4-layer Llama checkpoint in several safetensors shards (an index, like a 7B)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(hf).save_pretrained(out, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def hf_tensor(checkpoint: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    with safe_open(str(checkpoint / index["weight_map"][name]), "pt") as file:
+        return file.get_tensor(name)
+
+
 def config(args: list[str]):
     return load_config(REPO / "yaml/tiny.yaml", args)
 
 
-def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+def losses(run_dir: Path, keys=("text_loss", "image_loss")) -> dict[int, tuple[float, ...]]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: (m["text_loss"], m["image_loss"]) for m in map(json.loads, lines)}
+    return {m["step"]: tuple(m[key] for key in keys) for m in map(json.loads, lines)}
 
 
 def assert_close(got: dict, want: dict, rel: float, steps) -> None:
@@ -114,6 +150,46 @@ def task_train(world, args: list[str]) -> dict:
     loop = TrainLoop(config(args), world)
     loop.run()
     return loop.engine.evaluate(eval_micro_batches(loop.cfg))
+
+
+def task_train_and_report_dtypes(world, args: list[str]) -> dict:
+    """Train, then run one more forward/backward and report the dtypes mixed precision must
+    keep: the compute inside a block, the loss sums the model returns, and the sharded
+    parameters, their gradients and the optimizer state (fp32 master copies, fp32 reduction)."""
+    from trainer.loop import TrainLoop
+
+    loop = TrainLoop(config(args), world)
+    loop.run()
+    model, optimizer = loop.engine.model, loop.engine.optimizer
+    compute, loss_sums = set(), set()
+    hooks = [
+        model.core[0].mlp.register_forward_hook(lambda _m, _in, out: compute.add(str(out.dtype))),
+        model.register_forward_hook(
+            lambda _m, _in, out: loss_sums.update(str(v.dtype) for v in out.values())
+        ),
+    ]
+    after = loop.engine.forward_backward(eval_micro_batches(loop.cfg))
+    for hook in hooks:
+        hook.remove()
+
+    def dtype(tensor) -> str:
+        return str(tensor.to_local().dtype if hasattr(tensor, "to_local") else tensor.dtype)
+
+    optimizer_state: dict[str, set] = {}
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                optimizer_state.setdefault(key, set()).add(dtype(value))
+    report = {
+        "after": after,
+        "compute": sorted(compute),
+        "loss_sums": sorted(loss_sums),
+        "params": sorted({dtype(p) for p in model.parameters()}),
+        "grads": sorted({dtype(p.grad) for p in model.parameters() if p.grad is not None}),
+        "optimizer_state": {key: sorted(dtypes) for key, dtypes in optimizer_state.items()},
+    }
+    optimizer.zero_grad(set_to_none=True)
+    return report
 
 
 def task_train_in_two_parts(world, args: list[str], stop_after: int) -> None:
@@ -190,6 +266,7 @@ def task_expect_incompatible(world, args: list[str]) -> str:
 
 TASKS = {
     "train": task_train,
+    "train_and_report_dtypes": task_train_and_report_dtypes,
     "train_with_a_rank_of_skips": task_train_with_a_rank_of_skips,
     "train_in_two_parts": task_train_in_two_parts,
     "split_step": task_split_step,
@@ -271,6 +348,11 @@ def runs(demo_data, tmp_path_factory):
     no_prefetch = "data.prefetch_steps=0"
     started = time.perf_counter()
     # The reference: one process, local engine.
+    # Two tokens fewer than ours: the rows the checkpoint lacks start at its mean row.
+    llm = save_tiny_llm(tmp / "llm", len(load_tokenizer(demo_data / "tokenizer")) - 2)
+    # Learning rate 0: the weights stay the checkpoint's, so the losses show what was loaded.
+    pretrained = (f"model.pretrained_llm={llm}", "optim.lr=0", "run.steps=2")
+    TrainLoop(config(args("pretrained_local", *pretrained)), WorldInfo()).run()
     local_loop = TrainLoop(config(args("local")), WorldInfo())
     local_loop.run()
     local_eval = local_loop.engine.evaluate(eval_micro_batches(local_loop.cfg))
@@ -305,6 +387,7 @@ def runs(demo_data, tmp_path_factory):
             ("ids", "sample_ids", {"args": args("ids"), "steps": 2}),
             ("balance", "balance", {"args": args("balance")}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
+            ("", "train", {"args": args("pretrained_fsdp", fsdp, *pretrained)}),
             ("", "train", {"args": args("fsdp_no_prefetch", fsdp, ac, no_prefetch)}),
             ("", "train_with_a_rank_of_skips", {"args": args("skips", fsdp)}),
             (
@@ -314,6 +397,23 @@ def runs(demo_data, tmp_path_factory):
             ),
             ("", "train_in_two_parts", {"args": args("fsdp_resumed", fsdp, ac), "stop_after": 2}),
             ("bf16", "train", {"args": args("bf16", fsdp, "engine.mixed_precision=bf16")}),
+            *(
+                (
+                    f"full_{precision}",
+                    "train_and_report_dtypes",
+                    {
+                        "args": args(
+                            f"full_{precision}",
+                            fsdp,
+                            *FULL_SPLIT_MODEL,
+                            f"engine.mixed_precision={precision}",
+                            f"run.steps={MIXED_STEPS}",
+                            "checkpoint.every=1000",  # only the final one: nothing resumes
+                        )
+                    },
+                )
+                for precision in ("fp32", "bf16")
+            ),
         ],
         tmp,
     )
@@ -374,6 +474,27 @@ def test_fsdp_and_deepspeed_on_2_ranks_match_local_step_for_step(runs):
     assert_close(losses(tmp / "bf16"), local, 1e-2, range(1, STEPS + 1))
 
 
+def test_bf16_fsdp_trains_the_full_split_model_like_fp32_and_keeps_state_in_fp32(runs):
+    # Multi-scale spans, dual input and the diffusion head on 2 FSDP ranks, 20 steps each way.
+    keys = ("text_loss", "image_loss", "diffusion_loss")
+    fp32, bf16 = (losses(runs["tmp"] / f"full_{p}", keys) for p in ("fp32", "bf16"))
+    assert sorted(fp32) == sorted(bf16) == list(range(1, MIXED_STEPS + 1))
+    assert_close(bf16, fp32, 0.03, range(1, MIXED_STEPS + 1))
+    for key in ("text_loss", "image_loss", "diffusion_loss"):
+        assert runs["full_bf16"]["after"][key] == pytest.approx(
+            runs["full_fp32"]["after"][key], rel=0.03
+        )
+    for precision, compute in (("fp32", "torch.float32"), ("bf16", "torch.bfloat16")):
+        report = runs[f"full_{precision}"]
+        assert report["compute"] == [compute], precision  # bf16 did run in bf16
+        # FSDP2's MixedPrecisionPolicy casts a copy for compute; what is kept stays fp32.
+        assert report["loss_sums"] == ["torch.float32"], precision
+        assert report["params"] == report["grads"] == ["torch.float32"], precision
+        state = report["optimizer_state"]
+        assert {"exp_avg", "exp_avg_sq"} <= set(state), precision
+        assert all(dtypes == ["torch.float32"] for dtypes in state.values()), (precision, state)
+
+
 def test_a_rank_with_text_only_micro_batches_neither_hangs_nor_changes_the_step(runs):
     want = runs["split_local"]
     for name in ("split_fsdp", "split_ds"):
@@ -382,6 +503,30 @@ def test_a_rank_with_text_only_micro_batches_neither_hangs_nor_changes_the_step(
             for key in ("text_loss", "image_loss"):
                 assert got[phase][key] == pytest.approx(want[phase][key], rel=1e-5), (name, key)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), name
+
+
+def test_a_pretrained_llm_loaded_into_2_fsdp_shards_gives_the_local_losses(runs):
+    from safetensors import safe_open
+
+    tmp = runs["tmp"]
+    local = losses(tmp / "pretrained_local")
+    assert_close(losses(tmp / "pretrained_fsdp"), local, 1e-5, (1, 2))
+    assert local != losses(tmp / "local")  # not the random init: the LLM was loaded
+    weights = tmp / "pretrained_local/checkpoints/step_0000002/engine/model.safetensors"
+    with safe_open(str(weights), "pt") as ours:
+        core_q = ours.get_tensor("core.0.attn.wq.weight")  # the checkpoint's layer 1 (text-in: 0)
+    assert torch.equal(core_q, hf_tensor(tmp / "llm", "model.layers.1.self_attn.q_proj.weight"))
+
+
+def test_a_sharded_engine_builds_the_model_without_its_parameters_memory(tiny_overrides):
+    from trainer.data.decode import load_tokenizer, tokenizer_dir
+    from trainer.engines.materialize import build_engine_model
+
+    cfg = config([*tiny_overrides, "engine.name=fsdp"])
+    model, initial = build_engine_model(cfg, load_tokenizer(tokenizer_dir(cfg.data)))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    filled = [name for unit in initial.units() for name in unit]
+    assert sorted(filled) == sorted(name for name, _ in model.named_parameters())  # once each
 
 
 def test_prefetching_changes_no_loss_on_local_and_on_2_fsdp_ranks(runs):
@@ -506,8 +651,9 @@ def test_frozen_parameters_do_not_move_in_training(tiny_overrides, tmp_path):
     weights = load_file(
         str(Path(cfg.run.dir) / "checkpoints/step_0000002/engine/model.safetensors")
     )
-    torch.manual_seed(cfg.run.seed)
-    initial = SplitVLM(cfg.model).state_dict()
+    start = SplitVLM(cfg.model)
+    start.reset_parameters(cfg.run.seed)  # the run's initial weights (trainer/engines/materialize)
+    initial = start.state_dict()
     for name, value in weights.items():
         moved = not torch.equal(value, initial[name])
         assert moved == (not name.startswith(("core.", "embed.", "vision."))), name

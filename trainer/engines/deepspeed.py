@@ -22,6 +22,7 @@ from torch import nn
 from trainer.config import ZERO_STAGES, Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, IncompatibleCheckpointError
+from trainer.engines.materialize import fill_zero3
 from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
@@ -55,7 +56,9 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device):
+    def __init__(
+        self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device, initial=None
+    ):
         super().__init__(cfg, world)
         assert not cfg.engine.compile, "unvalidated engine.compile with engine.name=deepspeed"
         if cfg.engine.cpu_offload and device.type != "cuda":
@@ -68,9 +71,11 @@ class DeepSpeedEngine(Engine):
         self.device = device
         self.stage = cfg.engine.zero_stage
         model.run_every_branch = True
+        if initial is not None:  # built partitioned (ZeRO-3): fill the partitions unit by unit
+            fill_zero3(model, initial, world.rank)
         # torch's non-reentrant checkpointing re-runs each block's forward in backward, and with
         # it ZeRO-3's gather hooks, so it needs no DeepSpeed-specific variant.
-        parallelize(model, cfg.engine)  # ZeRO-3 partitions in deepspeed.initialize below
+        parallelize(model, cfg.engine)
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, cfg.optim),

@@ -33,12 +33,15 @@ from torch.distributed.fsdp import (
 from trainer.config import Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, clip_and_step
+from trainer.engines.materialize import materialize_fsdp
 from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, set_learning_rate
 
 
 class FSDPEngine(Engine):
-    def __init__(self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device):
+    def __init__(
+        self, cfg: Config, world: WorldInfo, model: nn.Module, device: torch.device, initial=None
+    ):
         super().__init__(cfg, world)
         ensure_process_group(world)
         self.device = device
@@ -67,6 +70,8 @@ class FSDPEngine(Engine):
             fully_shard(model, **units)
 
         parallelize(model, engine_cfg, shard)
+        if initial is not None:  # built on meta: allocate and fill this rank's shards only
+            materialize_fsdp(model, initial, device)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
 
