@@ -1,14 +1,28 @@
-"""Per-rank parameter + optimizer memory and step time of the engines, against `local`.
+"""Per-rank memory, build time and step time of the engines, against `local`.
 
 Each engine trains the same config for a few steps on the demo task: `local` in one process,
-`fsdp` and `deepspeed` (ZeRO-3) on --world-size ranks of a gloo group on this machine. Memory is
-what a rank holds (its shards for the sharded engines, everything for local); step time is the
-median of the timed steps of `TrainLoop.train_step` (data, forward/backward, update). Every
-process, local included, runs one thread: one core stands for one device. Ratios are against
-`local` measured in the same run.
+`fsdp` and `deepspeed` (ZeRO-1/2/3) on --world-size ranks of a gloo group on this machine.
+Per engine (the largest value over its ranks):
+
+- params / optimizer: the tensor bytes a rank holds (its shards for the sharded engines);
+- build: seconds to construct `TrainLoop(cfg, world)` (build the model, fill or load its
+  weights, shard it, create the optimizer and the data pipeline);
+- peak RSS: the rank process's peak resident memory over build, parameters, gradients,
+  optimizer and the steps; "before build" is the peak up to `TrainLoop` (the interpreter,
+  torch, the repo's imports), "after build" the peak up to its end (what loading costs). It is the kernel's high-water mark of the process's own memory (VmHWM), not
+  `ru_maxrss`: Linux carries ru_maxrss over fork and exec, so a spawned rank's would start at
+  the launching process's peak (the JSON has both);
+- step: the median of the timed steps of `TrainLoop.train_step` (data, forward/backward, update).
+
+Every process, local included, runs one thread: one core stands for one device. Ratios are
+against `local` measured in the same run. `--preset 0.7b` is issue #14's 0.7B-class model, and
+with it the issue's targets are printed as met / NOT MET; `--pretrained` first writes a random
+Qwen2-0.5B-shaped transformers checkpoint and trains from it (`model.pretrained_llm`).
 
     python scripts/bench_engines.py                 # table
     python scripts/bench_engines.py --json          # one JSON object
+    python scripts/bench_engines.py --preset 0.7b --engines local fsdp deepspeed-zero3
+    python scripts/bench_engines.py --preset 0.7b --pretrained --engines local fsdp
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -32,10 +47,73 @@ import torch.multiprocessing as mp  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# --engines name → the table's label ("ENGINE ZeRO-STAGE" sets engine.zero_stage).
+ENGINES = {
+    "local": "local",
+    "fsdp": "fsdp",
+    "deepspeed-zero3": "deepspeed ZeRO-3",
+    "deepspeed-zero2": "deepspeed ZeRO-2",
+    "deepspeed-zero1": "deepspeed ZeRO-1",
+}
+
+# Qwen2-0.5B's shape, untied as in issue #14's model (transformers Qwen2Config fields): what
+# --pretrained writes. Qwen2 always has q/k/v biases.
+QWEN2_0_5B = {
+    "hidden_size": 896,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+}
+
+PRESETS = {
+    # Issue #14's 0.7B-class model: the Qwen2-0.5B-shaped LLM (24 layers: 1 text-in, 22 core,
+    # 1 text-head) and a frozen SigLIP-base-shaped tower (196 image tokens). Memory and build
+    # time are the point, and one step on one sample per rank already shows them.
+    "0.7b": {
+        "overrides": [
+            "model.d_model=896",
+            "model.num_heads=14",
+            "model.num_kv_heads=2",
+            "model.mlp_hidden=4864",
+            "model.attention_bias=true",
+            "model.vocab_size=151936",
+            "model.tie_embeddings=false",
+            "model.num_text_in_blocks=1",
+            "model.num_core_blocks=22",
+            "model.num_text_head_blocks=1",
+            "model.num_image_in_blocks=1",
+            "model.num_image_head_blocks=1",
+            "model.vision.image_size=224",
+            "model.vision.patch_size=16",
+            "model.vision.hidden_size=768",
+            "model.vision.num_layers=12",
+            "model.vision.num_heads=12",
+            "model.vision.trainable=false",
+        ],
+        "flags": {"global_batch_size": 2, "max_tokens": 512, "warmup": 0, "steps": 1},
+    },
+}
+
+# Issue #14's bounds, checked with --preset 0.7b.
+FSDP_PEAK_RSS_VS_LOCAL = 0.55
+FSDP_LOAD_PEAK_RSS_VS_FP32_PARAMS = 0.6
+
 
 def bench_config(args, data: Path, run_dir: Path, engine: str, extra: list[str]):
     from trainer.config import load_config
 
+    if args.preset:
+        model = PRESETS[args.preset]["overrides"]
+    else:
+        model = [
+            f"model.d_model={args.d_model}",
+            f"model.num_heads={args.num_heads}",
+            f"model.num_kv_heads={args.num_heads // 2}",
+            f"model.num_core_blocks={args.core_blocks}",
+        ]
     return load_config(
         REPO / "yaml/tiny.yaml",
         [
@@ -44,15 +122,20 @@ def bench_config(args, data: Path, run_dir: Path, engine: str, extra: list[str])
             f"engine.name={engine}",
             f"data.global_batch_size={args.global_batch_size}",
             f"data.max_tokens={args.max_tokens}",
-            f"model.d_model={args.d_model}",
-            f"model.num_heads={args.num_heads}",
-            f"model.num_kv_heads={args.num_heads // 2}",
-            f"model.num_core_blocks={args.core_blocks}",
+            *model,
             f"run.steps={args.warmup + args.steps}",
             "optim.warmup_steps=1",
             *extra,
         ],
     )
+
+
+def peak_rss_bytes() -> int:
+    """The high-water mark of this process's own resident memory (VmHWM, reset by exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 def measure(rank: int, world_size: int, init_file: str, cfg_args: tuple, out: str) -> None:
@@ -66,7 +149,19 @@ def measure(rank: int, world_size: int, init_file: str, cfg_args: tuple, out: st
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
-    loop = TrainLoop(bench_config(args, data, Path(run_dir), engine, extra), world_info())
+    cfg = bench_config(args, data, Path(run_dir), engine, extra)
+    start_rss = peak_rss_bytes()
+    started = time.perf_counter()
+    loop = TrainLoop(cfg, world_info())
+    build_seconds = time.perf_counter() - started
+    build_peak_rss = peak_rss_bytes()
+    # On stderr as it happens: a rank killed later (out of memory) shows how far it came.
+    print(
+        f"{label} rank {rank}: built in {build_seconds:.1f} s, peak RSS "
+        f"{build_peak_rss / 2**30:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     times = []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
@@ -74,6 +169,11 @@ def measure(rank: int, world_size: int, init_file: str, cfg_args: tuple, out: st
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     state = loop.engine.state()
+    state["build_seconds"] = build_seconds
+    state["start_rss_bytes"] = start_rss  # the interpreter, torch and the repo's imports
+    state["build_peak_rss_bytes"] = build_peak_rss
+    state["peak_rss_bytes"] = peak_rss_bytes()
+    state["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * world_size
     if dist.is_initialized():
         dist.all_gather_object(gathered, state)
@@ -81,30 +181,96 @@ def measure(rank: int, world_size: int, init_file: str, cfg_args: tuple, out: st
     else:
         gathered = [state]
     if rank == 0:
+        per_rank_max = (
+            "param_bytes",
+            "optimizer_bytes",
+            "build_seconds",
+            "start_rss_bytes",
+            "build_peak_rss_bytes",
+            "peak_rss_bytes",
+            "ru_maxrss_bytes",
+        )
         result = {
             "engine": label,
             "world_size": world_size,
             "num_params": state["num_params"],
-            "param_bytes": max(s["param_bytes"] for s in gathered),
-            "optimizer_bytes": max(s["optimizer_bytes"] for s in gathered),
+            **{key: max(s[key] for s in gathered) for key in per_rank_max},
             "step_seconds": statistics.median(times),
             "text_loss": metrics["text_loss"],
         }
         Path(out).write_text(json.dumps(result))
 
 
-def run(args, data: Path, tmp: Path, label: str, world_size: int) -> dict:
+def run(args, data: Path, tmp: Path, label: str, world_size: int, extra: list[str]) -> dict:
+    """One engine's measurements; a failed run gives its error instead (and the others go on)."""
     engine, _, stage = label.partition(" ZeRO-")
-    extra = [f"engine.zero_stage={stage}"] if stage else []
+    extra = [*extra, *([f"engine.zero_stage={stage}"] if stage else [])]
     out = tmp / f"{uuid.uuid4().hex}.json"
     cfg_args = (args, data, str(tmp / uuid.uuid4().hex), engine, extra, label)
-    mp.start_processes(
-        measure,
-        args=(world_size, str(tmp / uuid.uuid4().hex), cfg_args, str(out)),
-        nprocs=world_size,
-        start_method="spawn",
-    )
+    try:
+        mp.start_processes(
+            measure,
+            args=(world_size, str(tmp / uuid.uuid4().hex), cfg_args, str(out)),
+            nprocs=world_size,
+            start_method="spawn",
+        )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        print(f"{label} failed:\n{err}", file=sys.stderr, flush=True)
+        return {"engine": label, "world_size": world_size, "error": str(err).strip()}
     return json.loads(out.read_text())
+
+
+def write_pretrained_llm(out: str) -> None:
+    """A random Qwen2-0.5B-shaped checkpoint in 500 MB safetensors shards plus their index, the
+    layout of a real one. Run in a process of its own, so no benchmark process carries it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**QWEN2_0_5B)).save_pretrained(out, max_shard_size="500MB")
+
+
+def save_pretrained_llm(out: Path) -> Path:
+    writer = mp.get_context("spawn").Process(target=write_pretrained_llm, args=(str(out),))
+    writer.start()
+    writer.join()
+    if writer.exitcode != 0:
+        raise RuntimeError(f"writing the Qwen2 checkpoint failed (exit code {writer.exitcode})")
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def check_targets(results: list[dict], pretrained: bool) -> list[dict]:
+    """Issue #14's targets for the engines that ran; a bound of None is reported only."""
+    ran = {r["engine"]: r for r in results if "error" not in r}
+    targets = []
+    if "fsdp" in ran:
+        targets.append(
+            {
+                "name": "fsdp peak RSS per rank / local's",
+                "value": ran["fsdp"]["peak_rss_ratio"],
+                "bound": FSDP_PEAK_RSS_VS_LOCAL,
+            }
+        )
+    if "deepspeed ZeRO-3" in ran:
+        targets.append(
+            {
+                "name": "ZeRO-3 peak RSS per rank / local's",
+                "value": ran["deepspeed ZeRO-3"]["peak_rss_ratio"],
+                "bound": None,
+            }
+        )
+    if pretrained and "fsdp" in ran:
+        fsdp = ran["fsdp"]
+        targets.append(
+            {
+                "name": "fsdp peak RSS per rank while loading / one fp32 copy of the parameters",
+                "value": fsdp["build_peak_rss_bytes"] / (4 * fsdp["num_params"]),
+                "bound": FSDP_LOAD_PEAK_RSS_VS_FP32_PARAMS,
+            }
+        )
+    for target in targets:
+        target["met"] = None if target["bound"] is None else target["value"] <= target["bound"]
+    return targets
 
 
 def main(argv=None) -> int:
@@ -112,13 +278,37 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--core-blocks", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256, help="without --preset")
+    parser.add_argument("--num-heads", type=int, default=8, help="without --preset")
+    parser.add_argument("--core-blocks", type=int, default=4, help="without --preset")
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a model of that size instead of --d-model etc. (and smaller step defaults)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="train from a random Qwen2-0.5B-shaped checkpoint (model.pretrained_llm)",
+    )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=list(ENGINES),
+        default=list(ENGINES),
+        help="local is the baseline and runs first",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset]["flags"])
     args = parser.parse_args(argv)
+    if "local" not in args.engines:
+        parser.error("--engines: local is the baseline the ratios need")
+    if args.pretrained and args.preset != "0.7b":
+        parser.error("--pretrained writes a Qwen2-0.5B-shaped LLM: use it with --preset 0.7b")
 
     from trainer.data.demo import write_demo
 
@@ -127,36 +317,71 @@ def main(argv=None) -> int:
         tmp = Path(tmp_name)
         data = tmp / "demo"
         write_demo(data, sizes={"train": 40 * args.global_batch_size, "heldout": 16})
-        results = [run(args, data, tmp, "local", 1)]
-        for label in ("fsdp", "deepspeed ZeRO-3", "deepspeed ZeRO-2", "deepspeed ZeRO-1"):
-            results.append(run(args, data, tmp, label, args.world_size))
+        extra = []
+        if args.pretrained:
+            extra.append(f"model.pretrained_llm={save_pretrained_llm(tmp / 'qwen2')}")
+        results = [run(args, data, tmp, "local", 1, extra)]
+        for name in args.engines:
+            if name != "local":
+                results.append(run(args, data, tmp, ENGINES[name], args.world_size, extra))
     load = {"before": load_before, "after": os.getloadavg()[0]}
     local = results[0]
+    if "error" in local:
+        raise SystemExit("the local baseline failed (see above); no ratios")
     local_memory = local["param_bytes"] + local["optimizer_bytes"]
-    for result in results:
+    for result in (r for r in results if "error" not in r):
         result["memory_ratio"] = (result["param_bytes"] + result["optimizer_bytes"]) / local_memory
         result["step_time_ratio"] = result["step_seconds"] / local["step_seconds"]
+        result["peak_rss_ratio"] = result["peak_rss_bytes"] / local["peak_rss_bytes"]
+    targets = check_targets(results, args.pretrained) if args.preset == "0.7b" else []
     if args.json:
-        print(json.dumps({"config": vars(args), "load_average": load, "results": results}))
+        print(
+            json.dumps(
+                {
+                    "config": vars(args),
+                    "load_average": load,
+                    "results": results,
+                    "targets": targets,
+                }
+            )
+        )
         return 0
     print(
-        f"{local['num_params'] / 1e6:.2f}M parameters, global batch {args.global_batch_size}, "
+        f"{local['num_params'] / 1e6:.2f}M parameters"
+        f"{f' (preset {args.preset})' if args.preset else ''}"
+        f"{', LLM from a Qwen2 checkpoint' if args.pretrained else ''}, "
+        f"global batch {args.global_batch_size}, "
         f"{args.steps} timed steps after {args.warmup}, fp32 on CPU, 1 thread per process; "
         f"load average {load['before']:.1f} before, {load['after']:.1f} after"
     )
     header = (
         "| engine | ranks | params MiB/rank | optimizer MiB/rank | memory vs local "
-        "| step s | step time vs local |"
+        "| step s | step time vs local | build s | RSS before build MiB/rank "
+        "| RSS after build MiB/rank | peak RSS MiB/rank | peak RSS vs local |"
     )
     print(header)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 12)
     mib = 2**20
     for r in results:
+        if "error" in r:
+            print(f"| {r['engine']} | {r['world_size']} | failed: {r['error'].splitlines()[-1]} |")
+            continue
         print(
             f"| {r['engine']} | {r['world_size']} | {r['param_bytes'] / mib:.1f} "
             f"| {r['optimizer_bytes'] / mib:.1f} | {r['memory_ratio']:.2f} "
-            f"| {r['step_seconds']:.3f} | {r['step_time_ratio']:.2f} |"
+            f"| {r['step_seconds']:.3f} | {r['step_time_ratio']:.2f} "
+            f"| {r['build_seconds']:.1f} | {r['start_rss_bytes'] / mib:.0f} "
+            f"| {r['build_peak_rss_bytes'] / mib:.0f} "
+            f"| {r['peak_rss_bytes'] / mib:.0f} | {r['peak_rss_ratio']:.2f} |"
         )
+    if args.preset != "0.7b":
+        print("issue #14's targets are checked with --preset 0.7b")
+    for target in targets:
+        if target["met"] is None:
+            verdict = "reported"
+        else:
+            verdict = f"≤ {target['bound']}: {'met' if target['met'] else 'NOT MET'}"
+        print(f"- {target['name']}: {target['value']:.2f} ({verdict})")
     return 0
 
 

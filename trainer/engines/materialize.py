@@ -72,12 +72,24 @@ class InitialWeights:
         Only the model's own parameters (a tied weight once, under its owner)."""
         names = {name for name, _ in self.template.named_parameters()}
         for unit in self.template.init_units():
-            values = self.template.unit_initial_values(unit, self.seed)
-            yield {
-                name: (value, next((s for s in reversed(self.sources) if name in s.names), None))
-                for name, value in values.items()
-                if name in names
+            module = self.template.get_submodule(unit) if unit else None
+            own = (
+                [f"{unit}.{name}" for name, _ in module.named_parameters()]
+                if module is not None
+                else ["mask_embedding"]
+            )
+            own = [name for name in own if name in names]
+            sources = {
+                name: next((s for s in reversed(self.sources) if name in s.names), None)
+                for name in own
             }
+            # A unit the sources cover entirely is never drawn: no full copy of, say, a
+            # 150k-row embedding just to be replaced by the checkpoint's rows.
+            if all(source is not None for source in sources.values()):
+                yield {name: (None, source) for name, source in sources.items()}
+                continue
+            values = self.template.unit_initial_values(unit, self.seed)
+            yield {name: (values[name], sources[name]) for name in own}
 
     @staticmethod
     def value(entry: tuple[torch.Tensor, object], name: str, rows: slice | None = None):
