@@ -92,7 +92,8 @@ class DataConfig:
     shuffle_block_size: int = 0  # 0: streaming's default, max(4e6 / num_canonical_nodes, 2^18)
     num_workers: int = 0  # DataLoader worker processes that read and decode samples
     # Steps prepared ahead (read, balanced, packed, copied to the device) while the current one
-    # computes, by a thread of the training process; 0: each step's data is prepared in turn.
+    # computes, by a thread of the training process, when num_workers > 0 (with 0 the thread
+    # would decode beside the training thread); 0: each step's data is prepared in turn.
     prefetch_steps: int = 1
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped; 0: no limit
     # Stop the run when more than this fraction of the samples seen were skipped, judged once

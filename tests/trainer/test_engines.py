@@ -345,7 +345,8 @@ def runs(demo_data, tmp_path_factory):
     # on the text-only micro-batch) and freezes part of a block (a sharded unit of mixed
     # trainable and frozen parameters).
     split_options = ("model.vision.trainable=true", "optim.freeze=[core.0.attn.*]")
-    no_prefetch = "data.prefetch_steps=0"
+    # Prefetching runs with loader workers only; the other runs read in turn.
+    prefetch = "data.num_workers=1"
     started = time.perf_counter()
     # The reference: one process, local engine.
     # Two tokens fewer than ours: the rows the checkpoint lacks start at its mean row.
@@ -356,7 +357,7 @@ def runs(demo_data, tmp_path_factory):
     local_loop = TrainLoop(config(args("local")), WorldInfo())
     local_loop.run()
     local_eval = local_loop.engine.evaluate(eval_micro_batches(local_loop.cfg))
-    TrainLoop(config(args("local_no_prefetch", no_prefetch)), WorldInfo()).run()
+    TrainLoop(config(args("local_prefetched", prefetch)), WorldInfo()).run()
     local_ids = []
     data = step_batches(config(args("local")), WorldInfo(), StepBatches)
     for _ in range(2):
@@ -388,12 +389,12 @@ def runs(demo_data, tmp_path_factory):
             ("balance", "balance", {"args": args("balance")}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
             ("", "train", {"args": args("pretrained_fsdp", fsdp, *pretrained)}),
-            ("", "train", {"args": args("fsdp_no_prefetch", fsdp, ac, no_prefetch)}),
-            ("", "train_with_a_rank_of_skips", {"args": args("skips", fsdp)}),
+            ("", "train", {"args": args("fsdp_prefetched", fsdp, ac, prefetch)}),
+            ("", "train_with_a_rank_of_skips", {"args": args("skips", fsdp, prefetch)}),
             (
                 "",
                 "train_with_a_rank_of_skips",
-                {"args": args("skips_no_prefetch", fsdp, no_prefetch)},
+                {"args": args("skips_in_turn", fsdp)},
             ),
             ("", "train_in_two_parts", {"args": args("fsdp_resumed", fsdp, ac), "stop_after": 2}),
             ("bf16", "train", {"args": args("bf16", fsdp, "engine.mixed_precision=bf16")}),
@@ -531,7 +532,7 @@ def test_a_sharded_engine_builds_the_model_without_its_parameters_memory(tiny_ov
 
 def test_prefetching_changes_no_loss_on_local_and_on_2_fsdp_ranks(runs):
     tmp = runs["tmp"]
-    for prefetched, in_turn in (("local", "local_no_prefetch"), ("fsdp", "fsdp_no_prefetch")):
+    for prefetched, in_turn in (("local_prefetched", "local"), ("fsdp_prefetched", "fsdp")):
         assert losses(tmp / prefetched) == losses(tmp / in_turn)  # bitwise
 
 
@@ -540,7 +541,7 @@ def test_a_rank_whose_every_sample_is_skipped_neither_hangs_nor_changes_the_loss
     metrics = [json.loads(line) for line in (tmp / "skips/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert all(m["skipped_by_reason"] == {"too_long": 8} for m in metrics)
-    assert losses(tmp / "skips") == losses(tmp / "skips_no_prefetch")
+    assert losses(tmp / "skips") == losses(tmp / "skips_in_turn")
 
 
 def test_a_step_sees_the_same_samples_on_1_and_2_ranks(runs):

@@ -56,6 +56,7 @@ def test_a_stop_request_ends_the_run_after_the_current_step(tiny_overrides, on_s
 
 def test_a_stop_while_steps_are_prefetched_resumes_at_the_next_sample(tiny_overrides, tmp_path):
     common = [*tiny_overrides, "run.steps=8", "run.log_sample_ids=true", "data.prefetch_steps=2"]
+    common.append("data.num_workers=1")  # prefetching needs loader workers
     straight = load_config(REPO / "yaml/tiny.yaml", [*common, f"run.dir={tmp_path / 'straight'}"])
     train(straight)
     stopped = load_config(REPO / "yaml/tiny.yaml", [*common, f"run.dir={tmp_path / 'stopped'}"])

@@ -2,8 +2,9 @@
 
     StepBatches (read + decode) → balance_ranks → pack_step → [pin, copy to the device] → StepData
 
-The loop only asks for the next `StepData`. With `data.prefetch_steps` > 0 a background thread
-prepares the steps after the one being computed, so the host's share of a step (waiting for
+The loop only asks for the next `StepData`. With `data.prefetch_steps` > 0 (and loader worker
+processes, `data.num_workers` > 0) a background thread prepares the steps after the one being
+computed, so the host's share of a step (waiting for
 samples, balancing, packing, planning layouts, the host-to-device copy) overlaps the model's
 forward/backward instead of preceding it.
 
@@ -69,7 +70,11 @@ class StepPipeline:
         self.device = device
         self.batches = StepBatches(cfg.data, decoder, world, cache_key=cache_key)
         self.layout_options = layout_options(cfg.model, device)
-        self.prefetch_steps = cfg.data.prefetch_steps
+        # Prefetching runs in a thread of this process, so it pays only when the samples are
+        # read and decoded in loader worker processes: with data.num_workers 0 the thread would
+        # decode beside the training thread and the two would take turns at the interpreter
+        # (`scripts/bench_step.py --num-workers 0` measures it).
+        self.prefetch_steps = cfg.data.prefetch_steps if cfg.data.num_workers > 0 else 0
         # Created on every rank, in the same order: a collective of the default group.
         self.group = new_cpu_group() if is_distributed() else None
         self.cursor = DataCursor()  # after the last step taken

@@ -324,6 +324,9 @@ class StepBatches:
             batch_sampler=sampler,
             collate_fn=FlatBatch if self.cfg.num_workers else _keep_list,
             num_workers=self.cfg.num_workers,
+            # The reader holds streaming's dataset, which does not pickle (its locks): workers
+            # are forked, also in a process whose default is spawn (torch.multiprocessing).
+            multiprocessing_context="fork" if self.cfg.num_workers else None,
             # A loader draws its workers' base seed when it starts an epoch: from a generator
             # of its own, not from torch's global one, whose stream belongs to the model (a
             # prefetching thread starts epochs at other moments than the training thread).
