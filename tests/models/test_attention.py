@@ -246,18 +246,23 @@ def _outputs_and_grads(backend, q, k, v, layout, grad_out):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2), (3, 1)])
-@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
-@pytest.mark.parametrize("seed", range(NUM_SEEDS))
-def test_backend_matches_reference_outputs_and_grads(backend, seed, num_heads, num_kv_heads):
-    layout = PackedLayout.from_docs(random_docs(random.Random(seed)))
-    q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
+def assert_matches_reference(backend: str, q, k, v, layout) -> None:
+    """`backend`'s output and q/k/v gradients equal the dense reference's (fp32 tolerance)."""
     grad_out = torch.randn_like(q)
     expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
     out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out)
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
+@pytest.mark.parametrize("seed", range(NUM_SEEDS))
+def test_backend_matches_reference_outputs_and_grads(backend, seed, num_heads, num_kv_heads):
+    layout = PackedLayout.from_docs(random_docs(random.Random(seed)))
+    q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
+    assert_matches_reference(backend, q, k, v, layout)
 
 
 @needs_flex_cpu
@@ -307,12 +312,7 @@ def test_single_query_calls_with_gqa_stay_off_the_kernels_one_query_per_batch_pa
     assert all(call.max_seqlen_q == 1 for call in layout.flash_calls)
     assert all((call.cu_seqlens_q.diff() == 0).any() for call in layout.flash_calls)
     q, k, v = random_qkv(layout.num_tokens, 4, 2, seed=0)
-    grad_out = torch.randn_like(q)
-    expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
-    out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out)
-    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
-    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+    assert_matches_reference(backend, q, k, v, layout)
 
 
 # ---------------------------------------------------------------------------------------------
