@@ -29,6 +29,7 @@ from models.batch import IGNORE_INDEX
 from models.blocks import Block, RMSNorm, rope_tables, run_blocks
 from models.config import ModelConfig, model_config_from_dict
 from models.diffusion import DiffusionHead
+from models.lm_head import LMHead
 from models.vision import (
     build_adaptor,
     build_vision_tower,
@@ -113,7 +114,7 @@ class SplitVLM(nn.Module):
         self.text_head_blocks = blocks(cfg.num_text_head_blocks)
         self.image_head_blocks = blocks(cfg.num_image_head_blocks)
         self.text_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         self.image_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.target_dim = image_target_dim(cfg, vision_dim)
         self.image_head = nn.Linear(cfg.d_model, self.target_dim)
@@ -313,9 +314,11 @@ class SplitVLM(nn.Module):
         image_TC = torch.where(image_mask[:, None], mask_embedding, adapted_TC)
         return run_blocks(self.image_in, image_TC, layout, rope)
 
-    def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor) -> torch.Tensor:
+    def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor, labels=None):
+        """Logits at `positions`; with `labels` (one per position), their summed cross-entropy
+        instead, without materializing all the logits at once (models/lm_head.py)."""
         hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
-        return self.lm_head(self.text_norm(hidden[positions]))
+        return self.lm_head(self.text_norm(hidden[positions]), labels)
 
     def image_condition(self, batch, trunk: Trunk, image_tokens: torch.Tensor) -> torch.Tensor:
         """Normalized image-head hidden states that predict the given image tokens (indices into
@@ -330,12 +333,8 @@ class SplitVLM(nn.Module):
         over masked image tokens (of fully masked spans, for diffusion)."""
         trunk = self.trunk(batch)
         text_positions = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
-        logits = self.text_logits(batch, trunk, text_positions)
-        losses = {
-            "text_loss_sum": F.cross_entropy(
-                logits.float(), batch.labels[text_positions], reduction="sum"
-            )
-        }
+        labels = batch.labels[text_positions]
+        losses = {"text_loss_sum": self.text_logits(batch, trunk, text_positions, labels)}
         zero = trunk.hidden_TC.new_zeros(())
         losses["image_loss_sum"] = zero
         if self.diffusion is not None:

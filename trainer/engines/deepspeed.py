@@ -27,6 +27,7 @@ from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, hyperparameters_from_config, set_learning_rate
 
 META_FILE = "splitvlm_engine.json"
+ZERO_BUFFER_ELEMENTS = 50_000_000  # 200 MB in fp32
 
 
 def deepspeed_config(cfg: Config, device: torch.device) -> dict:
@@ -35,6 +36,21 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
     zero: dict = {"stage": engine.zero_stage}
     if engine.zero_stage == 1:
         zero["overlap_comm"] = False  # required by unmanaged accumulation below stage 2
+    # DeepSpeed's buffer defaults are counts of elements sized for GPUs of 40+ GB: a 500M-element
+    # gradient bucket (2 GB in fp32), up to 1e9 gathered parameters live at once and 1e9-element
+    # optimizer sub-groups. Bounded to ZERO_BUFFER_ELEMENTS, a rank's memory is its partitions
+    # plus a few hundred MB, so ZeRO-3 fits where the sharding says it should.
+    zero.update(
+        reduce_bucket_size=ZERO_BUFFER_ELEMENTS,
+        allgather_bucket_size=ZERO_BUFFER_ELEMENTS,
+    )
+    if engine.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ZERO_BUFFER_ELEMENTS,
+            stage3_max_live_parameters=2 * ZERO_BUFFER_ELEMENTS,
+            stage3_max_reuse_distance=2 * ZERO_BUFFER_ELEMENTS,
+            sub_group_size=2 * ZERO_BUFFER_ELEMENTS,
+        )
     if engine.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if engine.zero_stage == 3:

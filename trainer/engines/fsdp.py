@@ -64,9 +64,16 @@ class FSDPEngine(Engine):
             # The vision tower is its own unit because it is usually frozen: FSDP2
             # reduce-scatters a unit's gradients together, and a unit of only frozen parameters
             # simply has none to reduce, while its weights are still sharded (half the memory on
-            # 2 ranks) and gathered for its forward. The adaptor, mask embedding, embeddings,
-            # norms and heads are small and go with the root, gathered once per forward.
+            # 2 ranks) and gathered for its forward. The adaptor, mask embedding, norms and
+            # image heads are small and go with the root, gathered once per forward.
             fully_shard(model.vision, **units)
+            # The embedding and the LM head are units of their own: at a 150k vocabulary each is
+            # as large as several blocks, and in the root they would stay gathered, with their
+            # whole gradients, through the entire forward and backward. Tied, they are one
+            # parameter, which must stay in one unit: the root's.
+            if not model.cfg.tie_embeddings:
+                fully_shard(model.embed, **units)
+                fully_shard(model.lm_head, **units)
             fully_shard(model, **units)
 
         parallelize(model, engine_cfg, shard)
