@@ -382,14 +382,16 @@ def _cmd_generate(args) -> int:
     from trainer.inference import generate_image, load_for_inference
 
     model, _, decoder = load_for_inference(Path(args.checkpoint))
-    image, scales = generate_image(model, decoder, args.prompt, seed=args.seed)
+    image, scales = generate_image(model, decoder, args.prompt, seed=args.seed, size=args.size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Tiny images are upscaled for viewing; each scale, coarse to fine, left to right.
-    cell = max(128, image.width)
-    strip = Image.new("RGB", (cell * len(scales), cell))
+    # Tiny images are upscaled for viewing (aspect ratio kept); each scale, coarse to fine, left
+    # to right.
+    zoom = max(1, 128 // min(image.size))
+    cell = (image.width * zoom, image.height * zoom)
+    strip = Image.new("RGB", (cell[0] * len(scales), cell[1]))
     for i, scale in enumerate(scales):
-        strip.paste(scale.resize((cell, cell), Image.NEAREST), (i * cell, 0))
+        strip.paste(scale.resize(cell, Image.NEAREST), (i * cell[0], 0))
     strip.save(out)
     print(f"wrote {out} ({len(scales)} scales, coarse to fine)")
     return EXIT_OK
@@ -407,7 +409,21 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="generated.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size",
+        type=_image_size,
+        default=None,
+        metavar="WxH",
+        help="image size for native-resolution models (rounded to their patch grid)",
+    )
     parser.set_defaults(func=_cmd_generate)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) and int(height)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 64x32")
+    return int(width), int(height)
 
 
 COMMANDS = (

@@ -8,14 +8,21 @@ document up to e - 1. Every visible set is one interval, so the whole mask is tw
     # query t sees exactly the keys k with layout.doc_start[t] <= k <= layout.vis_end[t]
     out_THD = packed_attention(q_THD, k_TKD, v_TKD, layout, backend="sdpa")
 
+A sliding window (`window=W`, a property of the layer: one layout serves every layer) also
+hides keys k <= t - W from query t, text and image tokens alike, so each visible set is still
+one interval, [max(doc_start[t], t - W + 1), vis_end[t]] (`layout.first_visible(W)`): the last
+W positions up to t, as transformers' `kv_idx > q_idx - sliding_window`, plus an image token's
+later tokens of its span.
+
 `PackedLayout.from_docs` runs once per micro-batch in the data pipeline and precomputes what
 every backend needs (index tensors, cu_seqlens, block tables), so layers never sync with the host.
 
 Backends (see `ATTENTION_BACKENDS`), all equal up to fp32 rounding, outputs and gradients:
 - "sdpa": torch SDPA, one call per group of equal-length documents, boolean mask of n_d^2 per
-  document (never T^2). The CPU training path.
+  document (never T^2), none for causal text the window does not cut. The CPU training path.
 - "flash": flash-attn 2.x `flash_attn_varlen_func`, one call per (segment kind, segment ordinal
-  across documents); keys are never copied: gaps between key ranges are zero-query batches.
+  across documents); keys are never copied: gaps between key ranges are zero-query batches. A
+  window is the kernel's window_size, (W - 1, 0) for text and (W - 1, -1) for image calls.
 - "flash_emulated": the same decomposition through `flash_attn_varlen_func_emulated`, a
   pure-PyTorch stand-in with flash-attn's signature and semantics, so it is tested on CPU.
 - "flex": FlexAttention with a BlockMask built from the interval vectors (GPU; on CPU torch
@@ -74,8 +81,10 @@ class SdpaBlock:
     seqlen: int
     token_index: Tensor  # int64 (num_docs * seqlen,), document-major
     # int32 (num_docs, seqlen): last visible key per query, relative to its document start.
-    # None for text-only documents, which run with is_causal=True and no mask at all.
+    # None for text-only documents, which run with is_causal=True and no mask at all, and for
+    # documents that are one image span (`bidirectional`), which run with no mask either.
     vis_end_local: Tensor | None
+    bidirectional: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,13 @@ class PackedLayout:
     @property
     def num_tokens(self) -> int:
         return self.position_ids.shape[0]
+
+    def first_visible(self, window: int | None = None) -> Tensor:
+        """int32 (T,): the first key each query sees; `window`: under that sliding window."""
+        if window is None:
+            return self.doc_start
+        token_T = torch.arange(self.num_tokens, device=self.doc_start.device, dtype=torch.int32)
+        return torch.maximum(self.doc_start, token_T - (window - 1))
 
     @property
     def num_docs(self) -> int:
@@ -264,23 +280,34 @@ def _parse_docs(docs) -> tuple[list[tuple[int, str, int, int]], list[tuple[int, 
 
 def _plan_sdpa(segments, doc_bounds, vis_end: np.ndarray) -> tuple[tuple[SdpaBlock, ...], Tensor]:
     docs_with_images = {doc for doc, kind, _, _ in segments if kind == "image"}
-    groups: dict[tuple[int, bool], list[int]] = {}
+    segments_per_doc = np.bincount([doc for doc, *_ in segments], minlength=len(doc_bounds))
+    # Documents that are a single image span (a packed vision tower's images) see all of
+    # themselves: SDPA's unmasked kernel, not a mask that picks its slower path.
+    whole_images = {doc for doc in docs_with_images if segments_per_doc[doc] == 1}
+    groups: dict[tuple[int, bool, bool], list[int]] = {}
     for doc, (start, end) in enumerate(doc_bounds):
-        groups.setdefault((end - start, doc in docs_with_images), []).append(doc)
+        key = (end - start, doc in docs_with_images, doc in whole_images)
+        groups.setdefault(key, []).append(doc)
 
     # In numpy, one tensor per block field at the end (a torch call on a small tensor costs
     # microseconds, and there are a few per group of equal-length documents).
     blocks, token_indices = [], []
-    for (seqlen, has_image), group_docs in groups.items():
+    for (seqlen, has_image, whole_image), group_docs in groups.items():
         doc_starts = np.array([doc_bounds[doc][0] for doc in group_docs])
         token_index = (doc_starts[:, None] + np.arange(seqlen)).reshape(-1)
         vis_end_local = None
-        if has_image:
+        if has_image and not whole_image:
             local = vis_end[token_index].reshape(len(group_docs), seqlen) - doc_starts[:, None]
             vis_end_local = torch.from_numpy(local.astype(np.int32))
         token_indices.append(token_index)
         blocks.append(
-            SdpaBlock(len(group_docs), seqlen, torch.from_numpy(token_index), vis_end_local)
+            SdpaBlock(
+                len(group_docs),
+                seqlen,
+                torch.from_numpy(token_index),
+                vis_end_local,
+                bidirectional=whole_image,
+            )
         )
     inverse = np.argsort(np.concatenate(token_indices), kind="stable")
     return tuple(blocks), torch.from_numpy(inverse)
@@ -331,23 +358,32 @@ def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
     return tuple(calls), torch.argsort(query_order)
 
 
+def _block_table(selected: Tensor) -> tuple[Tensor, Tensor]:
+    counts = selected.sum(1, dtype=torch.int32)
+    # stable sort puts the selected block indices first, in increasing order
+    indices = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return counts[None, None], indices[None, None]
+
+
 def _cumulative_int32(lengths: list[int]) -> Tensor:
     return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
 def _plan_flex(doc_start_T: Tensor, vis_end_T: Tensor) -> FlexBlocks:
-    num_tokens = doc_start_T.shape[0]
+    """The tables for the intervals [doc_start_T[t], vis_end_T[t]], on their device (packing
+    plans on CPU; windowed layers plan on the fly from `first_visible`)."""
+    num_tokens, device = doc_start_T.shape[0], doc_start_T.device
     block = FLEX_BLOCK_SIZE
     num_blocks = math.ceil(num_tokens / block)
     num_padding = num_blocks * block - num_tokens
-    query_block_T = torch.arange(num_tokens) // block
+    query_block_T = torch.arange(num_tokens, device=device) // block
 
     # A key block is touched by a query block if any query's interval overlaps it; mark the
     # overlaps with a difference array over key blocks instead of materializing T x T.
     first_key_block = doc_start_T.long() // block
     last_key_block = vis_end_T.long() // block
-    overlap_count = torch.zeros(num_blocks, num_blocks + 1, dtype=torch.int64)
-    ones_T = torch.ones(num_tokens, dtype=torch.int64)
+    overlap_count = torch.zeros(num_blocks, num_blocks + 1, dtype=torch.int64, device=device)
+    ones_T = torch.ones(num_tokens, dtype=torch.int64, device=device)
     overlap_count.index_put_((query_block_T, first_key_block), ones_T, accumulate=True)
     overlap_count.index_put_((query_block_T, last_key_block + 1), -ones_T, accumulate=True)
     touched = overlap_count.cumsum(1)[:, :num_blocks] > 0
@@ -358,20 +394,13 @@ def _plan_flex(doc_start_T: Tensor, vis_end_T: Tensor) -> FlexBlocks:
     padded_vis_end = F.pad(vis_end_T, (0, num_padding), value=num_tokens)
     latest_doc_start = padded_doc_start.view(num_blocks, block).amax(1)
     earliest_vis_end = padded_vis_end.view(num_blocks, block).amin(1)
-    key_block_start = torch.arange(num_blocks) * block
+    key_block_start = torch.arange(num_blocks, device=device) * block
     full = (latest_doc_start[:, None] <= key_block_start[None, :]) & (
         earliest_vis_end[:, None] >= key_block_start[None, :] + block - 1
     )
     partial = touched & ~full
-
-    def block_table(selected: Tensor) -> tuple[Tensor, Tensor]:
-        counts = selected.sum(1, dtype=torch.int32)
-        # stable sort puts the selected block indices first, in increasing order
-        indices = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
-        return counts[None, None], indices[None, None]
-
-    kv_num_blocks, kv_indices = block_table(partial)
-    full_kv_num_blocks, full_kv_indices = block_table(full)
+    kv_num_blocks, kv_indices = _block_table(partial)
+    full_kv_num_blocks, full_kv_indices = _block_table(full)
     return FlexBlocks(
         doc_start_padded=F.pad(doc_start_T, (0, num_padding), value=num_tokens),
         vis_end_padded=F.pad(vis_end_T, (0, num_padding), value=-1),
@@ -383,10 +412,11 @@ def _plan_flex(doc_start_T: Tensor, vis_end_T: Tensor) -> FlexBlocks:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: each takes q (T, H, D), k/v (T, Hkv, D), the layout and the softmax scale.
+# Backends: each takes q (T, H, D), k/v (T, Hkv, D), the layout, the softmax scale and the
+# sliding window (None: none).
 
 
-def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) -> Tensor:
+def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale, window) -> Tensor:
     _require_plan(layout, "sdpa")
     num_heads, num_kv_heads, head_dim = q_THD.shape[1], k_TKD.shape[1], q_THD.shape[2]
     outputs = []
@@ -395,19 +425,28 @@ def _sdpa_attention(q_THD: Tensor, k_TKD: Tensor, v_TKD: Tensor, layout, scale) 
         q_BHND = q_THD.index_select(0, block.token_index).view(shape).transpose(1, 2)
         k_BKND = k_TKD.index_select(0, block.token_index).view(shape).transpose(1, 2)
         v_BKND = v_TKD.index_select(0, block.token_index).view(shape).transpose(1, 2)
+        # A window no shorter than the documents hides nothing in them.
+        cuts = window is not None and window < block.seqlen
         mask_B1NN = None
-        if block.vis_end_local is not None:
+        if block.vis_end_local is not None or cuts:
             # Built per call from the n_d-long interval vector rather than stored in the layout:
             # n_d^2 cheap compares next to n_d^2 * H * D attention flops, and no n_d^2 bytes
             # to ship to a device that may never use this backend.
             key_N = torch.arange(block.seqlen, device=q_THD.device)
-            mask_B1NN = (key_N <= block.vis_end_local[:, :, None]).unsqueeze(1)
+            if block.vis_end_local is not None:
+                mask_B1NN = (key_N <= block.vis_end_local[:, :, None]).unsqueeze(1)
+            elif block.bidirectional:
+                mask_B1NN = torch.ones_like(key_N, dtype=torch.bool).expand(block.seqlen, -1)
+            else:  # text only: causal, one (n_d, n_d) mask for every document of the block
+                mask_B1NN = key_N[None, :] <= key_N[:, None]
+            if cuts:
+                mask_B1NN = mask_B1NN & (key_N[None, :] > key_N[:, None] - window)
         out_BHND = F.scaled_dot_product_attention(
             q_BHND,
             k_BKND,
             v_BKND,
             attn_mask=mask_B1NN,
-            is_causal=mask_B1NN is None,
+            is_causal=mask_B1NN is None and not block.bidirectional,
             scale=scale,
             enable_gqa=num_heads != num_kv_heads,
         )
@@ -429,8 +468,12 @@ def _flash_decomposition(
     return torch.cat(outputs).index_select(0, layout.flash_inverse_index)
 
 
-def _flash_attn_call(kernel: Callable, scale: float | None) -> Callable:
+def _flash_attn_call(kernel: Callable, scale: float | None, window: int | None) -> Callable:
     """A FlashCall through flash-attn's `flash_attn_varlen_func` signature."""
+    # Bottom-right aligned, query i of a segment sits at its own key, so a left window of
+    # W - 1 keeps keys t - W + 1 .. t of a text query, and of an image query all keys after
+    # t - W + 1 up to the span end (right unbounded).
+    window_left = -1 if window is None else window - 1
 
     def run_call(q_QHD, k_TKD, v_TKD, call: FlashCall) -> Tensor:
         # max_seqlen_q at least 2: at 1, with GQA and no window, flash-attn reshapes q to one
@@ -447,12 +490,13 @@ def _flash_attn_call(kernel: Callable, scale: float | None) -> Callable:
             call.max_seqlen_k,
             softmax_scale=scale,
             causal=call.causal,
+            window_size=(window_left, 0 if call.causal else -1),
         )
 
     return run_call
 
 
-def _varlen_attn_call(kernel: Callable, scale: float | None) -> Callable:
+def _varlen_attn_call(kernel: Callable, scale: float | None, window: int | None) -> Callable:
     """A FlashCall through torch's `varlen_attn` signature. Its flash kernel is flash-attn 2's,
     with the same facts: int32 cu_seqlens, zero-query batches allowed, max_k covering them,
     fp16/bf16 only, head dim a multiple of 8 up to 256 (varlen_attn does not pad it)."""
@@ -462,8 +506,12 @@ def _varlen_attn_call(kernel: Callable, scale: float | None) -> Callable:
         # (-1, max_k), which the kernel clamps to no window in forward and backward: exactly
         # (-1, -1) lets varlen_attn pick cuDNN over its flash kernel (sm90/sm100, cuDNN >= 9.18,
         # equal heads, max_q > 128), and how cuDNN treats zero-query batches is unverified. Any
-        # window also keeps flash off its max_q == 1 GQA path (see _flash_attn_call).
-        window = (-1, 0) if call.causal else (-1, call.max_seqlen_k)
+        # window also keeps flash off its max_q == 1 GQA path (see _flash_attn_call). A sliding
+        # window is (W - 1, 0) or (W - 1, -1), as in _flash_attn_call: never (-1, -1) either.
+        if window is None:
+            window_size = (-1, 0) if call.causal else (-1, call.max_seqlen_k)
+        else:
+            window_size = (window - 1, 0 if call.causal else -1)
         return kernel(
             q_QHD,
             k_TKD,
@@ -473,14 +521,14 @@ def _varlen_attn_call(kernel: Callable, scale: float | None) -> Callable:
             call.max_seqlen_q,
             call.max_seqlen_k,
             scale=scale,
-            window_size=window,
+            window_size=window_size,
             enable_gqa=q_QHD.shape[1] != k_TKD.shape[1],
         )
 
     return run_call
 
 
-def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as error:
@@ -488,12 +536,12 @@ def _flash_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
             "attention backend 'flash' needs flash-attn 2.x (CUDA only): "
             "pip install splitvlm[gpu]; on CPU use backend 'sdpa'"
         ) from error
-    run_call = _flash_attn_call(flash_attn_varlen_func, scale)
+    run_call = _flash_attn_call(flash_attn_varlen_func, scale, window)
     return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
 
 
-def _flash_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
-    run_call = _flash_attn_call(flash_attn_varlen_func_emulated, scale)
+def _flash_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
+    run_call = _flash_attn_call(flash_attn_varlen_func_emulated, scale, window)
     return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
 
 
@@ -506,23 +554,23 @@ def _torch_varlen_attn() -> Callable | None:
     return varlen_attn
 
 
-def _varlen_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+def _varlen_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
     varlen_attn = _torch_varlen_attn()
     if varlen_attn is None:
         raise ImportError(
             f"attention backend 'varlen' needs torch >= 2.10 (this is {torch.__version__}); "
             "use backend 'auto' or 'sdpa'"
         )
-    run_call = _varlen_attn_call(varlen_attn, scale)
+    run_call = _varlen_attn_call(varlen_attn, scale, window)
     return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
 
 
-def _varlen_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
-    run_call = _varlen_attn_call(varlen_attn_emulated, scale)
+def _varlen_emulated_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
+    run_call = _varlen_attn_call(varlen_attn_emulated, scale, window)
     return _flash_decomposition(q_THD, k_TKD, v_TKD, layout, run_call)
 
 
-def _auto_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+def _auto_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
     # Where varlen's kernel runs: flash-attn 2 takes only fp16/bf16 (fp32 training on a GPU,
     # e.g. the local engine, gets sdpa) and head dims that are multiples of 8 up to 256.
     head_dim = q_THD.shape[2]
@@ -534,7 +582,7 @@ def _auto_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
         and _torch_varlen_attn() is not None
     )
     backend = _varlen_attention if use_varlen else _sdpa_attention
-    return backend(q_THD, k_TKD, v_TKD, layout, scale)
+    return backend(q_THD, k_TKD, v_TKD, layout, scale, window)
 
 
 @functools.cache
@@ -544,11 +592,20 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention)
 
 
-def _flex_attention(q_THD, k_TKD, v_TKD, layout, scale) -> Tensor:
+def flex_block_tables(layout: PackedLayout, window: int | None = None) -> FlexBlocks:
+    """The flex tables of a layout, or of its intervals under a sliding window."""
+    _require_plan(layout, "flex")
+    if window is None:
+        return layout.flex_blocks
+    # Planned on the device per call (O(T + num_blocks^2)): the tables skip the key blocks
+    # behind every window, and no block the window cuts stays "full" (mask_mod skipped there).
+    return _plan_flex(layout.first_visible(window), layout.vis_end)
+
+
+def _flex_attention(q_THD, k_TKD, v_TKD, layout, scale, window) -> Tensor:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    _require_plan(layout, "flex")
-    blocks = layout.flex_blocks
+    blocks = flex_block_tables(layout, window)
     doc_start, vis_end = blocks.doc_start_padded, blocks.vis_end_padded
 
     def mask_mod(batch, head, q_idx, kv_idx):
@@ -597,11 +654,13 @@ def packed_attention(
     layout: PackedLayout,
     backend: str = "sdpa",
     scale: float | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Attention over a packed micro-batch: q (T, H, D), k and v (T, Hkv, D) -> (T, H, D).
 
     H must be a multiple of Hkv (query head h uses key/value head h // (H // Hkv)); `scale`
-    defaults to 1 / sqrt(D).
+    defaults to 1 / sqrt(D). `window`: a sliding window of that many positions (query t also
+    sees no key k <= t - window); None: none.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
@@ -617,17 +676,24 @@ def packed_attention(
         raise ValueError(
             f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})"
         )
-    return ATTENTION_BACKENDS[backend](q, k, v, layout, scale)
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window needs at least 1 position, got {window}")
+    return ATTENTION_BACKENDS[backend](q, k, v, layout, scale, window)
 
 
 def dense_reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: PackedLayout,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Naive T x T attention straight from the interval vectors; for tests and benchmarks."""
     num_tokens, num_heads, head_dim = q.shape
     group_size = num_heads // k.shape[1]
     key_T = torch.arange(num_tokens, device=q.device)
-    visible_TT = (key_T[None, :] >= layout.doc_start[:, None]) & (
+    visible_TT = (key_T[None, :] >= layout.first_visible(window)[:, None]) & (
         key_T[None, :] <= layout.vis_end[:, None]
     )
     k_THD = k.repeat_interleave(group_size, dim=1)

@@ -25,7 +25,10 @@ class PackedBatch:
     text_layout: PackedLayout | None  # text tokens only, image spans removed (text-in blocks)
     image_index: torch.Tensor  # int64 (T_image,): positions of image tokens, image after image
     image_layout: PackedLayout | None  # every image its own document (image-in blocks)
-    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
+    # uint8, float if already normalized: (num_images, 3, H, W) for square images; at native
+    # resolution every image's (3, H, W) flattened and concatenated (models.split_vlm.split_images)
+    pixel_values: torch.Tensor
+    image_grids: list[tuple[int, int]]  # (rows, cols) of patches of each image's full grid
     image_mask: torch.Tensor  # bool (T_image,)
     image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
     sample_ids: list[str]

@@ -1,8 +1,15 @@
-"""Transformer blocks over packed sequences: RMSNorm, RoPE, GQA attention, SwiGLU."""
+"""Transformer blocks over packed sequences: RMSNorm, RoPE, GQA attention, gated MLP.
+
+The Llama block by default; Gemma's is the same with config switches: (1 + w) norms, sandwich
+norms around each sublayer, a GELU-gated MLP, its own softmax scale and sliding-window layers
+with a RoPE base of their own (`models.config.ModelConfig`).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,35 +20,100 @@ from models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """RMSNorm scaling by `weight`, or with `offset_weight` (Gemma) by (1 + weight) in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset_weight: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset_weight = offset_weight
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, 0.0 if self.offset_weight else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if not self.offset_weight:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Gemma scales in fp32 and rounds once, (x * w).to(bf16) rather than x.to(bf16) * w
+        # (transformers#29402): the same rounding as its checkpoints were trained with.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-def rope_tables(positions_T2: torch.Tensor, cfg: ModelConfig):
-    """cos, sin of shape (T, head_dim // 2), computed once per forward and shared by all layers.
+def make_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, cfg.norm_eps, offset_weight=cfg.norm_style == "gemma")
+
+
+class TokenEmbedding(nn.Embedding):
+    """Token embeddings, times sqrt(width) with `scaled` (Gemma)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scaled: bool = False):
+        super().__init__(num_embeddings, embedding_dim)
+        self.scale = math.sqrt(embedding_dim) if scaled else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        embeddings = super().forward(ids)
+        if self.scale is None:
+            return embeddings
+        return embeddings * _rounded(self.scale, embeddings.dtype)
+
+
+@functools.cache
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    # transformers multiplies by the scale cast to the weights' dtype (sqrt(3072) is 55.5 in bf16)
+    return torch.tensor(value).to(dtype).item()
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    """RoPE (cos, sin) tables of one micro-batch, each (T, head_dim // 2): one for full-attention
+    layers and one for sliding layers (the same tensors unless `sliding_rope_theta` is set)."""
+
+    full: tuple[torch.Tensor, torch.Tensor]
+    sliding: tuple[torch.Tensor, torch.Tensor]
+
+    def select(self, index: torch.Tensor) -> RopeTables:
+        """The rows of the tokens `index`."""
+        full = (self.full[0][index], self.full[1][index])
+        if self.sliding is self.full:
+            return RopeTables(full, full)
+        return RopeTables(full, (self.sliding[0][index], self.sliding[1][index]))
+
+
+def rope_tables(positions_T2: torch.Tensor, cfg: ModelConfig) -> RopeTables:
+    """The tables of every layer type, computed once per forward and shared by all layers.
 
     `positions_T2` holds two position axes: the first half of the frequencies rotates by axis 0,
     the second half by axis 1 (2-D RoPE for image grids). Where both axes are equal — all text —
     this is exactly the 1-D RoPE of the checkpoint families (Llama-3 scaling included).
     """
-    inv_freq = rope_inverse_frequencies(cfg, positions_T2.device)
+    full = _rope_table(positions_T2, rope_inverse_frequencies(cfg, positions_T2.device))
+    if not (cfg.sliding_rope_theta and "sliding" in cfg.layer_types):
+        return RopeTables(full, full)
+    inv_freq = rope_inverse_frequencies(cfg, positions_T2.device, sliding=True)
+    return RopeTables(full, _rope_table(positions_T2, inv_freq))
+
+
+def _rope_table(positions_T2: torch.Tensor, inv_freq: torch.Tensor):
     num_freqs = inv_freq.shape[0]
     axis = (torch.arange(num_freqs, device=positions_T2.device) >= num_freqs // 2).long()
     angles_TF = positions_T2.float()[:, axis] * inv_freq[None, :]
     return angles_TF.cos(), angles_TF.sin()
 
 
-def rope_inverse_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+def rope_inverse_frequencies(cfg: ModelConfig, device=None, sliding: bool = False) -> torch.Tensor:
     """(head_dim // 2,) fp32, in the order and with the operations of transformers'
-    `_compute_default_rope_parameters` and `_compute_llama3_parameters`, so tables match exactly."""
+    `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters` and
+    `_compute_llama3_parameters`, so tables match exactly. `sliding`: the sliding layers' own
+    base, unscaled (Gemma 3's local RoPE)."""
     head_dim = cfg.head_dim
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / cfg.rope_theta**exponents
+    inv_freq = 1.0 / (cfg.sliding_rope_theta if sliding else cfg.rope_theta) ** exponents
+    if sliding:
+        return inv_freq
+    if cfg.rope_linear_factor:
+        return inv_freq / cfg.rope_linear_factor
     factor = cfg.rope_llama3_factor
     if not factor:
         return inv_freq
@@ -63,7 +135,7 @@ def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -71,13 +143,15 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.backend = cfg.attention_backend
+        self.scale = cfg.attention_scale or None
+        self.window = window  # None: full attention
         bias = cfg.attention_bias
         self.wq = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope) -> torch.Tensor:
         num_tokens = x_TC.shape[0]
@@ -85,36 +159,53 @@ class Attention(nn.Module):
         k_THD = self.k_norm(self.wk(x_TC).view(num_tokens, self.num_kv_heads, self.head_dim))
         v_THD = self.wv(x_TC).view(num_tokens, self.num_kv_heads, self.head_dim)
         q_THD, k_THD = apply_rope(q_THD, *rope), apply_rope(k_THD, *rope)
-        out_THD = packed_attention(q_THD, k_THD, v_THD, layout, backend=self.backend)
+        out_THD = packed_attention(
+            q_THD, k_THD, v_THD, layout, self.backend, scale=self.scale, window=self.window
+        )
         return self.wo(out_THD.reshape(num_tokens, -1))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with "silu", Gemma's GeGLU with "gelu_tanh"."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "silu"):
         super().__init__()
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate = self.gate(x)
+        if self.activation == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh")
+        return self.down(gate * self.up(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A pre-norm block; `sliding`: its attention has the sliding window (`cfg.sliding_window`)
+    and its RoPE is the sliding layers' table."""
+
+    def __init__(self, cfg: ModelConfig, sliding: bool = False):
         super().__init__()
         hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.d_model + 7) // 8 * 8
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, hidden)
+        self.sliding = sliding
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, window=cfg.sliding_window if sliding else None)
+        self.attn_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = GatedMLP(cfg.d_model, hidden, cfg.mlp_activation)
+        self.mlp_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
 
-    def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope) -> torch.Tensor:
-        x_TC = x_TC + self.attn(self.attn_norm(x_TC), layout, rope)
-        return x_TC + self.mlp(self.mlp_norm(x_TC))
+    def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables) -> torch.Tensor:
+        table = rope.sliding if self.sliding else rope.full
+        x_TC = x_TC + self.attn_post_norm(self.attn(self.attn_norm(x_TC), layout, table))
+        return x_TC + self.mlp_post_norm(self.mlp(self.mlp_norm(x_TC)))
 
 
-def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope):
+def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables):
     for block in blocks:
         x_TC = block(x_TC, layout, rope)
     return x_TC

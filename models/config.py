@@ -8,6 +8,7 @@ image_attention="causal"`; the split VLM uses non-zero depths on both sides.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # The names of the registries in models.attention and models.vision, which assert they match.
@@ -22,6 +23,10 @@ ATTENTION_BACKEND_NAMES = (
     "auto",
 )
 ADAPTOR_NAMES = ("linear", "mlp")
+NORM_STYLES = ("default", "gemma")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full", "sliding")
+RESIZE_MODES = ("square", "native")
 
 
 @dataclass
@@ -35,13 +40,74 @@ class VisionConfig:
     num_layers: int = 2
     num_heads: int = 2
     trainable: bool = False
+    # "square": every image resized to image_size × image_size. "native": each image keeps its
+    # aspect ratio on a grid of whole patches whose area lies in [min_pixels, max_pixels]
+    # (`native_grid`); 0 for max_pixels means image_size², the square mode's area.
+    resize: str = "square"
+    min_pixels: int = 0
+    max_pixels: int = 0
+
+    @property
+    def pixel_budget(self) -> tuple[int, int]:
+        return self.min_pixels, self.max_pixels or self.image_size**2
+
+    def native_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of patches for a `width` × `height` image in "native" mode.
+
+        The image is scaled by s (1 if its area is within the budget, else the s that puts the
+        area on the nearer bound), and each side rounded to whole patches; if rounding left the
+        budget, both sides are floored (over the maximum) or ceiled (under the minimum) instead.
+        Each side is at least one patch, and the maximum always wins. The decoder resizes the
+        image to exactly rows × cols patches; token counts come from the same rule."""
+        unit = self.patch_size
+        min_pixels, max_pixels = self.pixel_budget
+        max_patches = max_pixels // unit**2
+        area = width * height
+        scale = 1.0
+        if area > max_pixels:
+            scale = math.sqrt(max_pixels / area)
+        elif area < min_pixels:
+            scale = math.sqrt(min_pixels / area)
+        exact_rows, exact_cols = height * scale / unit, width * scale / unit
+        rows, cols = max(1, round(exact_rows)), max(1, round(exact_cols))
+        if rows * cols > max_patches:
+            rows, cols = max(1, math.floor(exact_rows)), max(1, math.floor(exact_cols))
+        elif rows * cols * unit**2 < min_pixels:
+            rows, cols = math.ceil(exact_rows), math.ceil(exact_cols)
+            if rows * cols > max_patches:
+                rows, cols = max(1, math.floor(exact_rows)), max(1, math.floor(exact_cols))
+        # A side clamped up to one patch (an extreme aspect ratio) can leave the area over the
+        # budget: shorten the long side.
+        if rows * cols > max_patches:
+            if rows < cols:
+                cols = max_patches // rows
+            else:
+                rows = max_patches // cols
+        return rows, cols
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                "model.vision.image_size must be a multiple of model.vision.patch_size"
+            )
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(
+                f"model.vision.resize={self.resize!r}; valid: {', '.join(RESIZE_MODES)}"
+            )
+        min_pixels, max_pixels = self.pixel_budget
+        if min_pixels < 0 or max_pixels < self.patch_size**2 or min_pixels > max_pixels:
+            raise ValueError(
+                "model.vision.min_pixels/max_pixels: need 0 <= min_pixels <= max_pixels and "
+                f"max_pixels >= one patch ({self.patch_size**2} pixels)"
+            )
 
 
 @dataclass
 class ModelConfig:
-    # A transformers causal-LM checkpoint (Llama, Mistral, Qwen2, Qwen3: a local directory or a
-    # model id). When set, width, heads, vocabulary, norms and RoPE come from it, and its layers
-    # become the text-in, core and text-head blocks in order (num_core_blocks is derived).
+    # A transformers causal-LM checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 3: a local
+    # directory or a model id). When set, width, heads, vocabulary, norms and RoPE come from it,
+    # and its layers become the text-in, core and text-head blocks in order (num_core_blocks is
+    # derived).
     pretrained_llm: str = ""
     vocab_size: int = 0  # 0: taken from the tokenizer at build time
     d_model: int = 64
@@ -62,8 +128,29 @@ class ModelConfig:
     rope_llama3_low_freq_factor: float = 1.0
     rope_llama3_high_freq_factor: float = 4.0
     rope_llama3_original_max_positions: int = 8192
+    # Linear RoPE scaling (`rope_scaling: {rope_type: linear}`): every frequency divided by the
+    # factor; 0: off.
+    rope_linear_factor: float = 0.0
     qk_norm: bool = False
     norm_eps: float = 1e-5
+    # "default": RMSNorm scales by its weight; "gemma": by (1 + weight), computed in fp32, so the
+    # weights are offsets from 1 and start at 0.
+    norm_style: str = "default"
+    # A second norm on each sublayer's output, before the residual add (Gemma's sandwich norms).
+    post_norms: bool = False
+    scale_embeddings: bool = False  # token embeddings × sqrt(d_model) (Gemma)
+    mlp_activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma)
+    # Softmax scale of the attention scores; 0: 1 / sqrt(head width). (Gemma: its
+    # query_pre_attn_scalar ** -0.5.)
+    attention_scale: float = 0.0
+    # Sliding-window attention. `layer_types`: "full" or "sliding" for each text layer in the
+    # order text-in, core, text-head; empty: all full. Image-in and image-head blocks take the
+    # type of the text layer they copy (see `text_layer_of`). In a sliding layer query t sees
+    # only keys after t - sliding_window of what it would see otherwise, with RoPE base
+    # sliding_rope_theta and no RoPE scaling (0: the full layers' RoPE).
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int = 0
+    sliding_rope_theta: float = 0.0
     # Depths. Text-in blocks see text only, image-in blocks one image at a time; the merge happens
     # after them. Head blocks branch off the shared core, one branch per output modality.
     num_text_in_blocks: int = 1
@@ -106,22 +193,71 @@ class ModelConfig:
         return self.attention_head_dim or self.d_model // self.num_heads
 
     @property
+    def num_text_layers(self) -> int:
+        """The language model's layers: text-in, core and text-head blocks."""
+        return self.num_text_in_blocks + self.num_core_blocks + self.num_text_head_blocks
+
+    def text_layer_of(self, group: str, index: int) -> int:
+        """The text layer (text-in, core, text-head order) that block `index` of the block stack
+        `group` is; for image blocks the one they copy: image-in blocks the first layers,
+        image-head blocks the last ones."""
+        num_layers = self.num_text_layers
+        if group == "image_in":
+            return min(index, num_layers - 1)
+        if group == "image_head_blocks":
+            return max(num_layers - self.num_image_head_blocks + index, 0)
+        first = {
+            "text_in": 0,
+            "core": self.num_text_in_blocks,
+            "text_head_blocks": num_layers - self.num_text_head_blocks,
+        }
+        return first[group] + index
+
+    def is_sliding(self, group: str, index: int) -> bool:
+        """Whether block `index` of `group` attends through the sliding window."""
+        return bool(self.layer_types) and (
+            self.layer_types[self.text_layer_of(group, index)] == "sliding"
+        )
+
+    @property
     def image_tokens_per_side(self) -> int:
         return self.vision.image_size // self.vision.patch_size
 
-    def image_spans(self) -> list[tuple[int, bool]]:
-        """The spans one image becomes, in order: (grid side, is the unmasked dual copy)."""
+    @property
+    def square_grid(self) -> tuple[int, int]:
+        side = self.image_tokens_per_side
+        return side, side
+
+    def image_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of the full token grid of a `width` × `height` image."""
+        if self.vision.resize == "native":
+            return self.vision.native_grid(width, height)
+        return self.square_grid
+
+    def image_spans(
+        self, grid: tuple[int, int] | None = None
+    ) -> list[tuple[tuple[int, int], bool]]:
+        """The spans an image whose full grid is `grid` (rows, cols; default the square grid)
+        becomes, in order: (the span's grid, is it the unmasked dual copy). A coarser scale s is
+        the image's grid shrunk so that its longer side is s; a scale at or above the image's
+        own longer side is left out."""
+        rows, cols = grid or self.square_grid
+        longest = max(rows, cols)
+        grids = [
+            (max(1, round(rows * scale / longest)), max(1, round(cols * scale / longest)))
+            for scale in self.image_scales
+            if scale < longest
+        ]
         spans = []
-        for side in [*self.image_scales, self.image_tokens_per_side]:
-            spans.append((side, False))
+        for span_grid in [*grids, (rows, cols)]:
+            spans.append((span_grid, False))
             if self.dual_input:
-                spans.append((side, True))
+                spans.append((span_grid, True))
         return spans
 
-    @property
-    def num_image_tokens(self) -> int:
-        """Tokens per image, over all of its spans."""
-        return sum(side * side for side, _ in self.image_spans())
+    def num_image_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens of one image over all of its spans (image start and end tokens excluded)."""
+        return sum(rows * cols for (rows, cols), _ in self.image_spans(grid))
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot work."""
@@ -136,12 +272,40 @@ class ModelConfig:
             raise ValueError(
                 "model.rope_llama3_*: need factor > 0 and high_freq_factor > low_freq_factor > 0"
             )
+        if self.rope_linear_factor < 0 or (self.rope_linear_factor and self.rope_llama3_factor):
+            raise ValueError(
+                "model.rope_linear_factor must be >= 0, and not set with model.rope_llama3_factor"
+            )
+        if self.norm_style not in NORM_STYLES:
+            raise ValueError(
+                f"model.norm_style={self.norm_style!r}; valid: {', '.join(NORM_STYLES)}"
+            )
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"model.mlp_activation={self.mlp_activation!r}; valid: {', '.join(MLP_ACTIVATIONS)}"
+            )
+        if self.attention_scale < 0:
+            raise ValueError("model.attention_scale must be >= 0 (0: 1 / sqrt(head width))")
+        if self.sliding_window < 0 or self.sliding_rope_theta < 0:
+            raise ValueError("model.sliding_window and model.sliding_rope_theta must be >= 0")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(
+                f"model.layer_types has {unknown[0]!r}; valid: {', '.join(LAYER_TYPES)}"
+            )
+        if self.layer_types and len(self.layer_types) != self.num_text_layers:
+            raise ValueError(
+                f"model.layer_types has {len(self.layer_types)} entries, one per text layer "
+                f"needs {self.num_text_layers} (text-in + core + text-head blocks)"
+            )
+        if ("sliding" in self.layer_types) != (self.sliding_window > 0):
+            raise ValueError(
+                "model.sliding_window needs a 'sliding' entry in model.layer_types, and "
+                "sliding layers need model.sliding_window >= 1"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
-        if self.vision.image_size % self.vision.patch_size:
-            raise ValueError(
-                "model.vision.image_size must be a multiple of model.vision.patch_size"
-            )
+        self.vision.validate()
         if self.attention_backend not in ATTENTION_BACKEND_NAMES:
             raise ValueError(
                 f"model.attention_backend={self.attention_backend!r}; "

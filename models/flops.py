@@ -16,7 +16,8 @@ no activation recomputation, no padding, since the packer has none), summed over
   for AV; d_attn = heads × head dim) and twice that backward. Pairs are the packed layout's actual
   ones: query t sees keys doc_start[t]..vis_end[t], so a layout has Σ_t (vis_end[t] − doc_start[t]
   + 1) pairs: causal text counts n(n+1)/2 per run, an image span of n tokens ending e tokens into
-  its document counts n·e, and nothing crosses a document.
+  its document counts n·e, and nothing crosses a document. A sliding-window layer counts the
+  pairs its window leaves (`layout.first_visible(window)` for doc_start).
 
 Which tokens pass each top-level module and which layout each block stack attends over are
 declared by the model next to its modules (`SplitVLM.TOKENS_THROUGH`, `ATTENTION_LAYOUT`): a
@@ -25,14 +26,17 @@ module added without an entry there is refused here instead of being counted wro
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 from torch import nn
 
 
-def attention_pairs(layout) -> int:
-    """Visible (query, key) pairs of a `PackedLayout`."""
+def attention_pairs(layout, window: int | None = None) -> int:
+    """Visible (query, key) pairs of a `PackedLayout`, under a sliding `window` if given."""
     if layout is None:
         return 0
-    return int((layout.vis_end.long() - layout.doc_start.long() + 1).sum())
+    return int((layout.vis_end.long() - layout.first_visible(window).long() + 1).sum())
 
 
 def _weights(module: nn.Module) -> list[nn.Parameter]:
@@ -61,7 +65,6 @@ class ModelFlops:
         self.attention_layout = dict(model.ATTENTION_LAYOUT)
         undeclared = {name for name, _ in model.named_children()} - set(self.tokens_through)
         assert not undeclared, f"{type(model).__name__}.TOKENS_THROUGH lacks {sorted(undeclared)}"
-        self.num_patches = cfg.image_tokens_per_side**2
         vision = model.vision
         self.vision_trainable = any(p.requires_grad for p in vision.parameters())
         # Per token: FLOPs of the dense weights of each module, forward + backward.
@@ -81,10 +84,13 @@ class ModelFlops:
         first_weight = _weights(getattr(model, first_on_image_path))[0]
         self.dense_per_token[first_on_image_path] -= 2 * first_weight.numel()
         attention_width = cfg.num_heads * cfg.head_dim
-        self.pair_flops = {  # per visible pair, all layers of the stack, forward + backward
-            name: 3 * 4 * attention_width * len(getattr(model, name))
-            for name in self.attention_layout
-        }
+        # Per visible pair, forward + backward, by window (None: full) over the stack's layers.
+        self.pair_flops: dict[str, Counter] = {}
+        for name in self.attention_layout:
+            windows = Counter(block.attn.window for block in getattr(model, name))
+            self.pair_flops[name] = Counter(
+                {window: 3 * 4 * attention_width * count for window, count in windows.items()}
+            )
         tower = vision.config
         self.tower_width, self.tower_layers = tower.hidden_size, tower.num_hidden_layers
         self.vision_pair_flops = (
@@ -94,39 +100,54 @@ class ModelFlops:
     def micro_batch(self, batch) -> int:
         return self.dense(batch) + self.attention(batch)
 
-    def vision_passes(self, batch) -> tuple[int, int]:
-        """Tower passes over the micro-batch's images: (passes gradients reach, forward-only).
+    def vision_work(self, batch) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The tower's work on the micro-batch's images: (patches, attention pairs), each split
+        into (in passes gradients reach, in forward-only passes).
 
-        The model encodes the clean images once (targets, and the inputs of unmasked spans) and
-        once more per span that has a masked token, with that span's masked regions blanked.
+        Images of one grid are encoded together: clean once (targets, and the inputs of unmasked
+        spans) and once more per span that has a masked token in any of them, with that span's
+        masked regions blanked.
         """
-        num_images = int(batch.pixel_values.shape[0])
-        if num_images == 0:
-            return 0, 0
-        per_image = batch.image_mask.view(num_images, -1)
-        blanked, clean_is_input, offset = 0, False, 0
-        for side, is_copy in self.cfg.image_spans():
-            span = per_image[:, offset : offset + side * side]
-            offset += side * side
-            if is_copy or not bool(span.any()):
-                clean_is_input = True
+        cfg = self.cfg
+        starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in batch.image_grids])
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for index, grid in enumerate(batch.image_grids):
+            by_grid.setdefault(grid, []).append(index)
+        patches, pairs = [0, 0], [0, 0]
+        for grid, indices in by_grid.items():
+            blanked, clean_is_input, offset = 0, False, 0
+            for (rows, cols), is_copy in cfg.image_spans(grid):
+                span_has_mask = any(
+                    bool(
+                        batch.image_mask[
+                            starts[i] + offset : starts[i] + offset + rows * cols
+                        ].any()
+                    )
+                    for i in indices
+                )
+                offset += rows * cols
+                if is_copy or not span_has_mask:
+                    clean_is_input = True
+                else:
+                    blanked += 1
+            if self.vision_trainable:
+                passes = (blanked + int(clean_is_input), int(not clean_is_input))
             else:
-                blanked += 1
-        if not self.vision_trainable:
-            return 0, blanked + 1
-        return blanked + int(clean_is_input), int(not clean_is_input)
+                passes = (0, blanked + 1)
+            num_patches = grid[0] * grid[1]
+            for k in (0, 1):
+                patches[k] += len(indices) * num_patches * passes[k]
+                pairs[k] += len(indices) * num_patches**2 * passes[k]
+        return (patches[0], patches[1]), (pairs[0], pairs[1])
 
     def dense(self, batch) -> int:
         num_masked = batch.num_masked_image_tokens
-        num_images = int(batch.pixel_values.shape[0])
-        with_grad, forward_only = self.vision_passes(batch)
+        (patches_with_grad, patches_forward_only), _ = self.vision_work(batch)
         tokens = {
             "all": batch.num_tokens,
             "text": int(batch.text_index.numel()),
             "image": int(batch.image_index.numel()),
-            "patches": num_images
-            * self.num_patches
-            * (with_grad if self.vision_trainable else forward_only),
+            "patches": patches_with_grad if self.vision_trainable else patches_forward_only,
             "diffusion_targets": batch.num_diffusion_targets,
             "text_targets": batch.num_text_targets,
             "masked": num_masked,
@@ -138,7 +159,7 @@ class ModelFlops:
             if kind is not None:
                 flops += per_token * tokens[kind]
         if self.vision_trainable:
-            flops += self.vision_forward_per_token * num_images * self.num_patches * forward_only
+            flops += self.vision_forward_per_token * patches_forward_only
         return flops
 
     def attention(self, batch) -> int:
@@ -146,17 +167,18 @@ class ModelFlops:
         for name, layout_field in self.attention_layout.items():
             if name == "image_head_blocks" and not _image_loss_runs(batch):
                 continue
-            flops += self.pair_flops[name] * attention_pairs(getattr(batch, layout_field))
+            layout = getattr(batch, layout_field)
+            for window, pair_flops in self.pair_flops[name].items():
+                flops += pair_flops * attention_pairs(layout, window)
         # The tower attends bidirectionally within each image, once per pass.
-        with_grad, forward_only = self.vision_passes(batch)
-        pairs = int(batch.pixel_values.shape[0]) * self.num_patches**2
+        _, (pairs_with_grad, pairs_forward_only) = self.vision_work(batch)
         forward_pair_flops = 4 * self.tower_width * self.tower_layers
+        if not self.vision_trainable:
+            return flops + self.vision_pair_flops * pairs_forward_only
         return (
             flops
-            + self.vision_pair_flops
-            * pairs
-            * (with_grad if self.vision_trainable else forward_only)
-            + (forward_pair_flops * pairs * forward_only if self.vision_trainable else 0)
+            + self.vision_pair_flops * pairs_with_grad
+            + forward_pair_flops * pairs_forward_only
         )
 
     def step(self, micro_batches: list) -> int:

@@ -36,5 +36,18 @@ def parameters_on_meta():
         _state.on_meta = False
 
 
+@contextlib.contextmanager
+def weights_filled_later():
+    """Construction for an engine that fills every parameter itself afterwards (DeepSpeed
+    ZeRO-3's partitioned construction): pretrained weights are not loaded here either."""
+    _state.filled_later = True
+    try:
+        yield
+    finally:
+        _state.filled_later = False
+
+
 def building_on_meta() -> bool:
-    return getattr(_state, "on_meta", False)
+    """Whether the model being built gets its weights from the engine (on meta, or partitioned
+    as it is constructed) rather than from its constructor."""
+    return getattr(_state, "on_meta", False) or getattr(_state, "filled_later", False)

@@ -16,18 +16,16 @@ parameter without any rank holding a second copy of the model (DESIGN.md §5):
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from models.blocks import Block
 from models.config import ModelConfig
+from models.safetensors_dir import SafetensorsDir, one_line
 from models.split_vlm import SplitVLM
 
 # Our block's modules → the checkpoint's, under "model.layers.{index}." (the Llama layout, which
@@ -45,6 +43,13 @@ _LLAMA_LAYER_KEYS = {
     "mlp.up": "mlp.up_proj",
     "mlp.down": "mlp.down_proj",
 }
+# Gemma 3's four norms a layer: before and after attention, before and after the MLP.
+_GEMMA3_LAYER_KEYS = {
+    **_LLAMA_LAYER_KEYS,
+    "attn_post_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "mlp_post_norm": "post_feedforward_layernorm",
+}
 
 
 @dataclass(frozen=True)
@@ -59,23 +64,21 @@ class LLMFamily:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    # A vision-language checkpoint: the language model's config is its `text_config`, and the
+    # tensors under these prefixes (its vision tower and projector) are left unread.
+    text_config: bool = False
+    other_parts: tuple[str, ...] = ()
 
 
-def _llama_like(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
-    """The translation every family shares: a pre-norm SwiGLU decoder with (GQA) RoPE attention."""
-    if getattr(hf, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf.hidden_act!r}; only SwiGLU (silu) is supported")
+def _decoder(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+    """What every family's translation shares: widths, depths, RoPE, norm eps, vocabulary; the
+    Llama block's settings for everything a family turns on itself (Gemma's norms, windows)."""
     if getattr(hf, "partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 (RoPE on part of a head) is not supported")
-    if "sliding_attention" in (getattr(hf, "layer_types", None) or []):
-        raise ValueError(
-            "sliding-window attention layers (use_sliding_window) are not supported (our "
-            "packed attention has no window)"
-        )
     scaling = getattr(hf, "rope_scaling", None) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (supported: llama3)")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (supported: linear, llama3)")
     num_layers = hf.num_hidden_layers
     num_core = num_layers - cfg.num_text_in_blocks - cfg.num_text_head_blocks
     if num_core < 0:
@@ -88,6 +91,7 @@ def _llama_like(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
     cfg.attention_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // cfg.num_heads
     cfg.mlp_hidden = hf.intermediate_size
     cfg.rope_theta = float(getattr(hf, "rope_theta", 10000.0))
+    cfg.rope_linear_factor = float(scaling["factor"]) if rope_type == "linear" else 0.0
     cfg.rope_llama3_factor = 0.0
     if rope_type == "llama3":
         cfg.rope_llama3_factor = float(scaling["factor"])
@@ -100,6 +104,29 @@ def _llama_like(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
     cfg.tie_embeddings = bool(hf.tie_word_embeddings)
     cfg.num_core_blocks = num_core
     cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
+    cfg.norm_style, cfg.post_norms, cfg.scale_embeddings = "default", False, False
+    cfg.mlp_activation, cfg.attention_scale = "silu", 0.0
+    _set_windows(cfg, None, [])
+
+
+def _set_windows(cfg: ModelConfig, window: int | None, layer_types: list[str]) -> None:
+    """Our sliding-window fields from transformers' `sliding_window` and `layer_types`."""
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(
+            f"layer_types has {unknown[0]!r}; supported: full_attention, sliding_attention"
+        )
+    sliding = window is not None and "sliding_attention" in layer_types
+    cfg.layer_types = [kind.removesuffix("_attention") for kind in layer_types] if sliding else []
+    cfg.sliding_window = int(window) if sliding else 0
+    cfg.sliding_rope_theta = 0.0
+
+
+def _llama_like(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+    """A pre-norm SwiGLU decoder with (GQA) RoPE attention: the Llama family and its kin."""
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf.hidden_act!r}; only SwiGLU (silu) is supported")
+    _decoder(hf, cfg, qkv_bias=qkv_bias, qk_norm=qk_norm)
 
 
 def _refuse_output_bias(hf) -> None:
@@ -116,23 +143,43 @@ def _llama(hf, cfg: ModelConfig) -> None:
 
 
 def _mistral(hf, cfg: ModelConfig) -> None:
-    window = hf.sliding_window
-    if window is not None and window < hf.max_position_embeddings:
-        raise ValueError(
-            f"sliding_window={window} (< max_position_embeddings={hf.max_position_embeddings}): "
-            "sliding-window attention is not supported (our packed attention has no window); "
-            "checkpoints with sliding_window: null load"
-        )
     _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+    # Mistral's window, when set, is on every layer (its modeling reads no layer_types).
+    _set_windows(cfg, hf.sliding_window, ["sliding_attention"] * hf.num_hidden_layers)
 
 
 def _qwen2(hf, cfg: ModelConfig) -> None:
     _llama_like(hf, cfg, qkv_bias=True, qk_norm=False)  # Qwen2 always has q/k/v biases
+    _set_windows(cfg, hf.sliding_window, hf.layer_types)  # use_sliding_window, max_window_layers
 
 
 def _qwen3(hf, cfg: ModelConfig) -> None:
     _refuse_output_bias(hf)
     _llama_like(hf, cfg, qkv_bias=False, qk_norm=True)
+    _set_windows(cfg, hf.sliding_window, hf.layer_types)
+
+
+def _gemma3_text(hf, cfg: ModelConfig) -> None:
+    """Gemma 3: (1 + w) norms before and after each sublayer, embeddings × sqrt(width), a GELU
+    gated MLP, q/k norms, softmax scale query_pre_attn_scalar^-0.5, and sliding layers with a
+    RoPE of their own (base rope_local_base_freq, unscaled)."""
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention (bidirectional text) is not supported")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise ValueError(f"{name}={getattr(hf, name)} is not supported (only null)")
+    if hf.hidden_activation != "gelu_pytorch_tanh":
+        raise ValueError(
+            f"hidden_activation={hf.hidden_activation!r}; only gelu_pytorch_tanh is supported"
+        )
+    _refuse_output_bias(hf)
+    _decoder(hf, cfg, qkv_bias=False, qk_norm=True)
+    cfg.norm_style, cfg.post_norms, cfg.scale_embeddings = "gemma", True, True
+    cfg.mlp_activation = "gelu_tanh"
+    cfg.attention_scale = float(hf.query_pre_attn_scalar) ** -0.5
+    _set_windows(cfg, hf.sliding_window, hf.layer_types)
+    if cfg.layer_types:
+        cfg.sliding_rope_theta = float(hf.rope_local_base_freq)
 
 
 SUPPORTED_LLMS = {
@@ -140,13 +187,20 @@ SUPPORTED_LLMS = {
     "mistral": LLMFamily(_mistral),
     "qwen2": LLMFamily(_qwen2),
     "qwen3": LLMFamily(_qwen3),
+    "gemma3_text": LLMFamily(_gemma3_text, layer_keys=dict(_GEMMA3_LAYER_KEYS)),
+    # Gemma3ForConditionalGeneration (Gemma 3 4B and up): its language model only. transformers
+    # saves it, as the published checkpoints are, under language_model.*.
+    "gemma3": LLMFamily(
+        _gemma3_text,
+        layer_keys=dict(_GEMMA3_LAYER_KEYS),
+        layer_prefix="language_model.model.layers.{}.",
+        embed="language_model.model.embed_tokens.weight",
+        final_norm="language_model.model.norm.weight",
+        lm_head="language_model.lm_head.weight",
+        text_config=True,
+        other_parts=("vision_tower.", "multi_modal_projector."),
+    ),
 }
-# Families we know and refuse with a reason, rather than load approximately.
-_NOT_SUPPORTED_YET = {
-    "gemma3_text": "its sliding-window attention layers (our packed attention has no window), "
-    "(1 + w) norms, scaled embedding, query_pre_attn_scalar, four norms per layer and GELU MLP",
-}
-_NOT_SUPPORTED_YET["gemma3"] = _NOT_SUPPORTED_YET["gemma3_text"]
 
 
 @dataclass(frozen=True)
@@ -172,19 +226,16 @@ class PretrainedLLM:
         try:
             self.hf_config = AutoConfig.from_pretrained(self.path)
         except (OSError, ValueError) as err:
-            raise ValueError(f"model.pretrained_llm={str(path)!r}: {_one_line(err)}") from None
+            raise ValueError(f"model.pretrained_llm={str(path)!r}: {one_line(err)}") from None
         self.model_type = self.hf_config.model_type
-        supported = ", ".join(SUPPORTED_LLMS)
-        if self.model_type in _NOT_SUPPORTED_YET:
-            raise ValueError(
-                f"{self.path / 'config.json'}: {self.model_type!r} is not supported yet: it "
-                f"needs {_NOT_SUPPORTED_YET[self.model_type]}; supported: {supported}"
-            )
         if self.model_type not in SUPPORTED_LLMS:
             raise ValueError(
-                f"{self.path / 'config.json'}: a {self.model_type!r} model; supported: {supported}"
+                f"{self.path / 'config.json'}: a {self.model_type!r} model; "
+                f"supported: {', '.join(SUPPORTED_LLMS)}"
             )
         self.family = SUPPORTED_LLMS[self.model_type]
+        # The language model's config (of a vision-language checkpoint: its text part).
+        self.llm_config = self.hf_config.text_config if self.family.text_config else self.hf_config
         self._sources: dict[str, _Source] | None = None
         self._mean_rows: dict[str, torch.Tensor] = {}
 
@@ -202,7 +253,7 @@ class PretrainedLLM:
         that every tensor we will read exists with the shape we need (headers only). Applying
         it again to the same config changes nothing."""
         try:
-            self.family.translate(self.hf_config, cfg)
+            self.family.translate(self.llm_config, cfg)
         except ValueError as err:
             raise ValueError(f"{self.path / 'config.json'} ({self.model_type}): {err}") from None
         self._sources = self._plan(cfg)
@@ -251,23 +302,19 @@ class PretrainedLLM:
         sources["text_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
         with torch.device("meta"):
             block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
-        num_layers = self.hf_config.num_hidden_layers
-        # Our block stacks and, for each block, the checkpoint layer it starts from.
+        assert cfg.num_text_layers == self.llm_config.num_hidden_layers
+        # Our block stacks; each block starts from the checkpoint layer `cfg.text_layer_of` says.
         stacks = {
-            "text_in": range(cfg.num_text_in_blocks),
-            "core": range(cfg.num_text_in_blocks, cfg.num_text_in_blocks + cfg.num_core_blocks),
-            "text_head_blocks": range(num_layers - cfg.num_text_head_blocks, num_layers),
+            "text_in": cfg.num_text_in_blocks,
+            "core": cfg.num_core_blocks,
+            "text_head_blocks": cfg.num_text_head_blocks,
         }
         if cfg.image_blocks_init == "copy":
-            # Image-in blocks copy the first layers, image-head blocks the last ones.
-            stacks["image_in"] = [min(i, num_layers - 1) for i in range(cfg.num_image_in_blocks)]
-            tail = num_layers - cfg.num_image_head_blocks
-            stacks["image_head_blocks"] = [
-                max(tail + i, 0) for i in range(cfg.num_image_head_blocks)
-            ]
-        for stack, layers in stacks.items():
-            for index, layer in enumerate(layers):
-                prefix = family.layer_prefix.format(layer)
+            stacks["image_in"] = cfg.num_image_in_blocks
+            stacks["image_head_blocks"] = cfg.num_image_head_blocks
+        for stack, num_blocks in stacks.items():
+            for index in range(num_blocks):
+                prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
                 for name, shape in block_shapes.items():
                     module, _, leaf = name.rpartition(".")
                     tensor = f"{prefix}{family.layer_keys[module]}.{leaf}"
@@ -312,6 +359,7 @@ class PretrainedLLM:
             for tensor in files
             if tensor not in needed
             and not tensor.endswith("rotary_emb.inv_freq")
+            and not tensor.startswith(self.family.other_parts)
             and not (cfg.tie_embeddings and tensor == self.family.lm_head)
         ]
         if unused:
@@ -321,44 +369,19 @@ class PretrainedLLM:
             )
 
     @functools.cached_property
+    def _checkpoint(self) -> SafetensorsDir:
+        return SafetensorsDir(self.path, "our model")
+
+    @property
     def _tensors_listed_in(self) -> Path:
-        """The file that names the checkpoint's tensors: the single file or the shard index."""
-        single = self.path / "model.safetensors"
-        if single.is_file():  # transformers prefers it too when both exist
-            return single
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            return index
-        raise ValueError(
-            f"{self.path}: no model.safetensors or model.safetensors.index.json (only safetensors "
-            "checkpoints are read; save_pretrained writes them)"
-        )
+        return self._checkpoint.listed_in
 
-    @functools.cached_property
+    @property
     def _tensor_files(self) -> dict[str, Path]:
-        listed_in = self._tensors_listed_in
-        if listed_in.name == "model.safetensors":
-            with self._open(listed_in) as handle:
-                return dict.fromkeys(handle.keys(), listed_in)
-        try:
-            weight_map = json.loads(listed_in.read_text())["weight_map"]
-            files = {tensor: self.path / file for tensor, file in weight_map.items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(
-                f"{listed_in}: not a safetensors index (needs a JSON 'weight_map' of tensor → file)"
-            ) from None
-        for file in sorted(set(files.values())):
-            if not file.is_file():
-                raise ValueError(f"{listed_in}: names the shard {file.name}, which is missing")
-        return files
+        return self._checkpoint.tensor_files
 
-    @contextlib.contextmanager
     def _open(self, file: Path):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                yield handle
-        except SafetensorError as err:
-            raise ValueError(f"{file}: {_one_line(err)}") from None
+        return self._checkpoint.open(file)
 
     def _mean_row(self, tensor: str) -> torch.Tensor:
         """The mean row of a vocabulary matrix, read in row chunks: the neutral start for tokens
@@ -387,13 +410,8 @@ def _local_directory(path: str) -> Path:
     except Exception as err:  # hub errors share no base class; every one means "not found"
         raise ValueError(
             f"model.pretrained_llm={path!r}: not a directory, and not a model id that could be "
-            f"fetched ({_one_line(err)})"
+            f"fetched ({one_line(err)})"
         ) from None
-
-
-def _one_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def apply_llm_config(cfg: ModelConfig) -> PretrainedLLM:

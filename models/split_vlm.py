@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -26,16 +28,27 @@ from torch import nn
 import yaml
 from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX
-from models.blocks import Block, RMSNorm, rope_tables, run_blocks
+from models.blocks import (
+    Block,
+    RMSNorm,
+    RopeTables,
+    TokenEmbedding,
+    make_norm,
+    rope_tables,
+    run_blocks,
+)
 from models.config import ModelConfig, model_config_from_dict
 from models.diffusion import DiffusionHead
 from models.lm_head import LMHead
 from models.vision import (
+    PackedImages,
+    PackedSiglipVisionModel,
     build_adaptor,
     build_vision_tower,
     image_target_dim,
     normalize_pixels,
     normalize_targets,
+    packing_backend,
     patchify,
     pretrained_tower_weights,
 )
@@ -49,7 +62,7 @@ class Trunk:
     """What the shared part of the network produces for one micro-batch."""
 
     hidden_TC: torch.Tensor  # core output, merged sequence
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: RopeTables
     image_targets: torch.Tensor | None  # (T_image, target_dim)
 
 
@@ -99,23 +112,23 @@ class SplitVLM(nn.Module):
         # ZeRO-3 gather parameters per module and reduce gradients per parameter, so every rank
         # must call the same modules in the same order and give every parameter a gradient.
         self.run_every_branch = False
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scaled=cfg.scale_embeddings)
         self.vision = build_vision_tower(cfg.vision, vision_config)
         vision_dim = self.vision.config.hidden_size
         self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
 
-        def blocks(n: int) -> nn.ModuleList:
-            return nn.ModuleList(Block(cfg) for _ in range(n))
+        def blocks(group: str, n: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(cfg, cfg.is_sliding(group, i)) for i in range(n))
 
-        self.text_in = blocks(cfg.num_text_in_blocks)
-        self.image_in = blocks(cfg.num_image_in_blocks)
-        self.core = blocks(cfg.num_core_blocks)
-        self.text_head_blocks = blocks(cfg.num_text_head_blocks)
-        self.image_head_blocks = blocks(cfg.num_image_head_blocks)
-        self.text_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.text_in = blocks("text_in", cfg.num_text_in_blocks)
+        self.image_in = blocks("image_in", cfg.num_image_in_blocks)
+        self.core = blocks("core", cfg.num_core_blocks)
+        self.text_head_blocks = blocks("text_head_blocks", cfg.num_text_head_blocks)
+        self.image_head_blocks = blocks("image_head_blocks", cfg.num_image_head_blocks)
+        self.text_norm = make_norm(cfg, cfg.d_model)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
-        self.image_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.image_norm = make_norm(cfg, cfg.d_model)
         self.target_dim = image_target_dim(cfg, vision_dim)
         self.image_head = nn.Linear(cfg.d_model, self.target_dim)
         self.diffusion = (
@@ -162,7 +175,9 @@ class SplitVLM(nn.Module):
         if unit == "vision" and self.cfg.vision.pretrained:
             return {
                 f"vision.{k}": v
-                for k, v in pretrained_tower_weights(self.cfg.vision.pretrained).items()
+                for k, v in pretrained_tower_weights(
+                    self.cfg.vision.pretrained, self.vision
+                ).items()
             }
         module = copy.deepcopy(self.get_submodule(unit)).to_empty(device="cpu")
         if unit == "vision":
@@ -177,7 +192,9 @@ class SplitVLM(nn.Module):
                         part.weight.normal_(0.0, std, generator=generator)
                         if getattr(part, "bias", None) is not None:
                             part.bias.zero_()
-                    elif isinstance(part, RMSNorm | nn.LayerNorm):
+                    elif isinstance(part, RMSNorm):
+                        part.reset_parameters()  # 1, or 0 for (1 + w) norms
+                    elif isinstance(part, nn.LayerNorm):
                         part.weight.fill_(1.0)
                         if getattr(part, "bias", None) is not None:
                             part.bias.zero_()
@@ -219,40 +236,89 @@ class SplitVLM(nn.Module):
 
     # -- image tokens ---------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) → (N, P, vision_dim) encoder features; no graph when the tower is frozen."""
-        with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
-            return self.vision(pixel_values=pixel_values).last_hidden_state
+    @property
+    def packs_images(self) -> bool:
+        """Whether images go through the tower packed (`PackedImages`): always at native
+        resolution and for SigLIP2; square SigLIP keeps transformers' batched forward."""
+        return self.cfg.vision.resize == "native" or not isinstance(
+            self.vision, PackedSiglipVisionModel
+        )
 
-    def image_inputs_and_targets(self, pixel_values: torch.Tensor, image_mask: torch.Tensor):
-        """Adapted tokens (N, tokens_per_image, C) and targets (N, tokens_per_image, target_dim)
-        for every span of every image, in the order `cfg.image_spans()` lays them out.
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) → (N, rows · cols, vision_dim) encoder features."""
+        return self.encode_batches([pixel_values])[0]
+
+    def encode_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder features (n, rows · cols, vision_dim) of each batch (n, 3, H, W) of equally
+        sized images: one packed tower call for all of them, or (square SigLIP) one batched call
+        each. No graph when the tower is frozen."""
+        with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
+            if not self.packs_images:
+                return [self.vision(pixel_values=batch).last_hidden_state for batch in batches]
+            images = [image for batch in batches for image in batch]
+            packed = PackedImages.from_images(
+                images, self.cfg.vision.patch_size, packing_backend(images[0].device)
+            )
+            per_image = iter(packed.split(self.vision(packed=packed)))
+            return [torch.stack([next(per_image) for _ in batch]) for batch in batches]
+
+    def image_inputs_and_targets(self, pixel_values, image_mask, grids: list[tuple[int, int]]):
+        """Adapted tokens (T_image, C) and targets (T_image, target_dim) of every span of every
+        image, image after image, each in the order `cfg.image_spans(grid)` lays them out.
 
         No target leaks into the inputs: the encoder attends across the whole image, so the
         inputs of a span are encoded from the image with that span's masked regions blanked,
-        while targets (and the unmasked dual copies) come from the clean image.
+        while targets (and the unmasked dual copies) come from the clean image. Images of equal
+        grids are processed together; every tower pass of the micro-batch is one call when the
+        tower packs images.
         """
         cfg = self.cfg
-        full = cfg.image_tokens_per_side
-        pixel_values = normalize_pixels(pixel_values)
-        clean = self.encode_images(pixel_values)
-        per_image_mask = image_mask.view(pixel_values.shape[0], cfg.num_image_tokens)
-        inputs, targets, offset = [], [], 0
-        for side, is_copy in cfg.image_spans():
-            span_mask = per_image_mask[:, offset : offset + side * side]
-            offset += side * side
-            # Sharded engines need the same number of tower calls on every rank, so with
-            # run_every_branch each span takes its blanked pass even when nothing is masked.
-            if is_copy or not (self.run_every_branch or bool(span_mask.any())):
-                features = clean
-            else:
-                features = self.encode_images(blank_regions(pixel_values, span_mask, side))
-            inputs.append(self.adaptor(pool_grid(features, full, side)))
-            if cfg.image_target == "encoder":
-                targets.append(normalize_targets(pool_grid(clean.detach(), full, side)))
-            else:
-                targets.append(pixel_targets(pixel_values, side, cfg))
-        return torch.cat(inputs, dim=1), torch.cat(targets, dim=1)
+        images = split_images(normalize_pixels(pixel_values), grids, cfg.vision.patch_size)
+        starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in grids])
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for index, grid in enumerate(grids):
+            by_grid.setdefault(grid, []).append(index)
+        # Every encoder pass first (one packed call), then pooling, adaptor and targets.
+        passes: list[torch.Tensor] = []
+        groups = []
+        for grid, indices in by_grid.items():
+            pixels = torch.stack([images[i] for i in indices])
+            mask = torch.stack(
+                [image_mask[starts[i] : starts[i] + cfg.num_image_tokens(grid)] for i in indices]
+            )
+            clean, span_passes, offset = len(passes), [], 0
+            passes.append(pixels)
+            for (rows, cols), is_copy in cfg.image_spans(grid):
+                span_mask = mask[:, offset : offset + rows * cols]
+                offset += rows * cols
+                # Sharded engines need the same number of tower calls on every rank, so with
+                # run_every_branch each span takes its blanked pass even when nothing is
+                # masked (a packed tower makes one call whatever it encodes).
+                blank = self.run_every_branch and not self.packs_images
+                if is_copy or not (blank or bool(span_mask.any())):
+                    span_passes.append(clean)
+                else:
+                    span_passes.append(len(passes))
+                    passes.append(blank_regions(pixels, span_mask, (rows, cols)))
+            groups.append((grid, indices, pixels, clean, span_passes))
+        features = self.encode_batches(passes)
+        inputs, targets = [None] * len(grids), [None] * len(grids)
+        for grid, indices, pixels, clean, span_passes in groups:
+            group_inputs, group_targets = [], []
+            for ((rows, cols), _), encoded in zip(cfg.image_spans(grid), span_passes, strict=True):
+                span_grid = (rows, cols)
+                group_inputs.append(self.adaptor(pool_grid(features[encoded], grid, span_grid)))
+                if cfg.image_target == "encoder":
+                    clean_features = features[clean].detach()
+                    group_targets.append(
+                        normalize_targets(pool_grid(clean_features, grid, span_grid))
+                    )
+                else:
+                    group_targets.append(pixel_targets(pixels, span_grid, cfg.vision.patch_size))
+            group_inputs, group_targets = torch.cat(group_inputs, 1), torch.cat(group_targets, 1)
+            for row, index in enumerate(indices):
+                inputs[index], targets[index] = group_inputs[row], group_targets[row]
+        return torch.cat(inputs), torch.cat(targets)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -264,27 +330,24 @@ class SplitVLM(nn.Module):
         """
         cfg = self.cfg
         rope = rope_tables(batch.rope_positions, cfg)
-
-        def gather_rope(index):
-            return rope[0][index], rope[1][index]
-
         x_TC = self.embed(batch.input_ids)
         if batch.text_layout is not None:
             text_TC = run_blocks(
                 self.text_in,
                 x_TC[batch.text_index],
                 batch.text_layout,
-                gather_rope(batch.text_index),
+                rope.select(batch.text_index),
             )
             x_TC = x_TC.index_copy(0, batch.text_index, text_TC)
 
         targets = None
         if batch.image_layout is not None:
-            adapted, targets = self.image_inputs_and_targets(batch.pixel_values, batch.image_mask)
-            adapted = adapted.reshape(-1, cfg.d_model) if image_tokens is None else image_tokens
-            targets = targets.reshape(-1, targets.shape[-1])
+            adapted, targets = self.image_inputs_and_targets(
+                batch.pixel_values, batch.image_mask, batch.image_grids
+            )
+            adapted = adapted if image_tokens is None else image_tokens
             image_TC = self.image_in_blocks(
-                adapted, batch.image_mask, batch.image_layout, gather_rope(batch.image_index)
+                adapted, batch.image_mask, batch.image_layout, rope.select(batch.image_index)
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
         elif self.run_every_branch:
@@ -299,14 +362,18 @@ class SplitVLM(nn.Module):
     def _blank_image_tokens(self, x_TC: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         kind = "image" if cfg.image_attention == "bidirectional" else "text"
-        spans = [[(kind, side * side)] for side, _ in cfg.image_spans()]
+        size, patch = cfg.vision.image_size, cfg.vision.patch_size
+        grid = cfg.image_grid(size, size)
+        spans = [[(kind, rows * cols)] for (rows, cols), _ in cfg.image_spans(grid)]
         layout = PackedLayout.from_docs(spans, cfg.attention_backend).to(x_TC.device)
         positions = layout.position_ids[:, None].repeat(1, 2)
         rope = rope_tables(positions, cfg)
-        size = cfg.vision.image_size
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
-        adapted, _ = self.image_inputs_and_targets(x_TC.new_zeros(1, 3, size, size), no_mask)
-        return self.image_in_blocks(adapted.reshape(-1, cfg.d_model), no_mask, layout, rope)
+        pixels = x_TC.new_zeros(1, 3, grid[0] * patch, grid[1] * patch)
+        if cfg.vision.resize == "native":
+            pixels = pixels.flatten()
+        adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid])
+        return self.image_in_blocks(adapted, no_mask, layout, rope)
 
     def image_in_blocks(self, adapted_TC, image_mask, layout, rope) -> torch.Tensor:
         """Masked tokens become the mask embedding; then the image-in blocks, one span each."""
@@ -362,31 +429,40 @@ class SplitVLM(nn.Module):
         return masked, condition, prediction, trunk.image_targets[masked].float()
 
 
-def blank_regions(pixel_values: torch.Tensor, mask: torch.Tensor, side: int) -> torch.Tensor:
-    """Set the image regions of masked tokens of a `side`×`side` grid to 0 (mid-grey after
-    normalization). `mask` is (N, side²)."""
-    size = pixel_values.shape[-1]
-    keep = (~mask).to(pixel_values.dtype).view(-1, 1, side, side)
-    return pixel_values * F.interpolate(keep, size=(size, size), mode="nearest")
+def split_images(pixel_values: torch.Tensor, grids, patch_size: int) -> list[torch.Tensor]:
+    """The micro-batch's images as (3, rows · p, cols · p) views: `pixel_values` is one
+    (N, 3, H, W) tensor in "square" mode, and in "native" mode every image's (3, H, W) pixels
+    flattened and concatenated."""
+    if pixel_values.dim() == 4:
+        return list(pixel_values)
+    shapes = [(3, rows * patch_size, cols * patch_size) for rows, cols in grids]
+    parts = pixel_values.split([math.prod(shape) for shape in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
 
 
-def pool_grid(features: torch.Tensor, side: int, new_side: int) -> torch.Tensor:
-    """(N, side², C) on a row-major grid → (N, new_side², C) by area averaging."""
-    if new_side == side:
+def blank_regions(pixel_values: torch.Tensor, mask: torch.Tensor, grid) -> torch.Tensor:
+    """Set the image regions of masked tokens of a `grid` (rows, cols) to 0 (mid-grey after
+    normalization). `pixel_values` is (N, 3, H, W), `mask` (N, rows · cols)."""
+    keep = (~mask).to(pixel_values.dtype).view(-1, 1, *grid)
+    return pixel_values * F.interpolate(keep, size=pixel_values.shape[-2:], mode="nearest")
+
+
+def pool_grid(features: torch.Tensor, grid, new_grid) -> torch.Tensor:
+    """(N, rows · cols, C) on a row-major `grid` → (N, new_rows · new_cols, C), area averaging."""
+    if tuple(new_grid) == tuple(grid):
         return features
     n, _, c = features.shape
-    grid = features.transpose(1, 2).reshape(n, c, side, side)
-    pooled = F.adaptive_avg_pool2d(grid, new_side)
-    return pooled.reshape(n, c, new_side * new_side).transpose(1, 2)
+    pooled = F.adaptive_avg_pool2d(features.transpose(1, 2).reshape(n, c, *grid), new_grid)
+    return pooled.reshape(n, c, -1).transpose(1, 2)
 
 
-def pixel_targets(pixel_values: torch.Tensor, side: int, cfg: ModelConfig) -> torch.Tensor:
-    """Patches of the image shown at `side`×`side` patches: (N, side², 3·p²), raw pixels in
-    [-1, 1], so a prediction can be turned back into an image."""
-    patch = cfg.vision.patch_size
-    if side != cfg.image_tokens_per_side:
-        pixel_values = F.interpolate(pixel_values, size=(side * patch, side * patch), mode="area")
-    return patchify(pixel_values, patch)
+def pixel_targets(pixel_values: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
+    """Patches of the images shown at `grid` (rows, cols) patches: (N, rows · cols, 3·p²), raw
+    pixels in [-1, 1], so a prediction can be turned back into an image."""
+    size = (grid[0] * patch_size, grid[1] * patch_size)
+    if tuple(pixel_values.shape[-2:]) != size:
+        pixel_values = F.interpolate(pixel_values, size=size, mode="area")
+    return patchify(pixel_values, patch_size)
 
 
 def image_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

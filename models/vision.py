@@ -1,32 +1,197 @@
-"""The understanding encoder (SigLIP from transformers), adaptors, and image-loss targets."""
+"""The understanding encoder (SigLIP or SigLIP2 from transformers), adaptors, and image-loss
+targets.
+
+Both towers are transformers' own classes (their parameter names, checkpoints and init), with one
+more way to run: `tower(packed=PackedImages)` encodes every image of a micro-batch, each at its
+own grid of patches, as one flat sequence in which each image is its own bidirectional document
+of our `PackedLayout` — no padding to the largest image, no call per image:
+
+    packed = PackedImages.from_images([image_3HW, ...], patch_size, backend)
+    features_TD = tower(packed=packed)          # (sum of rows × cols, hidden)
+"""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
+from models.attention import PackedLayout, packed_attention
 from models.config import ADAPTOR_NAMES, ModelConfig, VisionConfig
 from models.meta import building_on_meta
+from models.safetensors_dir import SafetensorsDir
 
 
-def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipVisionModel:
-    """From `cfg`, or from `config` (a SiglipVisionConfig dict) with random weights."""
+@dataclass
+class PackedImages:
+    """Images of several sizes as one flat sequence of patches (row-major within an image)."""
+
+    patches_TCPP: torch.Tensor  # (T, 3, p, p) patches of every image, image after image
+    grids: list[tuple[int, int]]  # (rows, cols) of each image
+    layout: PackedLayout  # every image one bidirectional document
+
+    @classmethod
+    def from_images(cls, images: list[torch.Tensor], patch_size: int, backend: str) -> PackedImages:
+        """`images`: (3, rows·p, cols·p) each, normalized."""
+        grids = [(image.shape[1] // patch_size, image.shape[2] // patch_size) for image in images]
+        patches = [
+            image.unfold(1, patch_size, patch_size)
+            .unfold(2, patch_size, patch_size)  # (3, rows, cols, p, p)
+            .permute(1, 2, 0, 3, 4)
+            .reshape(-1, 3, patch_size, patch_size)
+            for image in images
+        ]
+        layout = PackedLayout.from_docs([[("image", r * c)] for r, c in grids], backend)
+        return cls(torch.cat(patches), grids, layout.to(images[0].device))
+
+    def split(self, features_TD: torch.Tensor) -> list[torch.Tensor]:
+        return list(features_TD.split([r * c for r, c in self.grids]))
+
+
+def _packed_encoder(tower, embeddings_TD: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+    """The tower's encoder layers and final norm over packed images: transformers' SigLIP layer
+    (pre-norm attention and MLP) with our packed attention in place of its padded one."""
+    model = tower.vision_model
+    x_TD = embeddings_TD
+    for layer in model.encoder.layers:
+        attention = layer.self_attn
+        heads, head_dim = attention.num_heads, attention.head_dim
+        h_TD = layer.layer_norm1(x_TD)
+        q, k, v = (
+            proj(h_TD).view(-1, heads, head_dim)
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+        )
+        out = packed_attention(
+            q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scale
+        )
+        x_TD = x_TD + attention.out_proj(out.reshape(x_TD.shape[0], -1))
+        x_TD = x_TD + layer.mlp(layer.layer_norm2(x_TD))
+    return model.post_layernorm(x_TD)
+
+
+def _tower_backend(q: torch.Tensor) -> str:
+    # The layout is planned for sdpa on a CPU and for both kernels on a GPU ("auto").
+    return "auto" if q.is_cuda else "sdpa"
+
+
+def packing_backend(device: torch.device) -> str:
+    return "auto" if device.type == "cuda" else "sdpa"
+
+
+class PackedSiglipVisionModel(SiglipVisionModel):
+    """SigLIP: a convolutional patch embedding and a learned square grid of position
+    embeddings, bicubically interpolated to each image's grid (transformers'
+    `interpolate_pos_encoding`, whose result it equals image by image)."""
+
+    def forward(self, pixel_values=None, packed: PackedImages | None = None, **kwargs):
+        if packed is None:
+            return super().forward(pixel_values=pixel_values, **kwargs)
+        embeddings = self.vision_model.embeddings
+        conv = embeddings.patch_embedding
+        patches = packed.patches_TCPP.to(conv.weight.dtype)
+        patch_TD = F.linear(patches.flatten(1), conv.weight.flatten(1), conv.bias)
+        positions = torch.cat([self._positions(embeddings, grid) for grid in packed.grids])
+        return _packed_encoder(self, patch_TD + positions, packed)
+
+    @staticmethod
+    def _positions(embeddings, grid: tuple[int, int]) -> torch.Tensor:
+        table = embeddings.position_embedding.weight
+        side = int(table.shape[0] ** 0.5)
+        if grid == (side, side):
+            return table
+        square = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+
+
+class PackedSiglip2VisionModel(Siglip2VisionModel):
+    """SigLIP2 (NaFlex): a linear patch embedding over (p, p, 3) patches and its square grid of
+    position embeddings resized bilinearly, with antialiasing, to each image's grid — what its
+    own forward does for one image with `spatial_shapes`."""
+
+    def forward(self, pixel_values=None, packed: PackedImages | None = None, **kwargs):
+        if packed is None:
+            return super().forward(pixel_values=pixel_values, **kwargs)
+        embeddings = self.vision_model.embeddings
+        weight = embeddings.patch_embedding.weight
+        patches = packed.patches_TCPP.permute(0, 2, 3, 1).flatten(1).to(weight.dtype)
+        patch_TD = embeddings.patch_embedding(patches)
+        table = embeddings.position_embedding.weight
+        side = embeddings.position_embedding_size
+        square = table.reshape(side, side, -1).permute(2, 0, 1)[None].float()
+        positions = torch.cat(
+            [
+                F.interpolate(
+                    square, size=grid, mode="bilinear", align_corners=False, antialias=True
+                )
+                .reshape(table.shape[1], -1)
+                .T.to(table.dtype)
+                for grid in packed.grids
+            ]
+        )
+        return _packed_encoder(self, patch_TD + positions, packed)
+
+
+# model_type in a checkpoint's config.json → (config class, tower class)
+VISION_TOWERS = {
+    "siglip_vision_model": (SiglipVisionConfig, PackedSiglipVisionModel),
+    "siglip2_vision_model": (Siglip2VisionConfig, PackedSiglip2VisionModel),
+}
+# Full two-tower checkpoints whose vision half we take.
+_TWO_TOWER_TYPES = {"siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+
+
+def tower_type(path: str | Path) -> str:
+    """The vision tower type of a checkpoint directory, from its config.json."""
+    config_file = Path(path) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text())["model_type"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"model.vision.pretrained: cannot read {config_file} ({err})") from None
+    model_type = _TWO_TOWER_TYPES.get(model_type, model_type)
+    if model_type not in VISION_TOWERS:
+        supported = ", ".join([*_TWO_TOWER_TYPES, *VISION_TOWERS])
+        raise ValueError(
+            f"{config_file}: a {model_type!r} model is not a supported vision tower "
+            f"(supported: {supported})"
+        )
+    return model_type
+
+
+def tower_class(config: dict):
+    """The tower class for a transformers vision config dict (an exported model's)."""
+    config_class, model_class = VISION_TOWERS[config.get("model_type", "siglip_vision_model")]
+    return config_class.from_dict(config), model_class
+
+
+def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> nn.Module:
+    """From `cfg` (random, or the architecture of `cfg.pretrained`, whose weights the model
+    reads tensor by tensor: `pretrained_tower_weights`), or from `config` (a transformers vision
+    config dict) with random weights."""
     if config is not None:
-        tower = SiglipVisionModel(SiglipVisionConfig.from_dict(config))
+        hf_config, model_class = tower_class(config)
     elif cfg.pretrained:
-        if building_on_meta():  # the architecture only; the weights are read into the shards
-            tower = SiglipVisionModel(SiglipVisionConfig.from_pretrained(cfg.pretrained))
-        else:
-            tower = SiglipVisionModel.from_pretrained(cfg.pretrained)
-        if tower.config.image_size != cfg.image_size or tower.config.patch_size != cfg.patch_size:
+        config_class, model_class = VISION_TOWERS[tower_type(cfg.pretrained)]
+        hf_config = config_class.from_pretrained(cfg.pretrained)
+        # SigLIP2 has no image size: its position grid is resized to every image.
+        image_size = getattr(hf_config, "image_size", cfg.image_size)
+        if image_size != cfg.image_size or hf_config.patch_size != cfg.patch_size:
             raise ValueError(
                 f"model.vision.image_size/patch_size must match the checkpoint at "
-                f"{cfg.pretrained} ({tower.config.image_size}/{tower.config.patch_size})"
+                f"{cfg.pretrained} ({image_size}/{hf_config.patch_size})"
             )
     else:
-        tower = SiglipVisionModel(
+        hf_config, model_class = (
             SiglipVisionConfig(
                 hidden_size=cfg.hidden_size,
                 intermediate_size=cfg.hidden_size * 4,
@@ -35,18 +200,35 @@ def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> SiglipV
                 image_size=cfg.image_size,
                 patch_size=cfg.patch_size,
                 vision_use_head=False,
-            )
+            ),
+            PackedSiglipVisionModel,
         )
+    tower = model_class(hf_config)
+    if cfg.pretrained and not building_on_meta():  # on meta the engine fills the shards
+        weights = pretrained_tower_weights(cfg.pretrained, tower)
+        with torch.no_grad():
+            for name, parameter in tower.named_parameters():
+                parameter.copy_(weights[name])
     tower.requires_grad_(cfg.trainable)
     return tower
 
 
-def pretrained_tower_weights(path: str) -> dict[str, torch.Tensor]:
-    """The pretrained tower's parameters by name, on the CPU. The tower is one unit (sharded
-    engines gather it whole for its forward), so it is read whole, once per rank, while the
-    other units are filled."""
-    tower = SiglipVisionModel.from_pretrained(path, device_map="cpu")
-    return {name: value.detach() for name, value in tower.named_parameters()}
+def pretrained_tower_weights(path: str, tower: nn.Module) -> dict[str, torch.Tensor]:
+    """The pretrained tower's parameters by name (fp32, on the CPU), read tensor by tensor from
+    its safetensors. A two-tower checkpoint (SiglipModel) gives its `vision_model.*` tensors."""
+    checkpoint = SafetensorsDir(path, what="model.vision.pretrained")
+    names = [name for name, _ in tower.named_parameters()]
+    missing = [name for name in names if name not in checkpoint.tensor_files]
+    if missing:
+        raise ValueError(
+            f"{checkpoint.listed_in}: no tensor {missing[0]!r} (and {len(missing) - 1} more) of "
+            f"the {type(tower).__name__} its config.json describes"
+        )
+    expected = dict(tower.named_parameters())
+    weights = {}
+    for name in names:
+        weights[name] = checkpoint.read(name, shape=tuple(expected[name].shape))
+    return weights
 
 
 def _linear_adaptor(vision_dim: int, d_model: int) -> nn.Module:

@@ -15,11 +15,23 @@ per sample of this process and of its loader workers (Linux). `--what-if` adds t
 that are not the trainer's code (`WHAT_IF`): packing in the workers, and also no tokenizing.
 Last, in one process: what decoding costs from a list, inside streaming's iterator (how the
 loader read until it read by index), read by index, and what the iterator costs alone.
+
+    python scripts/bench_loader.py --photos            # the photo mix instead: image decoding alone
+
+`--photos` times image decoding alone, one thread: the trainer's `decode_rgb` against PIL's
+plain full-size decode and resize (`Image.open(...).convert("RGB").resize(size, BICUBIC)`, made
+an array like ours), on generated JPEGs of photo and document sizes (640x480, 1024x768,
+1700x2200; quality 90; each also stored sideways with an EXIF orientation), to a target of at
+most `--photo-size` px keeping the aspect ratio and to the square. The two alternate image by
+image for `--photo-repeats` rounds; medians of this thread's CPU time (µs per image per core,
+what other work on the machine does not inflate) and of wall time. Also the resize alone, PIL's
+BICUBIC against ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -54,6 +66,11 @@ def parse_args(argv=None):
         action="store_true",
         help="also time two experiments that are not the trainer's code (see WHAT_IF)",
     )
+    parser.add_argument(
+        "--photos", action="store_true", help="time image decoding on the photo mix instead"
+    )
+    parser.add_argument("--photo-size", type=int, default=384, help="--photos: target px")
+    parser.add_argument("--photo-repeats", type=int, default=15)
     parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
     return parser.parse_args(argv)
 
@@ -314,8 +331,226 @@ def time_decode_in_iterator(args, cfg, tokenizer, model_cfg) -> dict:
     }
 
 
+PHOTO_MIX = {  # name: (displayed width, height, a document page rather than a photo)
+    "photo 640x480": (640, 480, False),
+    "photo 1024x768": (1024, 768, False),
+    "document 1700x2200": (1700, 2200, True),
+}
+PHOTO_SPEEDUP_TARGET = 2.0  # decode_rgb at least 2x faster per image than PIL's plain path
+
+
+def photo_pixels(width: int, height: int, document: bool, seed: int):
+    """uint8 (H, W, 3) that compresses like a photo: smooth gradients, sharp-edged shapes and
+    sensor-like noise; a document is a light page of text-like bars with a picture in it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+
+    def gradients(w, h):
+        return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            (w, h), Image.BICUBIC
+        )
+
+    if document:
+        image = Image.new("RGB", (width, height), (245, 244, 240))
+        draw = ImageDraw.Draw(image)
+        for y in range(height // 12, height * 11 // 12, height // 45):
+            x = width // 10
+            while x < width * 9 // 10:
+                word = int(rng.integers(width // 60, width // 12))
+                draw.rectangle([x, y, x + word, y + height // 110], fill=(30, 30, 35))
+                x += word + width // 80
+        image.paste(gradients(width // 2, height // 5), (width // 5, height // 2))
+    else:
+        image = gradients(width, height)
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+            box = [
+                x,
+                y,
+                x + int(rng.integers(10, width // 3)),
+                y + int(rng.integers(10, height // 3)),
+            ]
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(box, fill=fill)
+    noisy = np.asarray(image).astype(np.float32) + rng.normal(0, 6, (height, width, 3))
+    return noisy.clip(0, 255).astype(np.uint8)
+
+
+def photo_jpeg(pixels, orientation: int) -> bytes:
+    """JPEG, quality 90; with orientation 6 the pixels are stored turned a quarter left and the
+    EXIF tag says to turn them back, as a camera held upright writes them."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    options = {}
+    if orientation == 6:
+        image = image.transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def time_photos(args) -> dict:
+    """µs per image, one thread: `decode_rgb` against PIL's plain full-size decode + resize."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.data.decode import _resize, decode_rgb
+    from trainer.data.shards import MAX_IMAGE_PIXELS
+
+    torch.set_num_threads(1)
+    side = args.photo_size
+
+    def pil_plain(blob, size):
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB").resize(size, Image.BICUBIC))
+
+    def ours(blob, size):
+        return decode_rgb(blob, MAX_IMAGE_PIXELS, size)
+
+    cases = []  # (row, blob, target size)
+    for seed, (name, (width, height, document)) in enumerate(PHOTO_MIX.items()):
+        pixels = photo_pixels(width, height, document, seed)
+        scale = side / max(width, height)
+        for orientation in (1, 6):
+            blob = photo_jpeg(pixels, orientation)
+            for target, size in (
+                ("fit", (round(width * scale), round(height * scale))),
+                ("square", (side, side)),
+            ):
+                row = {
+                    "image": name,
+                    "orientation": orientation,
+                    "kib": len(blob) // 1024,
+                    "target": target,
+                    "size": list(size),
+                    **{key: [] for key in TIMES},
+                }
+                cases.append((row, blob, size))
+    methods = {"ours": ours, "pil": pil_plain}
+    for _, blob, size in cases:  # warm both paths
+        assert ours(blob, size).shape == (size[1], size[0], 3)
+        pil_plain(blob, size)
+    for repeat in range(args.photo_repeats):
+        for row, blob, size in cases:
+            # Alternated image by image, each going first in turn: a slow spell hits both.
+            order = list(methods) if repeat % 2 == 0 else list(methods)[::-1]
+            for name in order:
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                methods[name](blob, size)
+                row[f"{name}_cpu_us"].append(1e6 * (time.thread_time() - started_cpu))
+                row[f"{name}_us"].append(1e6 * (time.perf_counter() - started))
+    rows = []
+    for row, _, _ in cases:
+        row.update({key: float(np.median(row[key])) for key in TIMES})
+        rows.append({**row, **_speedups(row)})
+    mix = {}
+    for target in ("fit", "square"):
+        chosen = [row for row in rows if row["target"] == target]
+        means = {key: sum(row[key] for row in chosen) / len(chosen) for key in TIMES}
+        mix[target] = {**means, **_speedups(means)}
+    return {
+        "photo_size": side,
+        "repeats": args.photo_repeats,
+        "rows": rows,
+        "mix": mix,
+        "resize_only": _time_resize_only(args, _resize),
+        "speedup_target": PHOTO_SPEEDUP_TARGET,
+        # Per core: on CPU time.
+        "target_met_mix": all(m["speedup"] >= PHOTO_SPEEDUP_TARGET for m in mix.values()),
+        "target_met_every_image": all(r["speedup"] >= PHOTO_SPEEDUP_TARGET for r in rows),
+    }
+
+
+TIMES = ("ours_cpu_us", "pil_cpu_us", "ours_us", "pil_us")  # medians: CPU (this thread), wall
+
+
+def _speedups(times: dict) -> dict:
+    return {
+        "speedup": times["pil_cpu_us"] / times["ours_cpu_us"],
+        "wall_speedup": times["pil_us"] / times["ours_us"],
+    }
+
+
+def _time_resize_only(args, resize) -> dict:
+    """The resize alone on the same decoded 640x480 photo to the fit target: PIL's BICUBIC
+    against ours (`decode._resize`), CPU time, and how far apart their outputs are."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = photo_pixels(640, 480, False, 0)
+    image = Image.fromarray(pixels)
+    size = (args.photo_size, round(480 * args.photo_size / 640))
+    calls = {"pil": lambda: image.resize(size, Image.BICUBIC), "ours": lambda: resize(pixels, size)}
+    timings = {name: [] for name in calls}
+    for _ in range(args.photo_repeats):
+        for name, call in calls.items():
+            started = time.thread_time()
+            call()
+            timings[name].append(1e6 * (time.thread_time() - started))
+    difference = np.abs(calls["ours"]().astype(int) - np.asarray(calls["pil"]()))
+    result = {f"{name}_cpu_us": float(np.median(times)) for name, times in timings.items()}
+    return {
+        **result,
+        "size": list(size),
+        "speedup": result["pil_cpu_us"] / result["ours_cpu_us"],
+        "max_difference": int(difference.max()),
+        "fraction_different": float((difference > 0).mean()),
+    }
+
+
+def print_photos(result: dict) -> None:
+    print(
+        f"photo mix, one thread, medians of {result['repeats']} rounds: decode_rgb against PIL's "
+        f"full decode + BICUBIC resize, to ≤ {result['photo_size']} px; µs per image"
+    )
+    print(
+        f"{'image':20} {'EXIF':>4} {'KiB':>4} {'to':>7} | {'CPU: ours':>9} {'PIL':>7} "
+        f"{'speed-up':>8} | {'wall: ours':>10} {'PIL':>7} {'speed-up':>8}"
+    )
+
+    def times(run: dict) -> str:
+        return (
+            f"{run['ours_cpu_us']:9,.0f} {run['pil_cpu_us']:7,.0f} {run['speedup']:7.2f}x | "
+            f"{run['ours_us']:10,.0f} {run['pil_us']:7,.0f} {run['wall_speedup']:7.2f}x"
+        )
+
+    for row in result["rows"]:
+        size = "x".join(map(str, row["size"]))
+        print(f"{row['image']:20} {row['orientation']:>4} {row['kib']:>4} {size:>7} | {times(row)}")
+    for target, mix in result["mix"].items():
+        print(f"{'mix, mean per image':20} {'':>4} {'':>4} {target:>7} | {times(mix)}")
+    resize = result["resize_only"]
+    print(
+        f"resize only, 640x480 → {'x'.join(map(str, resize['size']))}: PIL BICUBIC "
+        f"{resize['pil_cpu_us']:,.0f} µs, ours {resize['ours_cpu_us']:,.0f} µs "
+        f"({resize['speedup']:.2f}x); outputs differ by at most {resize['max_difference']} "
+        f"({100 * resize['fraction_different']:.2f}% of values)"
+    )
+    target = result["speedup_target"]
+    slow = sorted({row["image"] for row in result["rows"] if row["speedup"] < target})
+    print(
+        f"target ≥ {target:g}x faster per image per core (CPU time): on the mix "
+        f"{'met' if result['target_met_mix'] else 'NOT met'}; for every image "
+        + ("met" if not slow else f"NOT met ({', '.join(slow)} below)")
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.photos:
+        result = time_photos(args)
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print_photos(result)
+        return 0
     from models.config import ModelConfig, VisionConfig
     from trainer.data.decode import load_tokenizer
     from trainer.data.demo import write_demo
@@ -334,7 +569,7 @@ def main(argv=None) -> int:
         what_ifs = list(WHAT_IF) if args.what_if and num_workers else []
         runs = {name: [] for name in ["raw", "pipeline", *what_ifs]}
         for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits all
-            runs["raw"].append(time_raw(args, cfg, model_cfg.num_image_tokens))
+            runs["raw"].append(time_raw(args, cfg, model_cfg.num_image_tokens()))
             runs["pipeline"].append(time_pipeline(args, cfg, tokenizer, model_cfg))
             for name in what_ifs:
                 runs[name].append(time_pipeline(args, cfg, tokenizer, model_cfg, name))

@@ -11,6 +11,9 @@ The sample mixes (seeded; token counts include image spans, `IMAGE_TOKENS` per i
   - interleaved multi-image (10%): 2–5 images, 10–80 text tokens before each and after the last
 This mirrors a LLaVA-style instruction mix with images scaled down to 64 tokens so a CPU can run it.
 `conversation`: multi-turn conversations only (the mix the ≥ 2× throughput target is stated for).
+`--native`: images at their own size instead (`NATIVE_SIZES`, 256–1,280 tokens each): tokens per
+image, padding if the tower's batch were padded to its largest image, and the vision tower's time
+packed (one call) vs one call per image.
 
 Measured side by side in one run, same model, same samples, same optimizer-step semantics:
   - packed: the trainer's packer (first-fit-decreasing into ≤ max_tokens micro-batches, no padding)
@@ -114,6 +117,112 @@ def padding_fraction(lengths: list[int], rows: int) -> float:
     return 1 - sum(lengths) / sum(len(g) * max(g) for g in groups)
 
 
+# Native resolution: image sizes of a photo-and-document mix (width, height, weight), resized by
+# the grid rule into a budget of NATIVE_TOKENS tokens per image (patch 16).
+NATIVE_SIZES = (
+    (640, 480, 3),
+    (480, 640, 1),
+    (1024, 768, 2),
+    (1920, 1080, 2),
+    (500, 375, 2),
+    (300, 300, 1),
+    (1700, 2200, 2),  # a scanned letter page
+    (2480, 3508, 1),  # A4 at 300 dpi
+    (1200, 400, 1),  # a wide chart or banner
+)
+NATIVE_TOKENS = (256, 1280)
+
+
+def native_tower_benchmark(args) -> dict:
+    """Tokens per image under the pixel budget, the tower's padding overhead if images were
+    padded to the micro-batch's largest, and the tower's time packed (one call) vs one call per
+    image (transformers' forward), measured in turn."""
+    from transformers import SiglipVisionConfig
+
+    from models.vision import PackedImages, PackedSiglipVisionModel
+
+    patch = 16
+    budget = VisionConfig(
+        image_size=224,
+        patch_size=patch,
+        resize="native",
+        min_pixels=NATIVE_TOKENS[0] * patch**2,
+        max_pixels=NATIVE_TOKENS[1] * patch**2,
+    )
+    rng = random.Random(args.seed)
+    sizes = [s[:2] for s in NATIVE_SIZES]
+    weights = [s[2] for s in NATIVE_SIZES]
+    grids = [budget.native_grid(*rng.choices(sizes, weights)[0]) for _ in range(2000)]
+    tokens = [rows * cols for rows, cols in grids]
+    batches = [
+        tokens[i : i + args.native_images] for i in range(0, len(tokens), args.native_images)
+    ]
+    padded_over_packed = sum(len(b) * max(b) for b in batches) / sum(tokens)
+
+    torch.set_num_threads(1)
+    tower = PackedSiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=patch,
+            vision_use_head=False,
+        )
+    ).eval()
+    times = {"packed": [], "per_image": []}
+    with torch.no_grad():
+        for step in range(args.repeats + 1):  # the first round warms up
+            images = [
+                torch.randn(3, rows * patch, cols * patch)
+                for rows, cols in grids[step * args.native_images : (step + 1) * args.native_images]
+            ]
+            started = time.perf_counter()
+            packed = PackedImages.from_images(images, patch, "sdpa")
+            tower(packed=packed)
+            packed_s = time.perf_counter() - started
+            started = time.perf_counter()
+            for image in images:
+                tower(pixel_values=image[None], interpolate_pos_encoding=True)
+            per_image_s = time.perf_counter() - started
+            if step:
+                times["packed"].append(packed_s)
+                times["per_image"].append(per_image_s)
+    packed_s, per_image_s = (statistics.median(times[k]) for k in ("packed", "per_image"))
+    quantiles = statistics.quantiles(tokens, n=10)
+    return {
+        "images_per_micro_batch": args.native_images,
+        "tokens_per_image_budget": list(NATIVE_TOKENS),
+        "tokens_per_image_median": statistics.median(tokens),
+        "tokens_per_image_p10": quantiles[0],
+        "tokens_per_image_p90": quantiles[-1],
+        "padded_over_packed_tokens": padded_over_packed,
+        "tower_packed_s": packed_s,
+        "tower_per_image_s": per_image_s,
+        "tower_speedup": per_image_s / packed_s,
+    }
+
+
+def print_native(result: dict) -> None:
+    low, high = result["tokens_per_image_budget"]
+    print(
+        f"native resolution, {low}-{high} tokens per image (patch 16): median "
+        f"{result['tokens_per_image_median']:.0f}, p10 {result['tokens_per_image_p10']:.0f}, "
+        f"p90 {result['tokens_per_image_p90']:.0f}"
+    )
+    print(
+        f"tower tokens if {result['images_per_micro_batch']} images were padded to the largest: "
+        f"{result['padded_over_packed_tokens']:.2f}x the packed ones"
+    )
+    print(
+        f"vision tower (width 256, 4 layers, 1 thread), {result['images_per_micro_batch']} images: "
+        f"packed {result['tower_packed_s'] * 1000:.0f} ms, one call per image "
+        f"{result['tower_per_image_s'] * 1000:.0f} ms: {result['tower_speedup']:.2f}x "
+        f"(target >= 1.5x: {'met' if result['tower_speedup'] >= 1.5 else 'NOT MET'})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples-per-rank", type=int, default=32)
@@ -126,7 +235,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", choices=sorted(MIXES), default="blend", help="sample mix")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="native-resolution images instead: tokens per image, the packed vision tower",
+    )
+    parser.add_argument("--native-images", type=int, default=8, help="images per micro-batch")
     args = parser.parse_args()
+    if args.native:
+        result = native_tower_benchmark(args)
+        print(json.dumps(result)) if args.json else print_native(result)
+        return
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     mix = MIXES[args.mix]

@@ -235,13 +235,13 @@ def random_micro_batch(cfg: ModelConfig, rng: np.random.Generator, num_tokens: i
     """LLaVA-like documents (system text, an image, the answer), then a text document that fills
     the micro-batch to exactly `num_tokens`; random ids and pixels, each image masked at its own
     rate r ~ U(0, 1)."""
-    docs, size, image_tokens = [], cfg.vision.image_size, cfg.num_image_tokens
+    docs, size, image_tokens = [], cfg.vision.image_size, cfg.num_image_tokens()
     while (room := num_tokens - sum(doc.num_tokens for doc in docs)) > 0:
         system, answer = int(rng.integers(16, 48)), int(rng.integers(16, 256))
         num_images = int(system + image_tokens + answer <= room)
         if not num_images:
             system, answer = 0, room
-        spans = [side * side for side, _ in cfg.image_spans()] * num_images
+        spans = [rows * cols for (rows, cols), _ in cfg.image_spans()] * num_images
         mask = rng.random(num_images * image_tokens) < rng.random()
         span_full = [part.all() for part in np.split(mask, np.cumsum(spans)[:-1])] if spans else []
         length = system + num_images * image_tokens + answer

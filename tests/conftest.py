@@ -19,6 +19,21 @@ def demo_data(tmp_path_factory):
     return out
 
 
+# Images at their own aspect ratio, wide and tall, for native-resolution runs (the tiny preset's
+# budget is 32 × 32 pixels: the larger ones are scaled into it).
+NATIVE_DEMO_SIZES = [(48, 24), (24, 40), (32, 32), (40, 16), (16, 32)]
+
+
+@pytest.fixture(scope="session")
+def native_demo_data(tmp_path_factory):
+    """The demo task with images of several aspect ratios."""
+    from trainer.data.demo import write_demo
+
+    out = tmp_path_factory.mktemp("native_demo_data")
+    write_demo(out, sizes={"train": 400, "heldout": 32}, image_sizes=NATIVE_DEMO_SIZES)
+    return out
+
+
 @pytest.fixture
 def tiny_overrides(demo_data, tmp_path):
     return [

@@ -203,19 +203,29 @@ def evaluate(
 
 @torch.no_grad()
 def generate_image(
-    model: SplitVLM, decoder: SampleDecoder, prompt: str, seed: int = 0
+    model: SplitVLM,
+    decoder: SampleDecoder,
+    prompt: str,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, list[Image.Image]]:
     """Fill 100%-masked image spans coarse to fine; returns the final image and each scale's.
 
     Each span is predicted (diffusion sampler if the model has one, else the regression head),
     turned back into pixels, re-encoded by the vision tower at its scale and fed in unmasked —
-    so every finer span is conditioned on the coarser ones.
+    so every finer span is conditioned on the coarser ones. `size` (width, height): the image
+    to generate, for native-resolution models (rounded to their grid of patches).
     """
     cfg = model.cfg
     if cfg.image_target != "pixels":
         raise ValueError("image generation needs model.image_target=pixels")
-    size, patch = cfg.vision.image_size, cfg.vision.patch_size
-    blank = Image.new("RGB", (size, size))
+    if size is not None and cfg.vision.resize != "native":
+        raise ValueError(
+            "--size needs a native-resolution model (model.vision.resize=native); this one "
+            f"makes {cfg.vision.image_size}x{cfg.vision.image_size} images"
+        )
+    patch = cfg.vision.patch_size
+    blank = Image.new("RGB", size or (cfg.vision.image_size, cfg.vision.image_size))
     buffer = io.BytesIO()
     blank.save(buffer, format="PNG")
     sample = {
@@ -227,15 +237,17 @@ def generate_image(
         "images": pack_blobs([buffer.getvalue()]),
     }
     doc = decoder(sample, 0)
-    spans = cfg.image_spans()
+    (grid,) = doc.image_grids
+    spans = cfg.image_spans(grid)
     doc.image_mask = torch.ones_like(doc.image_mask)
     batch = collate([doc], **layout_options(cfg, model_device(model)))
-    tokens = torch.zeros(cfg.num_image_tokens, cfg.d_model)
+    tokens = torch.zeros(cfg.num_image_tokens(grid), cfg.d_model)
     generator = torch.Generator().manual_seed(seed)
     scales, offset = [], 0
-    for index, (side, is_copy) in enumerate(spans):
-        span = torch.arange(offset, offset + side * side)
-        offset += side * side
+    for index, (span_grid, is_copy) in enumerate(spans):
+        num_span_tokens = span_grid[0] * span_grid[1]
+        span = torch.arange(offset, offset + num_span_tokens)
+        offset += num_span_tokens
         if is_copy:
             continue
         trunk = model.trunk(batch, image_tokens=tokens)
@@ -244,24 +256,30 @@ def generate_image(
             patches = model.diffusion.sample(condition, model.target_dim, generator)
         else:
             patches = model.image_head(condition)
-        small = unpatchify(patches.clamp(-1, 1), side, patch)
+        small = unpatchify(patches.clamp(-1, 1), span_grid, patch)
         scales.append(to_pil(small))
-        full = F.interpolate(small[None], size=(size, size), mode="bilinear", align_corners=False)
+        full = F.interpolate(
+            small[None],
+            size=(grid[0] * patch, grid[1] * patch),
+            mode="bilinear",
+            align_corners=False,
+        )
         features = model.encode_images(full)
-        adapted = model.adaptor(pool_grid(features, cfg.image_tokens_per_side, side))[0]
+        adapted = model.adaptor(pool_grid(features, grid, span_grid))[0]
         filled = [span]
         if index + 1 < len(spans) and spans[index + 1][1]:  # its dual copy comes next
-            filled.append(span + side * side)
+            filled.append(span + num_span_tokens)
         for target in filled:
             tokens[target] = adapted
             batch.image_mask[target] = False
     return scales[-1], scales
 
 
-def unpatchify(patches: torch.Tensor, side: int, patch: int) -> torch.Tensor:
-    """(side², 3·p²) row-major patches → (3, side·p, side·p)."""
-    grid = patches.reshape(side, side, 3, patch, patch)
-    return grid.permute(2, 0, 3, 1, 4).reshape(3, side * patch, side * patch)
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """(rows · cols, 3·p²) row-major patches → (3, rows · p, cols · p)."""
+    rows, cols = grid
+    image = patches.reshape(rows, cols, 3, patch, patch)
+    return image.permute(2, 0, 3, 1, 4).reshape(3, rows * patch, cols * patch)
 
 
 def to_pil(image_CHW: torch.Tensor) -> Image.Image:

@@ -13,6 +13,7 @@ from models.attention import (
     PackedLayout,
     dense_reference_attention,
     flash_attn_varlen_func_emulated,
+    flex_block_tables,
     packed_attention,
     varlen_attn_emulated,
 )
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 CONTRACT_DOCS = [[("text", 5), ("image", 16), ("text", 7)], [("text", 9)]]
 NUM_SEEDS = 12
+# Sliding windows from one position up, most shorter than the random documents and image spans.
+WINDOWS = [1, 2, 3, 5, 8, 13]
 
 
 def _flex_cpu_forward_unavailable() -> str | None:
@@ -90,11 +93,16 @@ def random_qkv(num_tokens: int, num_heads: int, num_kv_heads: int, seed: int, he
     return q, k, v
 
 
-def visibility(layout: PackedLayout) -> torch.Tensor:
+def visibility(layout: PackedLayout, window: int | None = None) -> torch.Tensor:
+    """(T, T) bool from the contract itself: query t sees its document up to vis_end[t] and,
+    under a window, no key k <= t - window."""
     key_T = torch.arange(layout.num_tokens)
-    return (key_T[None, :] >= layout.doc_start[:, None]) & (
+    visible_TT = (key_T[None, :] >= layout.doc_start[:, None]) & (
         key_T[None, :] <= layout.vis_end[:, None]
     )
+    if window is not None:
+        visible_TT &= key_T[None, :] > key_T[:, None] - window
+    return visible_TT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +164,13 @@ def test_flash_plan_covers_every_key_and_query_once(seed):
     assert sorted(query_rows.tolist()) == list(range(num_tokens))
 
 
+def _mask_mod_of(visible_TT: torch.Tensor):
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return visible_TT[q_idx, kv_idx]
+
+    return mask_mod
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_flex_block_tables_match_create_block_mask(seed):
     # Eager flex on CPU applies mask_mod to every pair and ignores the block tables, so the
@@ -163,24 +178,21 @@ def test_flex_block_tables_match_create_block_mask(seed):
     from torch.nn.attention.flex_attention import create_block_mask
 
     layout = PackedLayout.from_docs(random_long_docs(random.Random(seed), 2 * FLEX_BLOCK_SIZE))
-    doc_start, vis_end = layout.flex_blocks.doc_start_padded, layout.flex_blocks.vis_end_padded
-
-    def mask_mod(batch, head, q_idx, kv_idx):
-        return (doc_start[q_idx] <= kv_idx) & (kv_idx <= vis_end[q_idx])
-
-    expected = create_block_mask(
-        mask_mod, None, None, layout.num_tokens, layout.num_tokens, device="cpu"
-    )
-    blocks = layout.flex_blocks
-    visited = blocks.kv_num_blocks + blocks.full_kv_num_blocks
-    assert torch.equal(visited, expected.kv_num_blocks + expected.full_kv_num_blocks)
-    # our full blocks must be truly full; torch may call a block partial that is in fact full
-    for query_block in range(blocks.full_kv_num_blocks.shape[-1]):
-        num_full = blocks.full_kv_num_blocks[0, 0, query_block]
-        for key_block in blocks.full_kv_indices[0, 0, query_block, :num_full].tolist():
-            rows = slice(query_block * FLEX_BLOCK_SIZE, (query_block + 1) * FLEX_BLOCK_SIZE)
-            cols = slice(key_block * FLEX_BLOCK_SIZE, (key_block + 1) * FLEX_BLOCK_SIZE)
-            assert visibility(layout)[rows, cols].all()
+    for window in (None, 5, 150, 300):
+        blocks = flex_block_tables(layout, window)
+        visible_TT = visibility(layout, window)
+        expected = create_block_mask(
+            _mask_mod_of(visible_TT), None, None, layout.num_tokens, layout.num_tokens, "cpu"
+        )
+        visited = blocks.kv_num_blocks + blocks.full_kv_num_blocks
+        assert torch.equal(visited, expected.kv_num_blocks + expected.full_kv_num_blocks), window
+        # our full blocks must be truly full; torch may call a block partial that is in fact full
+        for query_block in range(blocks.full_kv_num_blocks.shape[-1]):
+            num_full = blocks.full_kv_num_blocks[0, 0, query_block]
+            for key_block in blocks.full_kv_indices[0, 0, query_block, :num_full].tolist():
+                rows = slice(query_block * FLEX_BLOCK_SIZE, (query_block + 1) * FLEX_BLOCK_SIZE)
+                cols = slice(key_block * FLEX_BLOCK_SIZE, (key_block + 1) * FLEX_BLOCK_SIZE)
+                assert visible_TT[rows, cols].all(), window
 
 
 def test_to_device_moves_every_tensor():
@@ -236,21 +248,23 @@ def test_heads_must_group():
 # Backends against the dense reference
 
 
-def _outputs_and_grads(backend, q, k, v, layout, grad_out):
+def _outputs_and_grads(backend, q, k, v, layout, grad_out, window=None):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     if backend == "reference":
-        out = dense_reference_attention(*leaves, layout)
+        out = dense_reference_attention(*leaves, layout, window=window)
     else:
-        out = packed_attention(*leaves, layout, backend=backend)
+        out = packed_attention(*leaves, layout, backend=backend, window=window)
     out.backward(grad_out)
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def assert_matches_reference(backend: str, q, k, v, layout) -> None:
+def assert_matches_reference(backend: str, q, k, v, layout, window=None) -> None:
     """`backend`'s output and q/k/v gradients equal the dense reference's (fp32 tolerance)."""
     grad_out = torch.randn_like(q)
-    expected_out, expected_grads = _outputs_and_grads("reference", q, k, v, layout, grad_out)
-    out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out)
+    expected_out, expected_grads = _outputs_and_grads(
+        "reference", q, k, v, layout, grad_out, window
+    )
+    out, grads = _outputs_and_grads(backend, q, k, v, layout, grad_out, window)
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
@@ -265,25 +279,55 @@ def test_backend_matches_reference_outputs_and_grads(backend, seed, num_heads, n
     assert_matches_reference(backend, q, k, v, layout)
 
 
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
+@pytest.mark.parametrize("seed", range(NUM_SEEDS))
+def test_windowed_backend_matches_reference_outputs_and_grads(
+    backend, seed, num_heads, num_kv_heads
+):
+    rng = random.Random(seed)
+    layout = PackedLayout.from_docs(random_docs(rng))
+    q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
+    assert_matches_reference(backend, q, k, v, layout, window=rng.choice(WINDOWS))
+
+
 @needs_flex_cpu
+@pytest.mark.parametrize("window", [None, 7, 200])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(2, 2), (4, 2)])
 @pytest.mark.parametrize("seed", range(4))
-def test_flex_forward_matches_reference(seed, num_heads, num_kv_heads):
+def test_flex_forward_matches_reference(seed, num_heads, num_kv_heads, window):
     layout = PackedLayout.from_docs(random_long_docs(random.Random(seed), 2 * FLEX_BLOCK_SIZE))
     q, k, v = random_qkv(layout.num_tokens, num_heads, num_kv_heads, seed)
-    out = packed_attention(q, k, v, layout, backend="flex")
+    out = packed_attention(q, k, v, layout, backend="flex", window=window)
     torch.testing.assert_close(
-        out, dense_reference_attention(q, k, v, layout), rtol=1e-5, atol=1e-5
+        out, dense_reference_attention(q, k, v, layout, window=window), rtol=1e-5, atol=1e-5
     )
 
 
-def test_scale_is_passed_to_every_backend():
+def test_scale_and_window_are_passed_to_every_backend():
     layout = PackedLayout.from_docs(CONTRACT_DOCS)
     q, k, v = random_qkv(layout.num_tokens, 2, 1, seed=1)
-    expected = dense_reference_attention(q, k, v, layout, scale=0.05)
-    for backend in CPU_TRAINING_BACKENDS + ["auto"] + ([] if FLEX_CPU_SKIP_REASON else ["flex"]):
-        out = packed_attention(q, k, v, layout, backend=backend, scale=0.05)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for window in (None, 4):
+        expected = dense_reference_attention(q, k, v, layout, scale=0.05, window=window)
+        backends = CPU_TRAINING_BACKENDS + ["auto"] + ([] if FLEX_CPU_SKIP_REASON else ["flex"])
+        for backend in backends:
+            out = packed_attention(q, k, v, layout, backend=backend, scale=0.05, window=window)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=backend)
+    with pytest.raises(ValueError, match="at least 1 position"):
+        packed_attention(q, k, v, layout, window=0)
+
+
+@pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
+def test_a_window_no_shorter_than_any_document_changes_nothing(backend):
+    layout = PackedLayout.from_docs(CONTRACT_DOCS + [[("text", 3), ("image", 2)]])
+    q, k, v = random_qkv(layout.num_tokens, 4, 2, seed=2)
+    full = packed_attention(q, k, v, layout, backend=backend)
+    for window in (layout.max_seqlen, layout.max_seqlen + 100):
+        windowed = packed_attention(q, k, v, layout, backend=backend, window=window)
+        torch.testing.assert_close(windowed, full, rtol=0, atol=1e-6)
+    assert not torch.allclose(
+        packed_attention(q, k, v, layout, backend=backend, window=layout.max_seqlen - 1), full
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -339,11 +383,12 @@ def test_changing_one_document_never_changes_another(backend, seed):
         assert (out2[rows] - out[rows]).abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_each_key_reaches_exactly_the_queries_that_may_see_it(backend):
+def test_each_key_reaches_exactly_the_queries_that_may_see_it(backend, window):
     """Perturb one key/value row at a time; the outputs that change must be exactly the queries
     whose interval holds that key: text never sees later tokens, an image token sees every token
-    of its span, documents stay apart."""
+    of its span, documents stay apart, and a window hides keys window or more positions back."""
     docs = [
         [("text", 3), ("image", 4), ("text", 2), ("image", 1), ("image", 3), ("text", 2)],
         [("image", 2), ("text", 3)],
@@ -351,13 +396,14 @@ def test_each_key_reaches_exactly_the_queries_that_may_see_it(backend):
     ]
     layout = PackedLayout.from_docs(docs)
     q, k, v = random_qkv(layout.num_tokens, 2, 1, seed=3)
-    out = packed_attention(q, k, v, layout, backend=backend)
-    visible_TT = visibility(layout)
+    out = packed_attention(q, k, v, layout, backend=backend, window=window)
+    visible_TT = visibility(layout, window)
     for key in range(layout.num_tokens):
         k2, v2 = k.clone(), v.clone()
         k2[key] += 1.0
         v2[key] += 1.0
-        changed_T = (packed_attention(q, k2, v2, layout, backend=backend) - out).abs().amax((1, 2))
+        out2 = packed_attention(q, k2, v2, layout, backend=backend, window=window)
+        changed_T = (out2 - out).abs().amax((1, 2))
         assert torch.equal(changed_T > 1e-6, visible_TT[:, key]), f"key {key}"
         assert (changed_T[~visible_TT[:, key]] == 0).all()
 
@@ -434,6 +480,24 @@ def test_emulator_causal_aligns_bottom_right():
     assert lse.shape == (2, 5) and torch.isfinite(lse[:, 3:]).all()
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and (q.grad[:3] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulator_window_aligns_bottom_right(causal):
+    # seqlen_q = 3, seqlen_k = 7: query i sits at key i + 4 and sees keys from i + 4 - 2 on,
+    # up to itself (causal, window (2, 0)) or to the last key (window (2, -1)).
+    q, _, _ = random_qkv(3, 2, 2, seed=0)
+    _, k, v = random_qkv(7, 2, 2, seed=1)
+    visible = torch.zeros(3, 7, dtype=torch.bool)
+    for i in range(3):
+        visible[i, i + 2 : i + 5 if causal else 7] = True
+    window = (2, 0) if causal else (2, -1)
+    out = _emulate(q, k, v, [0, 3], [0, 7], causal=causal, window_size=window)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, visible))
+    if causal:  # causal=True and a window (2, -1) are the same: causal sets the right side to 0
+        torch.testing.assert_close(
+            _emulate(q, k, v, [0, 3], [0, 7], causal=True, window_size=(2, -1)), out
+        )
 
 
 def test_emulator_zero_query_batch_reads_no_keys():

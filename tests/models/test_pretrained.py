@@ -1,6 +1,7 @@
-"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3) tensor by tensor from
-their safetensors, through the path users use."""
+"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3, Gemma 3) tensor by
+tensor from their safetensors, through the path users use."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors import safe_open as real_safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -16,10 +18,14 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    SiglipVisionConfig,
 )
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import models.pretrained
+import models.safetensors_dir
+import yaml
 from models.blocks import rope_tables
 from models.config import ModelConfig, VisionConfig
 from models.pretrained import PretrainedLLM, build_split_vlm
@@ -28,8 +34,9 @@ from trainer.data.decode import Document
 from trainer.data.packing import collate
 
 # Tiny checkpoints of the same shape; they differ in RoPE (base, Llama-3 scaling), norm eps,
-# tied embeddings, q/k/v biases (Qwen2), and per-head q/k norms with a head width of their own
-# (Qwen3: 4 heads × 16 != 32).
+# tied embeddings, q/k/v biases (Qwen2), per-head q/k norms with a head width of their own
+# (Qwen3: 4 heads × 16 != 32), sliding windows short enough to cut into the test documents
+# (Mistral: every layer; Qwen3: layers from max_window_layers on), and Gemma 3's block.
 TINY = {
     "vocab_size": 96,
     "hidden_size": 32,
@@ -47,14 +54,46 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+# Gemma 3: (1 + w) norms around both sublayers, scaled embeddings, GELU, q/k norms, a softmax
+# scale of its own (24^-0.5, not 16^-0.5), and a mix of layer types: the text-in block (layer 0),
+# core layer 1 and the text-head block (layer 3) slide over 4 positions with RoPE base 500, the
+# full layer 2 has base 20000 with linear scaling.
+GEMMA3_TEXT = {
+    **TINY,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention"] * 2 + ["full_attention", "sliding_attention"],
+    "rope_theta": 20000.0,
+    "rope_local_base_freq": 500.0,
+    "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+}
+# The vision-language Gemma 3 (Gemma3ForConditionalGeneration): its language model is loaded, its
+# vision tower and projector are not.
+GEMMA3_VISION = SiglipVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 HF_CONFIGS = {
     "llama": LlamaConfig(**TINY, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
     "llama3": LlamaConfig(**TINY, rope_theta=5000.0, rope_scaling=LLAMA3_ROPE),
     "mistral": MistralConfig(**TINY, sliding_window=None, rope_theta=20000.0),
+    "mistral_window": MistralConfig(**TINY, sliding_window=4),
     "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
     "qwen3": Qwen3Config(**TINY, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen3_window": Qwen3Config(
+        **TINY, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=2
+    ),
+    "gemma3_text": Gemma3TextConfig(**GEMMA3_TEXT),
+    "gemma3": Gemma3Config(
+        text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION.to_dict(), mm_tokens_per_image=4
+    ),
 }
-SHARDED = {"llama3", "qwen3"}  # saved as an index and several shards; the others as one file
+SHARDED = {"llama3", "qwen3", "gemma3_text"}  # saved as an index and shards; the others as one file
 TWO_LAYERS = {**TINY, "num_hidden_layers": 2}
 
 
@@ -74,6 +113,10 @@ def text_doc(ids: torch.Tensor) -> Document:
 def save_checkpoint(hf_config, path, sharded=False):
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():  # norms start at 1 (0 in Gemma): make each one tell in the logits
+        for name, parameter in hf_model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.5 * torch.randn_like(parameter))
     hf_model.save_pretrained(path, max_shard_size="50KB" if sharded else "1GB")
     assert (path / "model.safetensors.index.json").is_file() == sharded
     return hf_model
@@ -127,13 +170,62 @@ def test_llama3_rope_scaling_gives_the_checkpoint_frequencies(tmp_path):
     cfg = tiny_config(tmp_path)
     PretrainedLLM(tmp_path).apply_config(cfg)
     positions = torch.arange(300)
-    cos, sin = rope_tables(positions[:, None].repeat(1, 2), cfg)
+    cos, sin = rope_tables(positions[:, None].repeat(1, 2), cfg).full
     reference = LlamaRotaryEmbedding(hf_config)
     their_cos, their_sin = reference(torch.zeros(1), positions[None])
     assert torch.allclose(cos, their_cos[0, :, :4], atol=1e-6)
     assert torch.allclose(sin, their_sin[0, :, :4], atol=1e-6)
     cfg.rope_llama3_factor = 0.0
-    assert not torch.allclose(rope_tables(positions[:, None].repeat(1, 2), cfg)[0], cos)
+    assert not torch.allclose(rope_tables(positions[:, None].repeat(1, 2), cfg).full[0], cos)
+
+
+def test_gemma3_sliding_layers_get_the_local_rope_and_full_layers_the_scaled_global_one(
+    tmp_path,
+):
+    hf_config = HF_CONFIGS["gemma3_text"]
+    save_checkpoint(hf_config, tmp_path)
+    model = our_model(tmp_path, image_blocks_init="copy")
+    sliding = [block.sliding for block in model.transformer_blocks()]
+    # text_in (layer 0), image_in (copies layer 0), core (1, 2), text head (3), image head (3)
+    assert sliding == [True, True, True, False, True, True]
+    assert {block.attn.window for block in model.transformer_blocks()} == {4, None}
+    positions = torch.arange(300)
+    tables = rope_tables(positions[:, None].repeat(1, 2), model.cfg)
+    local_config = Gemma3TextConfig(**GEMMA3_TEXT)
+    local_config.rope_theta, local_config.rope_scaling = 500.0, None
+    for ours, reference in (
+        (tables.full, Gemma3RotaryEmbedding(hf_config)),
+        (tables.sliding, Gemma3RotaryEmbedding(local_config)),
+    ):
+        their_cos, their_sin = reference(torch.zeros(1), positions[None])
+        assert torch.allclose(ours[0], their_cos[0, :, :8], atol=1e-6)
+        assert torch.allclose(ours[1], their_sin[0, :, :8], atol=1e-6)
+    assert not torch.allclose(tables.full[0], tables.sliding[0])
+
+
+def test_gemma3_export_round_trip_and_fresh_init_keep_the_norm_offsets(tmp_path):
+    checkpoint_dir, export_dir = tmp_path / "checkpoint", tmp_path / "export"
+    save_checkpoint(HF_CONFIGS["gemma3_text"], checkpoint_dir)
+    model = our_model(checkpoint_dir)
+    export_dir.mkdir()
+    (export_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(model.cfg)))
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    save_file(weights, export_dir / "model.safetensors")
+    exported = SplitVLM.from_pretrained(export_dir).eval()
+    batch = collate([text_doc(torch.arange(13) % 96)])
+    positions = torch.arange(batch.num_tokens)
+    with torch.no_grad():
+        expected = model.text_logits(batch, model.trunk(batch), positions)
+        assert torch.equal(exported.text_logits(batch, exported.trunk(batch), positions), expected)
+    # A fresh model of the same config: (1 + w) norms start at w = 0, gain 1.
+    model.reset_parameters(seed=0)
+    norms = [
+        parameter
+        for name, parameter in model.named_parameters()
+        if name.endswith("norm.weight") and model.parameter_component(name) == "llm"
+    ]
+    assert len(norms) == 2 + 6 * 6  # text and image norm; 4 and q/k norms in each of 6 blocks
+    assert all(torch.equal(norm, torch.zeros_like(norm)) for norm in norms)
 
 
 def test_image_blocks_copy_their_neighbours(checkpoint):
@@ -218,7 +310,7 @@ def test_sharded_engines_read_their_rows_of_any_llm_parameter(tmp_path, monkeypa
     q_norm = hf_model.state_dict()["model.layers.2.self_attn.q_norm.weight"]
     assert torch.equal(full["core.1.attn.q_norm.weight"], q_norm)
     recorder = RecordingSafeOpen()
-    monkeypatch.setattr(models.pretrained, "safe_open", recorder)
+    monkeypatch.setattr(models.safetensors_dir, "safe_open", recorder)
     layer_1_q, layer_3_down = "model.layers.1.self_attn.q_proj", "model.layers.3.mlp.down_proj"
     for name, rows, expected_reads in (
         ("embed.weight", slice(90, 100), [("model.embed_tokens.weight", (90, 96))]),
@@ -252,25 +344,21 @@ def error_of(path) -> str:
     [
         (GPT2Config(n_layer=2, n_embd=16, n_head=2), "a 'gpt2' model; supported: llama, mistral"),
         (
-            Gemma3TextConfig(**TWO_LAYERS, head_dim=8),
-            "'gemma3_text' is not supported yet: it needs its sliding-window attention",
+            Gemma3TextConfig(**TWO_LAYERS, head_dim=8, final_logit_softcapping=30.0),
+            "final_logit_softcapping=30.0 is not supported (only null)",
         ),
         (
-            MistralConfig(**TWO_LAYERS, sliding_window=16, max_position_embeddings=64),
-            "sliding_window=16 (< max_position_embeddings=64): sliding-window attention is not",
+            Gemma3TextConfig(**TWO_LAYERS, head_dim=8, hidden_activation="gelu"),
+            "hidden_activation='gelu'; only gelu_pytorch_tanh is supported",
         ),
         (
-            Qwen3Config(**TWO_LAYERS, use_sliding_window=True, max_window_layers=1),
-            "sliding-window attention layers (use_sliding_window) are not supported",
-        ),
-        (
-            LlamaConfig(**TWO_LAYERS, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-            "RoPE scaling 'linear' is not supported (supported: llama3)",
+            LlamaConfig(**TWO_LAYERS, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "RoPE scaling 'dynamic' is not supported (supported: linear, llama3)",
         ),
         (LlamaConfig(**TWO_LAYERS, attention_bias=True), "attention_bias (q/k/v and output"),
         (LlamaConfig(**TWO_LAYERS, hidden_act="gelu"), "hidden_act='gelu'; only SwiGLU"),
     ],
-    ids=["gpt2", "gemma3", "mistral-window", "qwen3-window", "rope-linear", "bias", "gelu"],
+    ids=["gpt2", "gemma3-softcap", "gemma3-gelu", "rope-dynamic", "bias", "gelu"],
 )
 def test_unsupported_architectures_are_refused_by_name(tmp_path, hf_config, expected):
     hf_config.save_pretrained(tmp_path)

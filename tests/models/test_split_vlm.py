@@ -46,6 +46,14 @@ FEATURES = {
         "model.full_mask_prob=0.5",
         "model.image_target=pixels",
     ],
+    # images at their own aspect ratio (the native demo data), with every span kind
+    "native": [
+        "model.vision.resize=native",
+        "model.image_scales=[2]",
+        "model.dual_input=true",
+        "model.image_positions=2d",
+        "model.image_target=pixels",
+    ],
     "everything": [
         "model.image_scales=[1,2]",
         "model.dual_input=true",
@@ -63,10 +71,13 @@ def mean(values):
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
-def test_each_feature_trains_with_finite_falling_losses(feature, tiny_overrides):
+def test_each_feature_trains_with_finite_falling_losses(feature, tiny_overrides, request):
+    extra = FEATURES[feature]
+    if feature == "native":
+        extra = [*extra, f"data.path={request.getfixturevalue('native_demo_data')}"]
     cfg = load_config(
         REPO / "yaml/tiny.yaml",
-        [*tiny_overrides, "run.steps=24", "optim.warmup_steps=4", *FEATURES[feature]],
+        [*tiny_overrides, "run.steps=24", "optim.warmup_steps=4", *extra],
     )
     train(cfg)
     metrics = [
@@ -153,11 +164,13 @@ def test_masking_never_leaks_its_target(tokenizer, target):
     changed_doc = decoder(changed, 0)
     changed_doc.image_mask[:] = doc.image_mask
     changed_batch = collate([changed_doc])
-    _, targets_before = model.image_inputs_and_targets(batch.pixel_values, batch.image_mask)
-    _, targets_after = model.image_inputs_and_targets(
-        changed_batch.pixel_values, changed_batch.image_mask
+    _, targets_before = model.image_inputs_and_targets(
+        batch.pixel_values, batch.image_mask, batch.image_grids
     )
-    assert not torch.allclose(targets_before[0, masked_token], targets_after[0, masked_token])
+    _, targets_after = model.image_inputs_and_targets(
+        changed_batch.pixel_values, changed_batch.image_mask, changed_batch.image_grids
+    )
+    assert not torch.allclose(targets_before[masked_token], targets_after[masked_token])
     assert torch.equal(all_outputs(model, changed_batch), before)
 
     # Control: the same change under an unmasked token does reach the outputs.
@@ -226,7 +239,9 @@ def test_llava_configuration_is_a_plain_decoder(tokenizer, tmp_path):
     with torch.no_grad():
         ours = model.text_logits(batch, model.trunk(batch), torch.arange(batch.num_tokens))
         embeddings = model.embed(batch.input_ids)
-        adapted, _ = model.image_inputs_and_targets(batch.pixel_values, batch.image_mask)
-        embeddings[batch.image_index] = adapted.reshape(-1, 32)
+        adapted, _ = model.image_inputs_and_targets(
+            batch.pixel_values, batch.image_mask, batch.image_grids
+        )
+        embeddings[batch.image_index] = adapted
         theirs = hf_model(inputs_embeds=embeddings[None]).logits[0]
     assert (ours - theirs).abs().max() <= 1e-5

@@ -48,7 +48,7 @@ def test_splits_differ_and_token_counts_are_exact(demo):
     train_images = {train[i]["images"] for i in range(30)} - {b""}
     heldout_images = {heldout[i]["images"] for i in range(10)} - {b""}
     assert train_images and heldout_images and train_images.isdisjoint(heldout_images)
-    n_image = ModelConfig().num_image_tokens
+    n_image = ModelConfig().num_image_tokens()
     for index in range(60):
         raw = train[index]
         doc = decoder(raw, index)
@@ -69,13 +69,13 @@ def test_decode_marks_spans_targets_and_masks(demo):
     assert kinds == ["text", "image", "text"]
     start = doc.segments[0][1]
     assert doc.input_ids[start - 1] == tokenizer.convert_tokens_to_ids("<image_start>")
-    assert doc.input_ids[start + cfg.num_image_tokens] == tokenizer.convert_tokens_to_ids(
+    assert doc.input_ids[start + cfg.num_image_tokens()] == tokenizer.convert_tokens_to_ids(
         "<image_end>"
     )
     # Loss only on the assistant's answer and the closing eos.
     answer = tokenizer(sample["messages"][1]["content"], add_special_tokens=False)["input_ids"]
     assert doc.input_ids[doc.target_mask].tolist() == answer + [tokenizer.eos_token_id]
-    assert int(doc.image_mask.sum()) == cfg.num_image_tokens // 2
+    assert int(doc.image_mask.sum()) == cfg.num_image_tokens() // 2
     # Masks are a function of (seed, epoch, sample index): equal on replay, different per epoch.
     assert torch.equal(decoder(sample, 7).image_mask, doc.image_mask)
     assert not all(

@@ -327,7 +327,7 @@ def spawn(world_size: int, tasks: list, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory):
+def runs(demo_data, native_demo_data, tmp_path_factory):
     """Everything distributed, once: three spawns plus the single-process references."""
     from trainer.data.decode import load_tokenizer, tokenizer_dir
     from trainer.data.stream import StepBatches
@@ -340,6 +340,9 @@ def runs(demo_data, tmp_path_factory):
 
     def args(name, *extra):
         return overrides(demo_data, tmp / name, *extra)
+
+    def native_args(name, *extra):  # images at their own aspect ratio
+        return overrides(native_demo_data, tmp / name, "model.vision.resize=native", *extra)
 
     # The split step also trains the vision tower (it gets zero gradients from the blank image
     # on the text-only micro-batch) and freezes part of a block (a sharded unit of mixed
@@ -358,6 +361,7 @@ def runs(demo_data, tmp_path_factory):
     local_loop.run()
     local_eval = local_loop.engine.evaluate(eval_micro_batches(local_loop.cfg))
     TrainLoop(config(args("local_prefetched", prefetch)), WorldInfo()).run()
+    TrainLoop(config(native_args("native_local")), WorldInfo()).run()
     local_ids = []
     data = step_batches(config(args("local")), WorldInfo(), StepBatches)
     for _ in range(2):
@@ -389,6 +393,7 @@ def runs(demo_data, tmp_path_factory):
             ("balance", "balance", {"args": args("balance")}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
             ("", "train", {"args": args("pretrained_fsdp", fsdp, *pretrained)}),
+            ("", "train", {"args": native_args("native_fsdp", fsdp)}),
             ("", "train", {"args": args("fsdp_prefetched", fsdp, ac, prefetch)}),
             ("", "train_with_a_rank_of_skips", {"args": args("skips", fsdp, prefetch)}),
             (
@@ -473,6 +478,14 @@ def test_fsdp_and_deepspeed_on_2_ranks_match_local_step_for_step(runs):
         assert_close(losses(tmp / name), local, 1e-5, (1, 2))
     # bf16 compute on CPU: close, not equal.
     assert_close(losses(tmp / "bf16"), local, 1e-2, range(1, STEPS + 1))
+
+
+def test_native_resolution_images_train_alike_on_local_and_2_fsdp_ranks(runs):
+    """Shards of mixed aspect ratios → decode → the packed tower: the same losses sharded."""
+    tmp = runs["tmp"]
+    local = losses(tmp / "native_local")
+    assert sorted(local) == list(range(1, STEPS + 1))
+    assert_close(losses(tmp / "native_fsdp"), local, 1e-5, range(1, STEPS + 1))
 
 
 def test_bf16_fsdp_trains_the_full_split_model_like_fp32_and_keeps_state_in_fp32(runs):

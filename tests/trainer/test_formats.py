@@ -147,7 +147,7 @@ def test_llava_round_trip_keeps_image_bytes_and_assistant_loss(tmp_path, tokeniz
     assert unpack_blobs(rows[1]["images"]) == [images["a.png"], images["sub/b.jpg"]]
     assert rows[1]["image_sizes"] == [[20, 12], [40, 24]] and rows[2]["image_sizes"] == []
     decoder = decoder_for(tokenizer)
-    n_image = ModelConfig().num_image_tokens
+    n_image = ModelConfig().num_image_tokens()
     expected_targets = [["red", "<eos>", "square", "<eos>"], ["a", "red", "square", "<eos>"]]
     for index, row in enumerate(rows):
         doc = decoder(row, index)
@@ -398,7 +398,7 @@ def test_chat_template_renders_turns_and_masks_assistant_tokens(tmp_path):
     tokens = tokenizer.convert_ids_to_tokens(doc.input_ids.tolist())
     assert tokens[:3] == ["<|im_start|>", "system", "count"]
     start = tokens.index("<image_start>")
-    assert tokens[start + ModelConfig().num_image_tokens + 1] == "<image_end>"
+    assert tokens[start + ModelConfig().num_image_tokens() + 1] == "<image_end>"
     # A template that renders the last turn differently cannot be split into turns.
     tokenizer.chat_template = (
         "{% for m in messages %}{% if loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}"
@@ -609,18 +609,31 @@ def test_images_decode_to_uint8_pixels_the_model_normalizes(tokenizer):
         Image.fromarray(array).save(buffer, format="PNG")
         blobs.append(buffer.getvalue())
     blobs.append(encode_image("JPEG", (3 * size, 2 * size)))
+    # A photo stored sideways (top half red, bottom half blue as displayed), EXIF orientation 6.
+    upright = Image.new("RGB", (4 * size, 2 * size), (255, 0, 0))
+    upright.paste((0, 0, 255), (0, size, 4 * size, 2 * size))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", exif=exif.tobytes())
+    blobs.append(buffer.getvalue())
     sample = {
-        "messages": [{"role": "user", "content": "<image> " * 3}],
+        "messages": [{"role": "user", "content": "<image> " * 4}],
         "images": pack_blobs(blobs),
     }
     sample["messages"].append({"role": "assistant", "content": "red"})
     pixels = decoder_for(tokenizer)(sample, 0).pixel_values
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, size, size)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, size, size)
     # At the model's size nothing is resampled: the stored pixels, exactly; grey becomes RGB.
     assert torch.equal(pixels[0], torch.from_numpy(exact).permute(2, 0, 1))
     assert all(torch.equal(pixels[1, c], torch.from_numpy(grey)) for c in range(3))
     # Larger images are resized; a flat colour stays (nearly) that colour.
     assert (pixels[2].float().mean(dim=(1, 2)) - torch.tensor([200.0, 30.0, 30.0])).abs().max() < 4
+    # EXIF orientation applied: displayed upright, squashed to the square.
+    top = pixels[3, :, size // 4].float().mean(dim=1)
+    bottom = pixels[3, :, -size // 4].float().mean(dim=1)
+    assert (top - torch.tensor([255.0, 0.0, 0.0])).abs().max() < 8, top
+    assert (bottom - torch.tensor([0.0, 0.0, 255.0])).abs().max() < 8, bottom
     # SigLIP's normalization on the model side: 0 → -1, 255 → 1; floats pass through.
     assert normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
     floats = torch.randn(2, 3)

@@ -196,6 +196,10 @@ def test_attention_pairs_are_the_visible_pairs_of_the_mask():
             position += length
     assert attention_pairs(layout) == visible
     assert attention_pairs(PackedLayout.from_docs([[("text", 6)]])) == 6 * 7 // 2
+    # A sliding window of 2: each text token sees itself and the one before; an image token sees
+    # the one before it and the rest of its span (5, 4, 3, 2 keys).
+    windowed = PackedLayout.from_docs([[("text", 3), ("image", 4)]])
+    assert attention_pairs(windowed, window=2) == (1 + 2 + 2) + (5 + 4 + 3 + 2)
 
 
 class FlopsPerMicroBatch:

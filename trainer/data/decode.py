@@ -19,6 +19,7 @@ copy), back to back, so the first token of a finer scale is predicted from the c
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,16 +120,116 @@ def open_image(blob: bytes, max_pixels: int) -> Image.Image:
 
 
 def check_image(blob: bytes, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of an image that decodes completely; DecodeError otherwise."""
+    """(width, height) as displayed (`displayed_size`: what native-resolution grids are computed
+    from) of an image that decodes completely; DecodeError otherwise."""
     with open_image(blob, max_pixels) as image:
-        size = image.size
         try:
+            size = displayed_size(image)
             # JPEG: decode at 1/8 scale; every byte is still read, so truncation is still found.
             image.draft("RGB", (1, 1))
             image.load()
         except Exception as err:
             raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
     return size
+
+
+# Transparent pixels are composited onto white, as transparent logos, icons and diagrams are drawn
+# to be seen on a white page (Qwen2-VL's loader does the same); dropping alpha would show whatever
+# colour the encoder left under them, often black.
+ALPHA_BACKGROUND = (255, 255, 255)
+# EXIF orientation → the (H, W, C) array ops that turn the stored frame into the displayed one
+# (as `ImageOps.exif_transpose`); 5-8 swap width and height.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: a.swapaxes(0, 1)[::-1],
+}
+
+
+def decode_rgb(blob: bytes, max_pixels: int, size: tuple[int, int]) -> np.ndarray:
+    """Encoded image bytes → uint8 (H, W, 3) RGB at exactly `size` = (width, height), as the
+    image is displayed (EXIF orientation applied). DecodeError for what cannot be used:
+    `image_too_large` before any pixel is decoded, `image_corrupt` for bytes that do not decode."""
+    with open_image(blob, max_pixels) as image:
+        return image_to_rgb(image, size)
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: `image.size` with EXIF orientations 5-8 swapping the two.
+    For a PNG this decodes the image (its EXIF may follow the pixels); not for a JPEG."""
+    width, height = image.size
+    return (height, width) if _orientation(image) >= 5 else (width, height)
+
+
+def image_to_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`decode_rgb` for an image `open_image` returned and nothing has loaded yet (so a JPEG can
+    still decode at a reduced scale). Resized or rotated, the array is a (H, W, 3) view of
+    channels-first memory."""
+    try:
+        orientation = _orientation(image)
+        width, height = size
+        stored = (height, width) if orientation >= 5 else (width, height)  # the target, unrotated
+        if image.size != stored:
+            # JPEG: the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain, to the smallest
+            # scale still at least `stored` in both directions; other formats ignore it.
+            image.draft("RGB", stored)
+        pixels = _rgb_or_grey(image)
+        if pixels.shape[:2] != (stored[1], stored[0]):
+            pixels = _resize(pixels, stored)
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        if orientation in _ORIENT:
+            # After resizing: rotating the small image is cheap, the full-size one is not. Copied
+            # into channels-first memory (plane by plane: 4x faster than into (H, W, 3) order).
+            planes = np.ascontiguousarray(_ORIENT[orientation](pixels).transpose(2, 0, 1))
+            pixels = planes.transpose(1, 2, 0)
+    except DecodeError:
+        raise
+    except Exception as err:  # truncated or malformed data surfaces only here
+        raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
+    return pixels
+
+
+def _orientation(image: Image.Image) -> int:
+    # getexif() also reads an XMP orientation; malformed EXIF gives a warning and no tag.
+    return image.getexif().get(0x0112, 1)  # 0x0112: Orientation
+
+
+def _rgb_or_grey(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, or (H, W) for greyscale (resized as one channel, then repeated)."""
+    if image.has_transparency_data:  # RGBA, LA, PA, a palette with alpha, a transparent colour
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND)
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if image.mode in ("RGB", "L"):
+        return np.asarray(image)
+    if image.mode.startswith("I"):
+        # I;16* and I come from 16-bit files; PIL's own convert would clip them at 255 (white).
+        values = np.asarray(image).clip(0, 65535).astype(np.uint32)
+        return ((values * 255 + 32767) // 65535).astype(np.uint8)
+    if image.mode == "F":  # float images hold 0..1 by convention (PIL would clip at 255 too)
+        return (np.asarray(image).clip(0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    return np.asarray(image.convert("RGB"))  # CMYK (no ICC profile applied), P, YCbCr, 1
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W[, C]) uint8 → (height, width[, C]): antialiased bicubic, the filter of PIL's BICUBIC
+    (outputs within 1-2 levels of it), in torch's uint8 kernel: 3-6x faster than PIL's resize
+    (scripts/bench_loader.py --photos)."""
+    with warnings.catch_warnings():
+        # PIL's arrays are read-only; interpolate only reads its input.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(pixels)
+    # (1, C, H, W) view of the (H, W, C) memory: channels-last, which the uint8 kernel wants.
+    tensor = tensor[None, None] if pixels.ndim == 2 else tensor.permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(
+        tensor, size=(size[1], size[0]), mode="bicubic", antialias=True
+    )
+    return resized[0, 0].numpy() if pixels.ndim == 2 else resized[0].permute(1, 2, 0).numpy()
 
 
 @dataclass
@@ -277,9 +378,27 @@ class Document:
     input_ids: torch.Tensor  # int64 (n,); image positions hold the pad id
     target_mask: torch.Tensor  # bool (n,): token t is a text-loss target (predicted at t - 1)
     segments: list[tuple[str, int]]  # ("text" | "image", length), in order
-    pixel_values: torch.Tensor  # uint8 (num_images, 3, H, W); float: already normalized
+    # uint8, float if already normalized: (num_images, 3, H, W) for square images; at native
+    # resolution each image's (3, H, W) flattened, image after image
+    pixel_values: torch.Tensor
     image_mask: torch.Tensor  # bool (num_image_tokens,): replaced by the mask embedding
     image_span_full: torch.Tensor  # bool (num_image_tokens,): the token's span is masked entirely
+    # (rows, cols) of each image's full grid and of each image segment; None: square images,
+    # read off the segments (each span a square, else one row; the largest the full grid)
+    image_grids: list[tuple[int, int]] | None = None
+    span_grids: list[tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        if self.span_grids is None:
+            lengths = [n for kind, n in self.segments if kind == "image"]
+            self.span_grids = [
+                (math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else (1, n)
+                for n in lengths
+            ]
+        if self.image_grids is None:
+            full = max(self.span_grids, default=(0, 0))
+            num_images = self.pixel_values.shape[0] if self.pixel_values.dim() == 4 else 0
+            self.image_grids = [full] * num_images
 
     @property
     def num_tokens(self) -> int:
@@ -304,7 +423,6 @@ class SampleDecoder:
         self._key = np.array([seed % (1 << 64), 0], dtype=np.uint64)
         self._bit_generator = np.random.Philox(key=self._key)
         self._rng = np.random.Generator(self._bit_generator)
-        self.spans = model_cfg.image_spans()
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id = ids(IMAGE_TOKENS[0])
         self.image_end_id = ids(IMAGE_TOKENS[1])
@@ -329,42 +447,54 @@ class SampleDecoder:
             raise DecodeError(
                 "image_unused", f"{len(blobs)} images, {len(text.image_positions)} <image>"
             )
-        per_image = self.model_cfg.num_image_tokens + 2
-        num_tokens = len(text.ids) + per_image * len(blobs)
-        if num_tokens > self.max_tokens:
-            raise DecodeError(
-                "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
-            )
-        images = [self._load_image(blob) for blob in blobs]
+        cfg = self.model_cfg
+        opened = [open_image(blob, self.max_image_pixels) for blob in blobs]
+        try:
+            grids = [self._grid(image) for image in opened]
+            spans = [cfg.image_spans(grid) for grid in grids]
+            num_tokens = len(text.ids) + sum(cfg.num_image_tokens(grid) + 2 for grid in grids)
+            if num_tokens > self.max_tokens:
+                raise DecodeError(
+                    "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
+                )
+            images = [
+                self._load_image(image, grid) for image, grid in zip(opened, grids, strict=True)
+            ]
+        finally:
+            for image in opened:
+                image.close()
 
         ids: list[int] = []
         targets: list[bool] = []
         segments: list[tuple[str, int]] = []
         run_start = cursor = 0
-        for position in text.image_positions:
+        for position, image_spans in zip(text.image_positions, spans, strict=True):
             ids.extend(text.ids[cursor:position])
             targets.extend(text.targets[cursor:position])
             cursor = position
             ids.append(self.image_start_id)
             segments.append(("text", len(ids) - run_start))
-            for side, _ in self.spans:
-                ids.extend([self.pad_id] * side * side)
-                segments.append(("image", side * side))
+            for (rows, cols), _ in image_spans:
+                ids.extend([self.pad_id] * rows * cols)
+                segments.append(("image", rows * cols))
             ids.append(self.image_end_id)
-            targets.extend([False] * per_image)
+            targets.extend([False] * (len(ids) - len(targets)))
             run_start = len(ids) - 1  # <image_end> opens the next text segment
         ids.extend(text.ids[cursor:])
         targets.extend(text.targets[cursor:])
         segments.append(("text", len(ids) - run_start))
         masks = [
-            self._sample_mask(side * side, rng, is_copy or prompt_only)
-            for _ in images
-            for side, is_copy in self.spans
+            self._sample_mask(rows * cols, rng, is_copy or prompt_only)
+            for image_spans in spans
+            for (rows, cols), is_copy in image_spans
         ]
         # Built in numpy, made tensors once at the end: a handful of torch calls per sample
         # instead of a few per span (each costs microseconds; this runs for every sample).
-        size = self.model_cfg.vision.image_size
-        pixels = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
+        if cfg.vision.resize == "native":
+            pixels = np.concatenate([image.ravel() for image in images] or [np.zeros(0, np.uint8)])
+        else:
+            size = cfg.vision.image_size
+            pixels = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
         image_mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
         span_full = (
             np.concatenate([np.full(mask.size, mask.all()) for mask in masks])
@@ -379,7 +509,16 @@ class SampleDecoder:
             pixel_values=torch.from_numpy(pixels),
             image_mask=torch.from_numpy(image_mask),
             image_span_full=torch.from_numpy(span_full),
+            image_grids=grids,
+            span_grids=[grid for image_spans in spans for grid, _ in image_spans],
         )
+
+    def _grid(self, image: Image.Image) -> tuple[int, int]:
+        """The image's full token grid (`ModelConfig.image_grid` of its displayed size)."""
+        try:
+            return self.model_cfg.image_grid(*displayed_size(image))
+        except Exception as err:  # a PNG's EXIF may sit behind truncated pixel data
+            raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
 
     def _sample_rng(self, epoch: int, sample_index: int) -> np.random.Generator:
         """The random stream of one sample in one epoch, whichever process decodes it.
@@ -414,22 +553,9 @@ class SampleDecoder:
         mask[rng.permutation(num_tokens)[:num_masked]] = True
         return mask
 
-    def _load_image(self, blob: bytes) -> np.ndarray:
-        """uint8 (3, S, S) at the model's image size, channels first (a view); the model
-        normalizes (a quarter of the bytes of float32 on the way out of a loader worker and to
-        the device)."""
-        size = self.model_cfg.vision.image_size
-        with open_image(blob, self.max_image_pixels) as image:
-            try:
-                if image.size != (size, size):
-                    # JPEG: let the decoder downscale by up to 8x (DCT scaling) first.
-                    image.draft("RGB", (size, size))
-                    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-                elif image.mode != "RGB":
-                    image = image.convert("RGB")
-                else:  # shards written at the training resolution: decode only
-                    image.load()
-                pixels = np.asarray(image, dtype=np.uint8)
-            except Exception as err:  # truncated or malformed data surfaces only here
-                raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
-        return pixels.transpose(2, 0, 1)
+    def _load_image(self, image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
+        """uint8 (3, rows · p, cols · p), channels first (a view); the model normalizes (a
+        quarter of the bytes of float32 on the way out of a loader worker and to the device)."""
+        patch = self.model_cfg.vision.patch_size
+        size = (grid[1] * patch, grid[0] * patch)
+        return image_to_rgb(image, size).transpose(2, 0, 1)

@@ -55,20 +55,22 @@ SPLITS = {"train": 6000, "heldout": 400}
 
 
 def render_shape(
-    color: str, shape: str, position: str, rng: random.Random, size: int = 32
+    color: str, shape: str, position: str, rng: random.Random, size: int | tuple[int, int] = 32
 ) -> bytes:
-    """PNG bytes of one shape on a noisy dark background."""
-    image = Image.new("RGB", (size, size))
+    """PNG bytes of one shape on a noisy dark background; `size`: a side, or (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    image = Image.new("RGB", (width, height))
     pixels = image.load()
-    for y in range(size):
-        for x in range(size):
+    for y in range(height):
+        for x in range(width):
             grey = rng.randint(10, 60)
             pixels[x, y] = (grey, grey, grey)
     draw = ImageDraw.Draw(image)
-    half = size // 2
+    half_width, half_height = width // 2, height // 2
+    half = min(half_width, half_height)
     extent = rng.randint(half * 5 // 8, half - 2)
-    left = (half if "right" in position else 0) + rng.randint(1, half - extent - 1)
-    top = (half if "bottom" in position else 0) + rng.randint(1, half - extent - 1)
+    left = (half_width if "right" in position else 0) + rng.randint(1, half_width - extent - 1)
+    top = (half_height if "bottom" in position else 0) + rng.randint(1, half_height - extent - 1)
     box = (left, top, left + extent, top + extent)
     fill = COLORS[color]
     if shape == "square":
@@ -85,7 +87,14 @@ def render_shape(
     return buffer.getvalue()
 
 
-def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
+def make_sample(
+    index: int,
+    rng: random.Random,
+    image_size: int = 32,
+    image_sizes: list[tuple[int, int]] | None = None,
+) -> dict:
+    """One demo sample; `image_sizes`: draw each image's (width, height) from these (images at
+    their own aspect ratio) instead of `image_size` squares."""
     kind = rng.choices(("caption", "question", "text", "draw"), weights=(3, 5, 2, 1))[0]
     sample = {
         "id": f"demo-{index:07d}",
@@ -100,8 +109,9 @@ def make_sample(index: int, rng: random.Random, image_size: int = 32) -> dict:
         sample["text"] = "count : " + " ".join(NUMBERS[start : start + count])
         return sample
     color, shape, position = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(POSITIONS)
-    sample["images"] = [render_shape(color, shape, position, rng, image_size)]
-    sample["image_sizes"] = [[image_size, image_size]]
+    size = rng.choice(image_sizes) if image_sizes else (image_size, image_size)
+    sample["images"] = [render_shape(color, shape, position, rng, size)]
+    sample["image_sizes"] = [list(size)]
     if kind == "draw":  # text → image: the image is the assistant's answer
         sample["messages"] = [
             {"role": "user", "content": f"draw a {color} {shape} at the {position} ."},
@@ -151,9 +161,10 @@ def write_demo(
     sizes: dict[str, int] | None = None,
     seed: int = 0,
     size_limit: int = SHARD_SIZE_LIMIT,
+    image_sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, int]:
     """Write the demo splits (MDS, shards of at most `size_limit` bytes) and the tokenizer under
-    `out`; returns samples per split."""
+    `out`; returns samples per split. `image_sizes`: as for `make_sample`."""
     out = Path(out)
     save_tokenizer(out / "tokenizer")
     written = {}
@@ -162,7 +173,7 @@ def write_demo(
 
         def samples(rng=rng, count=count, split=split):
             for index in range(count):
-                sample = make_sample(index, rng)
+                sample = make_sample(index, rng, image_sizes=image_sizes)
                 sample["id"] = f"demo-{split}-{index:07d}"
                 # Exact for the demo's word-level tokenizer.
                 sample["num_text_tokens"] = estimate_text_tokens(sample)

@@ -16,7 +16,6 @@ token, no loss targets, so they add nothing to the loss or the gradient.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -144,14 +143,13 @@ def pack_step(
 
 def filler_micro_batch(docs: list[Document], *layout_args) -> PackedBatch:
     """One pad token, no targets: a forward/backward pass that contributes zero loss."""
-    image_size = docs[0].pixel_values.shape[-1] if docs else 1
-    pixel_dtype = docs[0].pixel_values.dtype if docs else torch.uint8
+    like = docs[0].pixel_values if docs else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     filler = Document(
         sample_id="<filler>",
         input_ids=torch.zeros(1, dtype=torch.long),
         target_mask=torch.zeros(1, dtype=torch.bool),
         segments=[("text", 1)],
-        pixel_values=torch.zeros(0, 3, image_size, image_size, dtype=pixel_dtype),
+        pixel_values=like[:0],
         image_mask=torch.zeros(0, dtype=torch.bool),
         image_span_full=torch.zeros(0, dtype=torch.bool),
     )
@@ -168,16 +166,17 @@ def collate(
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
-    image_spans: list[tuple[int, int]] = []  # (start, length) in packed coordinates
+    image_spans: list[tuple[int, tuple[int, int]]] = []  # (start in packed coordinates, grid)
     segment_is_image, segment_lengths = [], []
     offset = 0
     for doc in docs:
         assert sum(n for _, n in doc.segments) == doc.num_tokens
         merged_docs.append([(image_kind if k == "image" else "text", n) for k, n in doc.segments])
         num_text = 0
+        span_grids = iter(doc.span_grids)
         for kind, length in doc.segments:
             if kind == "image":
-                image_spans.append((offset, length))
+                image_spans.append((offset, next(span_grids)))
                 image_docs.append([(image_kind, length)])
             else:
                 num_text += length
@@ -207,6 +206,7 @@ def collate(
         image_index=torch.from_numpy(np.flatnonzero(is_image)),
         image_layout=PackedLayout.from_docs(image_docs, attention_backend) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
+        image_grids=[grid for d in docs for grid in d.image_grids],
         image_mask=torch.cat([d.image_mask for d in docs]),
         image_span_full=torch.cat([d.image_span_full for d in docs]),
         sample_ids=[d.sample_id for d in docs],
@@ -214,22 +214,21 @@ def collate(
 
 
 def rope_positions(
-    position_ids: torch.Tensor, image_spans: list[tuple[int, int]], mode: str
+    position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int]]], mode: str
 ) -> torch.Tensor:
     """(T, 2) RoPE positions. Text uses its 1-D position on both axes (so a pretrained LLM sees
-    exactly its own RoPE); image spans, given as (start, length), follow `mode`. Text after an
-    image continues at its own sequential position."""
+    exactly its own RoPE); image spans, given as (start, (rows, cols)), follow `mode` ("2d": the
+    span's first position plus each token's row on one axis and column on the other). Text after
+    an image continues at its own sequential position."""
     positions = position_ids[:, None].repeat(1, 2)
     if mode == "sequential":
         return positions
-    for start, length in image_spans:
-        first = int(positions[start, 0])
+    for start, (rows, cols) in image_spans:
+        first, length = int(positions[start, 0]), rows * cols
         if mode == "shared":
             positions[start : start + length] = first
             continue
-        side = math.isqrt(length)
-        assert side * side == length, "2-D positions need square image spans"
         offsets = torch.arange(length)
-        positions[start : start + length, 0] = first + offsets // side
-        positions[start : start + length, 1] = first + offsets % side
+        positions[start : start + length, 0] = first + offsets // cols
+        positions[start : start + length, 1] = first + offsets % cols
     return positions

@@ -162,7 +162,8 @@ def _keep_list(batch):
     return batch
 
 
-_TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in ("sample_id", "segments"))
+_LIST_FIELDS = ("sample_id", "segments", "image_grids", "span_grids")
+_TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in _LIST_FIELDS)
 
 
 class FlatBatch:
@@ -174,8 +175,7 @@ class FlatBatch:
     def __init__(self, items: list):
         docs = [item for item in items if isinstance(item, Document)]
         self.skipped = [item if isinstance(item, Skipped) else None for item in items]
-        self.sample_ids = [doc.sample_id for doc in docs]
-        self.segments = [doc.segments for doc in docs]
+        self.lists = {name: [getattr(doc, name) for doc in docs] for name in _LIST_FIELDS}
         self.arrays = {}
         for name in _TENSOR_FIELDS:
             parts = [getattr(doc, name).numpy() for doc in docs]
@@ -191,11 +191,10 @@ class FlatBatch:
             name: torch.from_numpy(flat).split(sizes) if sizes else ()
             for name, (flat, sizes) in self.arrays.items()
         }
+        columns = {**self.lists, **split}
         docs = iter(
-            Document(sample_id, segments=segments, **dict(zip(split, tensors, strict=True)))
-            for sample_id, segments, *tensors in zip(
-                self.sample_ids, self.segments, *split.values(), strict=True
-            )
+            Document(**dict(zip(columns, values, strict=True)))
+            for values in zip(*columns.values(), strict=True)
         )
         return [next(docs) if item is None else item for item in self.skipped]
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from models.meta import parameters_on_meta
+from models.meta import parameters_on_meta, weights_filled_later
 from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.config import Config
@@ -127,6 +127,7 @@ def construction(cfg: Config, device: torch.device):
         init = deepspeed.zero.Init(config_dict_or_path=config, mem_efficient_linear=False)
         stack.enter_context(init)
         stack.enter_context(no_init_weights())
+        stack.enter_context(weights_filled_later())
         return stack
     return contextlib.nullcontext()
 
