@@ -159,6 +159,9 @@ class ModelConfig:
     num_text_head_blocks: int = 1
     num_image_head_blocks: int = 1
     image_attention: str = "bidirectional"  # or "causal" (LLaVA-style)
+    # A <image_row_break> token after every row of an image span but the last (Pixtral's
+    # [IMG_BREAK]): a text token inside the span's block, so the LLM sees where rows end.
+    image_row_break: bool = False
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
     # a span at the span's first position), "2d" (half the frequencies by row, half by column).
     image_positions: str = "sequential"

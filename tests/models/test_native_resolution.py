@@ -251,3 +251,34 @@ def test_pretrained_towers_load_tensor_by_tensor(tmp_path, monkeypatch, kind):
     filled = model.unit_initial_values("vision", seed=0)
     for name, value in reference.named_parameters():
         assert torch.equal(filled[f"vision.{name}"], value), name
+
+
+def test_row_breaks_sit_between_rows_inside_the_image_block(demo_data):
+    tokenizer = load_tokenizer(demo_data / "tokenizer", row_break=True)
+    model = _native_model(tokenizer, image_row_break=True, image_positions="2d")
+    decoder = SampleDecoder(tokenizer, model.cfg, max_tokens=512)
+    doc = decoder(_sample(_png(16, 8)), 0)  # 2 rows of 4 patches
+    ids = doc.input_ids.tolist()
+    start = ids.index(tokenizer.convert_tokens_to_ids("<image_start>")) + 1
+    row_break = tokenizer.convert_tokens_to_ids("<image_row_break>")
+    pad = tokenizer.pad_token_id
+    assert ids[start : start + 10] == [pad] * 4 + [row_break] + [pad] * 4 + [
+        tokenizer.convert_tokens_to_ids("<image_end>")
+    ]
+    batch = collate([doc], image_positions="2d")
+    position = start + 4
+    assert position not in batch.image_index.tolist() and position in batch.text_index.tolist()
+    assert batch.image_index.numel() == 8 == batch.image_mask.numel()
+    # the break and every patch token see the whole span (both rows)
+    for token in range(start, start + 9):
+        assert batch.layout.vis_end[token] == start + 8
+    first = int(batch.rope_positions[start, 0])
+    assert batch.rope_positions[position].tolist() == [first, first + 4]  # past row 0's end
+    assert batch.rope_positions[start + 5].tolist() == [first + 1, first]  # row 1, column 0
+    # packed with another document, each gives its outputs alone
+    other = decoder(_sample(_png(8, 12, seed=1)), 1)
+    with torch.no_grad():
+        packed = model(collate([doc, other], image_positions="2d"))
+        alone = [model(collate([d], image_positions="2d")) for d in (doc, other)]
+    for key, value in packed.items():
+        torch.testing.assert_close(value, sum(out[key] for out in alone), rtol=1e-5, atol=1e-5)

@@ -49,6 +49,7 @@ FEATURES = {
     # images at their own aspect ratio (the native demo data), with every span kind
     "native": [
         "model.vision.resize=native",
+        "model.image_row_break=true",
         "model.image_scales=[2]",
         "model.dual_input=true",
         "model.image_positions=2d",

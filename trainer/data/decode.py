@@ -49,6 +49,8 @@ SKIP_REASONS = (
 _PHILOX_EMPTY_BUFFER = np.zeros(4, dtype=np.uint64)  # with buffer_pos 4: nothing buffered
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>"}
 IMAGE_TOKENS = ("<image_start>", "<image_end>")
+# Between two rows of an image span with `model.image_row_break` (Pixtral's [IMG_BREAK]).
+IMAGE_ROW_BREAK = "<image_row_break>"
 
 
 class DecodeError(ValueError):
@@ -61,14 +63,15 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-def prepare_tokenizer(tokenizer) -> int:
+def prepare_tokenizer(tokenizer, row_break: bool = False) -> int:
     """Add the special tokens decoding needs and `tokenizer` lacks; returns how many were added.
 
-    Always `<image_start>` and `<image_end>`; without a chat template also the default role
-    tokens. Call it before building the model: `model.vocab_size` is taken from `len(tokenizer)`,
-    so added tokens get embedding rows.
+    Always `<image_start>` and `<image_end>`; `<image_row_break>` with `row_break`
+    (`model.image_row_break`); without a chat template also the default role tokens. Call it
+    before building the model: `model.vocab_size` is taken from `len(tokenizer)`, so added
+    tokens get embedding rows.
     """
-    needed = list(IMAGE_TOKENS)
+    needed = list(IMAGE_TOKENS) + [IMAGE_ROW_BREAK] * row_break
     if not tokenizer.chat_template:
         needed += ROLE_TOKENS.values()
     vocab = tokenizer.get_vocab()
@@ -87,7 +90,7 @@ def tokenizer_dir(data_cfg) -> Path:
     return Path(data_cfg.tokenizer) if data_cfg.tokenizer else Path(data_cfg.path) / "tokenizer"
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, row_break: bool = False):
     """A transformers tokenizer from a local directory, with the special tokens decoding needs
     (`prepare_tokenizer`). The one way every part of splitvlm loads a tokenizer."""
     from transformers import AutoTokenizer
@@ -96,7 +99,7 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise ValueError(f"tokenizer directory not found: {path} (set data.tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, row_break)
     return tokenizer
 
 
@@ -387,6 +390,9 @@ class Document:
     # read off the segments (each span a square, else one row; the largest the full grid)
     image_grids: list[tuple[int, int]] | None = None
     span_grids: list[tuple[int, int]] | None = None
+    # Image segments hold a row-break token after every row but the last (rows · cols +
+    # rows - 1 tokens); the breaks are text tokens inside the span's bidirectional block.
+    row_breaks: bool = False
 
     def __post_init__(self):
         if self.span_grids is None:
@@ -426,6 +432,14 @@ class SampleDecoder:
         ids = tokenizer.convert_tokens_to_ids
         self.image_start_id = ids(IMAGE_TOKENS[0])
         self.image_end_id = ids(IMAGE_TOKENS[1])
+        self.row_break_id = None
+        if model_cfg.image_row_break:
+            if IMAGE_ROW_BREAK not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"model.image_row_break needs the tokenizer's {IMAGE_ROW_BREAK} token "
+                    "(load_tokenizer(path, row_break=True) adds it)"
+                )
+            self.row_break_id = ids(IMAGE_ROW_BREAK)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __call__(
@@ -475,8 +489,13 @@ class SampleDecoder:
             ids.append(self.image_start_id)
             segments.append(("text", len(ids) - run_start))
             for (rows, cols), _ in image_spans:
-                ids.extend([self.pad_id] * rows * cols)
-                segments.append(("image", rows * cols))
+                if self.row_break_id is None:
+                    span = [self.pad_id] * rows * cols
+                else:  # a break after every row but the last, inside the span
+                    span = ([self.pad_id] * cols + [self.row_break_id]) * rows
+                    span.pop()
+                ids.extend(span)
+                segments.append(("image", len(span)))
             ids.append(self.image_end_id)
             targets.extend([False] * (len(ids) - len(targets)))
             run_start = len(ids) - 1  # <image_end> opens the next text segment
@@ -511,6 +530,7 @@ class SampleDecoder:
             image_span_full=torch.from_numpy(span_full),
             image_grids=grids,
             span_grids=[grid for image_spans in spans for grid, _ in image_spans],
+            row_breaks=self.row_break_id is not None,
         )
 
     def _grid(self, image: Image.Image) -> tuple[int, int]:

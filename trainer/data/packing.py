@@ -166,8 +166,9 @@ def collate(
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
-    image_spans: list[tuple[int, tuple[int, int]]] = []  # (start in packed coordinates, grid)
-    segment_is_image, segment_lengths = [], []
+    # (start in packed coordinates, grid, row breaks) of every image span
+    image_spans: list[tuple[int, tuple[int, int], bool]] = []
+    segment_is_image, segment_lengths, row_break_positions = [], [], []
     offset = 0
     for doc in docs:
         assert sum(n for _, n in doc.segments) == doc.num_tokens
@@ -176,8 +177,15 @@ def collate(
         span_grids = iter(doc.span_grids)
         for kind, length in doc.segments:
             if kind == "image":
-                image_spans.append((offset, next(span_grids)))
-                image_docs.append([(image_kind, length)])
+                rows, cols = next(span_grids)
+                image_spans.append((offset, (rows, cols), doc.row_breaks))
+                # Row breaks sit inside the span's bidirectional block but are text tokens.
+                num_breaks = rows - 1 if doc.row_breaks else 0
+                row_break_positions += [
+                    offset + (r + 1) * (cols + 1) - 1 for r in range(num_breaks)
+                ]
+                image_docs.append([(image_kind, length - num_breaks)])
+                num_text += num_breaks
             else:
                 num_text += length
             segment_is_image.append(kind == "image")
@@ -196,6 +204,7 @@ def collate(
     # In numpy: packing may run beside the model's compute (the step prefetcher), where torch ops
     # that fan out to the intra-op thread pool would compete with it for the same threads.
     is_image = np.repeat(np.array(segment_is_image, dtype=bool), segment_lengths)
+    is_image[row_break_positions] = False
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,
@@ -214,21 +223,23 @@ def collate(
 
 
 def rope_positions(
-    position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int]]], mode: str
+    position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int], bool]], mode: str
 ) -> torch.Tensor:
     """(T, 2) RoPE positions. Text uses its 1-D position on both axes (so a pretrained LLM sees
-    exactly its own RoPE); image spans, given as (start, (rows, cols)), follow `mode` ("2d": the
-    span's first position plus each token's row on one axis and column on the other). Text after
-    an image continues at its own sequential position."""
+    exactly its own RoPE); image spans, given as (start, (rows, cols), row breaks), follow `mode`
+    ("2d": the span's first position plus each token's row on one axis and column on the other;
+    a row break is one column past its row's end). Text after an image continues at its own
+    sequential position."""
     positions = position_ids[:, None].repeat(1, 2)
     if mode == "sequential":
         return positions
-    for start, (rows, cols) in image_spans:
-        first, length = int(positions[start, 0]), rows * cols
+    for start, (rows, cols), row_breaks in image_spans:
+        stride = cols + row_breaks  # tokens per row, its break included
+        first, length = int(positions[start, 0]), rows * stride - row_breaks
         if mode == "shared":
             positions[start : start + length] = first
             continue
         offsets = torch.arange(length)
-        positions[start : start + length, 0] = first + offsets // cols
-        positions[start : start + length, 1] = first + offsets % cols
+        positions[start : start + length, 0] = first + offsets // stride
+        positions[start : start + length, 1] = first + offsets % stride
     return positions

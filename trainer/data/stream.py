@@ -162,7 +162,7 @@ def _keep_list(batch):
     return batch
 
 
-_LIST_FIELDS = ("sample_id", "segments", "image_grids", "span_grids")
+_LIST_FIELDS = ("sample_id", "segments", "image_grids", "span_grids", "row_breaks")
 _TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in _LIST_FIELDS)
 
 
