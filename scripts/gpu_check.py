@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import random
@@ -162,15 +163,24 @@ def attention_section(args, device, left) -> dict:
             if missing or (backend in HALF_ONLY and dtype == torch.float32):
                 checks.append({**row, "status": missing or "unsupported"})
                 continue
-            for number, layout in enumerate(layouts):
-                row.update(layout=number, tokens=layout.num_tokens, tol=TOLERANCE[dtype])
+            # Full attention, and a sliding window shorter than most documents (Gemma 3's
+            # local layers): the kernels' window_size on top of the per-segment decomposition.
+            windows = (None, 16 if args.tiny else 256)
+            for (number, layout), window in itertools.product(enumerate(layouts), windows):
+                row.update(
+                    layout=number, window=window, tokens=layout.num_tokens, tol=TOLERANCE[dtype]
+                )
                 if left() < 10:
                     checks.append({**row, "status": "skipped: budget"})
                     continue
                 torch.manual_seed(number)
                 qkv = random_qkv(args, layout.num_tokens, device, dtype)
-                attend = functools.partial(packed_attention, layout=layout, backend=backend)
-                reference = functools.partial(dense_reference_attention, layout=layout)
+                attend = functools.partial(
+                    packed_attention, layout=layout, backend=backend, window=window
+                )
+                reference = functools.partial(
+                    dense_reference_attention, layout=layout, window=window
+                )
                 checks.append({**row, **check(attend, reference, qkv)})
     kernel = varlen_attn() if device.type == "cuda" else varlen_attn_emulated
     direct = [
