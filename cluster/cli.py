@@ -333,8 +333,12 @@ def add_eval_parser(commands) -> None:
 
 
 def _cmd_export(args) -> int:
-    from trainer.export import export_checkpoint
+    from trainer.export import export_checkpoint, export_to_hf
 
+    if args.to_hf:
+        transformers_class = export_to_hf(Path(args.checkpoint), Path(args.out))
+        print(f"exported {args.checkpoint} to {args.out} as a transformers {transformers_class}")
+        return EXIT_OK
     source = export_checkpoint(Path(args.checkpoint), Path(args.out))
     print(f"exported {source} to {args.out}")
     return EXIT_OK
@@ -351,7 +355,35 @@ def add_export_parser(commands) -> None:
         "checkpoint", help="a run directory (its latest checkpoint) or a step_NNNNNNN directory"
     )
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="write the transformers checkpoint of the model's design instead "
+        "(LLaVA: LlavaForConditionalGeneration; docs/designs.md)",
+    )
     parser.set_defaults(func=_cmd_export)
+
+
+def _cmd_import_hf(args) -> int:
+    from models.hf_designs import import_hf
+
+    transformers_class = import_hf(Path(args.checkpoint), Path(args.out))
+    print(f"imported the {transformers_class} at {args.checkpoint} to {args.out}")
+    return EXIT_OK
+
+
+def add_import_hf_parser(commands) -> None:
+    parser = _add_command(
+        commands,
+        "import-hf",
+        "write a transformers checkpoint of a classic VLM design as a splitvlm export",
+        "splitvlm import-hf checkpoints/llava-1.5-7b-hf --out exports/llava",
+    )
+    parser.add_argument(
+        "checkpoint", help="a transformers checkpoint directory (config.json, safetensors)"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.set_defaults(func=_cmd_import_hf)
 
 
 def _cmd_plot(args) -> int:
@@ -435,6 +467,7 @@ COMMANDS = (
     add_shards_parser,
     add_eval_parser,
     add_export_parser,
+    add_import_hf_parser,
     add_plot_parser,
     add_generate_parser,
 )

@@ -27,13 +27,19 @@ NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native")
+# Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
+# (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
+VISION_TOWER_NAMES = ("siglip", "clip")
+PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
 
 
 @dataclass
 class VisionConfig:
-    # A local directory holding a transformers SigLIP checkpoint; empty builds a random tower from
-    # the size fields below (the tiny preset, so nothing is downloaded).
+    # A local directory holding a transformers SigLIP, SigLIP2 or CLIP checkpoint (its
+    # config.json names the tower); empty builds a random `tower` from the size fields below (the
+    # tiny preset, so nothing is downloaded).
     pretrained: str = ""
+    tower: str = "siglip"  # of a random build: "siglip" or "clip" (its CLS token is dropped)
     image_size: int = 32
     patch_size: int = 8
     hidden_size: int = 48
@@ -46,6 +52,14 @@ class VisionConfig:
     resize: str = "square"
     min_pixels: int = 0
     max_pixels: int = 0
+    # The features the adaptor reads: 0 the tower's last_hidden_state (SigLIP's after its final
+    # norm, CLIP's before); otherwise the hidden state of that index as transformers'
+    # `vision_feature_layer` counts it (k > 0 layer k's output, -1 the last layer's; LLaVA: -2).
+    # Towers that run images batched only (square SigLIP, CLIP).
+    feature_layer: int = 0
+    # uint8 pixels → the tower's input: "siglip" (mean and std 0.5) or "clip" (OpenAI CLIP's
+    # per-channel mean and std).
+    normalization: str = "siglip"
 
     @property
     def pixel_budget(self) -> tuple[int, int]:
@@ -93,6 +107,26 @@ class VisionConfig:
         if self.resize not in RESIZE_MODES:
             raise ValueError(
                 f"model.vision.resize={self.resize!r}; valid: {', '.join(RESIZE_MODES)}"
+            )
+        if self.tower not in VISION_TOWER_NAMES:
+            raise ValueError(
+                f"model.vision.tower={self.tower!r}; valid: {', '.join(VISION_TOWER_NAMES)}"
+            )
+        if self.normalization not in PIXEL_NORMALIZATION_NAMES:
+            raise ValueError(
+                f"model.vision.normalization={self.normalization!r}; "
+                f"valid: {', '.join(PIXEL_NORMALIZATION_NAMES)}"
+            )
+        if self.tower == "clip" and self.resize != "square" and not self.pretrained:
+            raise ValueError("model.vision.tower=clip takes square images only (resize: square)")
+        if self.normalization != "siglip" and self.resize != "square":
+            raise ValueError(
+                f"model.vision.normalization={self.normalization!r} needs resize: square"
+            )
+        if not -self.num_layers <= self.feature_layer <= self.num_layers and not self.pretrained:
+            raise ValueError(
+                f"model.vision.feature_layer={self.feature_layer} is outside the tower's "
+                f"{self.num_layers} layers"
             )
         min_pixels, max_pixels = self.pixel_budget
         if min_pixels < 0 or max_pixels < self.patch_size**2 or min_pixels > max_pixels:
@@ -162,6 +196,9 @@ class ModelConfig:
     # A <image_row_break> token after every row of an image span but the last (Pixtral's
     # [IMG_BREAK]): a text token inside the span's block, so the LLM sees where rows end.
     image_row_break: bool = False
+    # <image_start> and <image_end> around every image; false: the image's spans sit directly
+    # between the text tokens (LLaVA: the processor expands <image> into its image tokens only).
+    image_markers: bool = True
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
     # a span at the span's first position), "2d" (half the frequencies by row, half by column).
     image_positions: str = "sequential"

@@ -182,6 +182,39 @@ def _gemma3_text(hf, cfg: ModelConfig) -> None:
         cfg.sliding_rope_theta = float(hf.rope_local_base_freq)
 
 
+def _text_model(hf, cfg: ModelConfig) -> None:
+    """The language model of a vision-language checkpoint (LLaVA): its own family's translation,
+    for the families with Llama's layer layout."""
+    if hf.model_type not in _LLAMA_LAYOUT_TEXT_MODELS:
+        raise ValueError(
+            f"a {hf.model_type!r} language model; supported: {', '.join(_LLAMA_LAYOUT_TEXT_MODELS)}"
+        )
+    SUPPORTED_LLMS[hf.model_type].translate(hf, cfg)
+
+
+_LLAMA_LAYOUT_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -> LLMFamily:
+    """The LLM of a transformers vision-language checkpoint saved in `layout`: "legacy"
+    (language_model.model.*, what transformers writes, and the published checkpoints) or
+    "nested" (model.language_model.*, transformers' in-memory names since 4.52)."""
+    model, head, others = {
+        "legacy": ("language_model.model.", "language_model.lm_head.weight", ""),
+        "nested": ("model.language_model.", "lm_head.weight", "model."),
+    }[layout]
+    return LLMFamily(
+        translate,
+        layer_keys=dict(layer_keys),
+        layer_prefix=model + "layers.{}.",
+        embed=model + "embed_tokens.weight",
+        final_norm=model + "norm.weight",
+        lm_head=head,
+        text_config=True,
+        other_parts=(others + "vision_tower.", others + "multi_modal_projector."),
+    )
+
+
 SUPPORTED_LLMS = {
     "llama": LLMFamily(_llama),
     "mistral": LLMFamily(_mistral),
@@ -190,16 +223,14 @@ SUPPORTED_LLMS = {
     "gemma3_text": LLMFamily(_gemma3_text, layer_keys=dict(_GEMMA3_LAYER_KEYS)),
     # Gemma3ForConditionalGeneration (Gemma 3 4B and up): its language model only. transformers
     # saves it, as the published checkpoints are, under language_model.*.
-    "gemma3": LLMFamily(
-        _gemma3_text,
-        layer_keys=dict(_GEMMA3_LAYER_KEYS),
-        layer_prefix="language_model.model.layers.{}.",
-        embed="language_model.model.embed_tokens.weight",
-        final_norm="language_model.model.norm.weight",
-        lm_head="language_model.lm_head.weight",
-        text_config=True,
-        other_parts=("vision_tower.", "multi_modal_projector."),
-    ),
+    "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "legacy"),
+    # LlavaForConditionalGeneration: its language model (the whole model: models/hf_designs.py).
+    "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
+}
+# The same checkpoints with their tensors under transformers' nested names.
+_NESTED_LAYOUTS = {
+    "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "nested"),
+    "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
 }
 
 
@@ -210,6 +241,37 @@ class _Source:
     tensor: str  # the checkpoint's tensor name
     shape: tuple[int, ...]  # ours
     vocabulary: bool  # rows past the checkpoint's vocabulary are filled with its mean row
+
+
+def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
+    """Where each of our LLM parameters comes from in a checkpoint of `family` (also the names
+    an export to that layout writes them under)."""
+    vocab = (cfg.vocab_size, cfg.d_model)
+    sources = {"embed.weight": _Source(family.embed, vocab, True)}
+    if not cfg.tie_embeddings:
+        sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
+    sources["text_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
+    with torch.device("meta"):
+        block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
+    # Our block stacks; each block starts from the checkpoint layer `cfg.text_layer_of` says.
+    stacks = {
+        "text_in": cfg.num_text_in_blocks,
+        "core": cfg.num_core_blocks,
+        "text_head_blocks": cfg.num_text_head_blocks,
+    }
+    if cfg.image_blocks_init == "copy":
+        stacks["image_in"] = cfg.num_image_in_blocks
+        stacks["image_head_blocks"] = cfg.num_image_head_blocks
+    for stack, num_blocks in stacks.items():
+        for index in range(num_blocks):
+            prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
+            for name, shape in block_shapes.items():
+                module, _, leaf = name.rpartition(".")
+                tensor = f"{prefix}{family.layer_keys[module]}.{leaf}"
+                sources[f"{stack}.{index}.{name}"] = _Source(tensor, shape, False)
+    if cfg.image_blocks_init == "copy":
+        sources["image_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
+    return sources
 
 
 class PretrainedLLM:
@@ -234,6 +296,10 @@ class PretrainedLLM:
                 f"supported: {', '.join(SUPPORTED_LLMS)}"
             )
         self.family = SUPPORTED_LLMS[self.model_type]
+        nested = _NESTED_LAYOUTS.get(self.model_type)
+        if nested is not None and self.family.embed not in self._tensor_files:
+            if nested.embed in self._tensor_files:
+                self.family = nested
         # The language model's config (of a vision-language checkpoint: its text part).
         self.llm_config = self.hf_config.text_config if self.family.text_config else self.hf_config
         self._sources: dict[str, _Source] | None = None
@@ -295,33 +361,8 @@ class PretrainedLLM:
     # -- internals ---------------------------------------------------------------------------------
 
     def _plan(self, cfg: ModelConfig) -> dict[str, _Source]:
-        family, vocab = self.family, (cfg.vocab_size, cfg.d_model)
-        sources = {"embed.weight": _Source(family.embed, vocab, True)}
-        if not cfg.tie_embeddings:
-            sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
-        sources["text_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
-        with torch.device("meta"):
-            block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
         assert cfg.num_text_layers == self.llm_config.num_hidden_layers
-        # Our block stacks; each block starts from the checkpoint layer `cfg.text_layer_of` says.
-        stacks = {
-            "text_in": cfg.num_text_in_blocks,
-            "core": cfg.num_core_blocks,
-            "text_head_blocks": cfg.num_text_head_blocks,
-        }
-        if cfg.image_blocks_init == "copy":
-            stacks["image_in"] = cfg.num_image_in_blocks
-            stacks["image_head_blocks"] = cfg.num_image_head_blocks
-        for stack, num_blocks in stacks.items():
-            for index in range(num_blocks):
-                prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
-                for name, shape in block_shapes.items():
-                    module, _, leaf = name.rpartition(".")
-                    tensor = f"{prefix}{family.layer_keys[module]}.{leaf}"
-                    sources[f"{stack}.{index}.{name}"] = _Source(tensor, shape, False)
-        if cfg.image_blocks_init == "copy":
-            sources["image_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
-        return sources
+        return plan_sources(self.family, cfg)
 
     def _check_tensors(self, cfg: ModelConfig) -> None:
         files, listed_in = self._tensor_files, self._tensors_listed_in

@@ -42,7 +42,6 @@ from models.diffusion import DiffusionHead
 from models.lm_head import LMHead
 from models.vision import (
     PackedImages,
-    PackedSiglipVisionModel,
     build_adaptor,
     build_vision_tower,
     image_target_dim,
@@ -114,6 +113,11 @@ class SplitVLM(nn.Module):
         self.run_every_branch = False
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scaled=cfg.scale_embeddings)
         self.vision = build_vision_tower(cfg.vision, vision_config)
+        if self.packs_images and (cfg.vision.feature_layer or self.vision.num_prefix_tokens):
+            raise ValueError(
+                f"model.vision: a {type(self.vision).__name__} on {cfg.vision.resize} images runs "
+                "packed, which gives the tower's output only (feature_layer: 0, no CLIP)"
+            )
         vision_dim = self.vision.config.hidden_size
         self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
@@ -239,10 +243,8 @@ class SplitVLM(nn.Module):
     @property
     def packs_images(self) -> bool:
         """Whether images go through the tower packed (`PackedImages`): always at native
-        resolution and for SigLIP2; square SigLIP keeps transformers' batched forward."""
-        return self.cfg.vision.resize == "native" or not isinstance(
-            self.vision, PackedSiglipVisionModel
-        )
+        resolution and for SigLIP2; square SigLIP and CLIP keep transformers' batched forward."""
+        return self.cfg.vision.resize == "native" or self.vision.packs_square_images
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, rows · cols, vision_dim) encoder features."""
@@ -254,7 +256,8 @@ class SplitVLM(nn.Module):
         each. No graph when the tower is frozen."""
         with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
             if not self.packs_images:
-                return [self.vision(pixel_values=batch).last_hidden_state for batch in batches]
+                layer = self.cfg.vision.feature_layer
+                return [self.vision.image_features(batch, layer) for batch in batches]
             images = [image for batch in batches for image in batch]
             packed = PackedImages.from_images(
                 images, self.cfg.vision.patch_size, packing_backend(images[0].device)
@@ -273,7 +276,8 @@ class SplitVLM(nn.Module):
         tower packs images.
         """
         cfg = self.cfg
-        images = split_images(normalize_pixels(pixel_values), grids, cfg.vision.patch_size)
+        normalized = normalize_pixels(pixel_values, cfg.vision.normalization)
+        images = split_images(normalized, grids, cfg.vision.patch_size)
         starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in grids])
         by_grid: dict[tuple[int, int], list[int]] = {}
         for index, grid in enumerate(grids):
@@ -390,7 +394,9 @@ class SplitVLM(nn.Module):
     def image_condition(self, batch, trunk: Trunk, image_tokens: torch.Tensor) -> torch.Tensor:
         """Normalized image-head hidden states that predict the given image tokens (indices into
         the image stream). Shift by one: token j is predicted at position j - 1 — the previous
-        image token, or the <image_start> token before the first span."""
+        image token, or the token before the first span (<image_start>, or without image markers
+        the text token before the image; the decoder never masks an image's first token when it
+        opens its document, so nothing is read from outside the document)."""
         read_at = batch.image_index[image_tokens] - 1
         hidden = run_blocks(self.image_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
         return self.image_norm(hidden[read_at])

@@ -1,13 +1,15 @@
-"""The understanding encoder (SigLIP or SigLIP2 from transformers), adaptors, and image-loss
+"""The understanding encoder (SigLIP, SigLIP2 or CLIP from transformers), adaptors, and image-loss
 targets.
 
-Both towers are transformers' own classes (their parameter names, checkpoints and init), with one
-more way to run: `tower(packed=PackedImages)` encodes every image of a micro-batch, each at its
+The towers are transformers' own classes (their parameter names, checkpoints and init). SigLIP
+and SigLIP2 have one more way to run: `tower(packed=PackedImages)` encodes every image of a micro-batch, each at its
 own grid of patches, as one flat sequence in which each image is its own bidirectional document
 of our `PackedLayout` — no padding to the largest image, no call per image:
 
     packed = PackedImages.from_images([image_3HW, ...], patch_size, backend)
     features_TD = tower(packed=packed)          # (sum of rows × cols, hidden)
+
+CLIP (LLaVA's encoder) runs square images batched only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
     Siglip2VisionConfig,
     Siglip2VisionModel,
     SiglipVisionConfig,
@@ -27,7 +31,13 @@ from transformers import (
 )
 
 from models.attention import PackedLayout, packed_attention
-from models.config import ADAPTOR_NAMES, ModelConfig, VisionConfig
+from models.config import (
+    ADAPTOR_NAMES,
+    PIXEL_NORMALIZATION_NAMES,
+    VISION_TOWER_NAMES,
+    ModelConfig,
+    VisionConfig,
+)
 from models.meta import building_on_meta
 from models.safetensors_dir import SafetensorsDir
 
@@ -88,7 +98,26 @@ def packing_backend(device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "sdpa"
 
 
-class PackedSiglipVisionModel(SiglipVisionModel):
+class BatchedFeatures:
+    """What every tower class shares: `image_features`, transformers' batched forward of equally
+    sized images with the feature selection of `model.vision.feature_layer`."""
+
+    # Square images go through transformers' batched forward (False) or packed (True).
+    packs_square_images = False
+    # Tokens before the patches in the tower's output (CLIP's CLS), dropped from the features.
+    num_prefix_tokens = 0
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        """(N, 3, H, W) → (N, rows · cols, hidden)."""
+        if feature_layer == 0:
+            features = self(pixel_values=pixel_values).last_hidden_state
+        else:
+            outputs = self(pixel_values=pixel_values, output_hidden_states=True)
+            features = outputs.hidden_states[feature_layer]
+        return features[:, self.num_prefix_tokens :]
+
+
+class PackedSiglipVisionModel(BatchedFeatures, SiglipVisionModel):
     """SigLIP: a convolutional patch embedding and a learned square grid of position
     embeddings, bicubically interpolated to each image's grid (transformers'
     `interpolate_pos_encoding`, whose result it equals image by image)."""
@@ -114,10 +143,12 @@ class PackedSiglipVisionModel(SiglipVisionModel):
         return resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
 
 
-class PackedSiglip2VisionModel(Siglip2VisionModel):
+class PackedSiglip2VisionModel(BatchedFeatures, Siglip2VisionModel):
     """SigLIP2 (NaFlex): a linear patch embedding over (p, p, 3) patches and its square grid of
     position embeddings resized bilinearly, with antialiasing, to each image's grid — what its
     own forward does for one image with `spatial_shapes`."""
+
+    packs_square_images = True
 
     def forward(self, pixel_values=None, packed: PackedImages | None = None, **kwargs):
         if packed is None:
@@ -142,13 +173,56 @@ class PackedSiglip2VisionModel(Siglip2VisionModel):
         return _packed_encoder(self, patch_TD + positions, packed)
 
 
+class CLIPTower(BatchedFeatures, CLIPVisionModel):
+    """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
+    embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
+    the features (LLaVA's `vision_feature_select_strategy: default`)."""
+
+    num_prefix_tokens = 1
+
+
 # model_type in a checkpoint's config.json → (config class, tower class)
 VISION_TOWERS = {
     "siglip_vision_model": (SiglipVisionConfig, PackedSiglipVisionModel),
     "siglip2_vision_model": (Siglip2VisionConfig, PackedSiglip2VisionModel),
+    "clip_vision_model": (CLIPVisionConfig, CLIPTower),
 }
 # Full two-tower checkpoints whose vision half we take.
-_TWO_TOWER_TYPES = {"siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+_TWO_TOWER_TYPES = {
+    "siglip": "siglip_vision_model",
+    "siglip2": "siglip2_vision_model",
+    "clip": "clip_vision_model",
+}
+
+
+def _random_siglip(cfg: VisionConfig):
+    config = SiglipVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 4,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        vision_use_head=False,
+    )
+    return config, PackedSiglipVisionModel
+
+
+def _random_clip(cfg: VisionConfig):
+    config = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 4,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    return config, CLIPTower
+
+
+# `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig
+RANDOM_TOWERS = {"siglip": _random_siglip, "clip": _random_clip}
+assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
 
 def tower_type(path: str | Path) -> str:
@@ -191,18 +265,7 @@ def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> nn.Modu
                 f"{cfg.pretrained} ({image_size}/{hf_config.patch_size})"
             )
     else:
-        hf_config, model_class = (
-            SiglipVisionConfig(
-                hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.hidden_size * 4,
-                num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads,
-                image_size=cfg.image_size,
-                patch_size=cfg.patch_size,
-                vision_use_head=False,
-            ),
-            PackedSiglipVisionModel,
-        )
+        hf_config, model_class = RANDOM_TOWERS[cfg.tower](cfg)
     tower = model_class(hf_config)
     if cfg.pretrained and not building_on_meta():  # on meta the engine fills the shards
         weights = pretrained_tower_weights(cfg.pretrained, tower)
@@ -249,12 +312,29 @@ def build_adaptor(name: str, vision_dim: int, d_model: int) -> nn.Module:
     return ADAPTORS[name](vision_dim, d_model)
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (as the loader ships them) → SigLIP's normalization, mean 0.5 and std 0.5 per
-    channel, in [-1, 1]. Floating-point input is taken as normalized already and passed through."""
+# `model.vision.normalization` → per-channel (mean, std) of pixels in [0, 1] (the image
+# processors' image_mean and image_std).
+PIXEL_NORMALIZATIONS = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+assert tuple(PIXEL_NORMALIZATIONS) == PIXEL_NORMALIZATION_NAMES, "update models.config as well"
+
+
+def normalize_pixels(pixels: torch.Tensor, normalization: str = "siglip") -> torch.Tensor:
+    """uint8 pixels (as the loader ships them) → the tower's normalization (SigLIP's: mean 0.5 and
+    std 0.5 per channel, in [-1, 1]). Floating-point input is taken as normalized already and
+    passed through."""
     if pixels.is_floating_point():
         return pixels
-    return pixels.float() / 127.5 - 1.0
+    if normalization == "siglip":  # kept as it was, bit for bit
+        return pixels.float() / 127.5 - 1.0
+    assert pixels.dim() == 4, "per-channel normalization of square images (N, 3, H, W)"
+    mean, std = (
+        torch.tensor(v, device=pixels.device).view(3, 1, 1)
+        for v in PIXEL_NORMALIZATIONS[normalization]
+    )
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def patchify(pixels_NCHW: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -8,16 +8,15 @@ The result loads with `models.split_vlm.SplitVLM.from_pretrained(DIR)`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import yaml
+from models.hf_designs import write_export
 from models.split_vlm import SplitVLM
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import load_config, save_config
@@ -38,16 +37,25 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     state = readers[cfg.engine.name](engine_dir, model)
     model.load_state_dict(state)  # strict: every weight present, nothing left over
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"source": str(step_dir)})
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg.model), sort_keys=False))
-    (out / "vision_config.json").write_text(json.dumps(model.vision.config.to_dict(), indent=1))
+    write_export(model, out, source=str(step_dir))
     save_config(cfg, out / "train_config.yaml")
     tokenizer = tokenizer_dir(cfg.data)
     if tokenizer.is_dir():
         shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
     return step_dir
+
+
+def export_to_hf(source: Path, out: Path) -> str:
+    """`splitvlm export --to-hf`: a splitvlm export, run or checkpoint → the transformers
+    checkpoint of its design (models/hf_designs.py); returns the transformers class."""
+    from models.hf_designs import export_hf
+
+    source = Path(source)
+    if (source / "vision_config.json").is_file():  # an export (or an import-hf) already
+        return export_hf(source, out)
+    with tempfile.TemporaryDirectory(prefix="splitvlm-export-") as scratch:
+        export_checkpoint(source, Path(scratch))
+        return export_hf(Path(scratch), out)
 
 
 def _read_local(engine_dir: Path, model) -> dict:

@@ -13,7 +13,8 @@ Text is rendered in two ways (`ChatRenderer`):
 Plain text is `<bos> text <eos>` with loss on every token. Each `<image>` placeholder becomes
 `<image_start> [span] [span] … <image_end>`: one image span per entry of
 `ModelConfig.image_spans()` (coarse-to-fine scales, each optionally followed by its unmasked dual
-copy), back to back, so the first token of a finer scale is predicted from the coarser one.
+copy), back to back, so the first token of a finer scale is predicted from the coarser one. With
+`model.image_markers: false` the spans stand between the text tokens on their own (LLaVA).
 """
 
 from __future__ import annotations
@@ -466,7 +467,10 @@ class SampleDecoder:
         try:
             grids = [self._grid(image) for image in opened]
             spans = [cfg.image_spans(grid) for grid in grids]
-            num_tokens = len(text.ids) + sum(cfg.num_image_tokens(grid) + 2 for grid in grids)
+            num_markers = 2 if cfg.image_markers else 0
+            num_tokens = len(text.ids) + sum(
+                cfg.num_image_tokens(grid) + num_markers for grid in grids
+            )
             if num_tokens > self.max_tokens:
                 raise DecodeError(
                     "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
@@ -486,8 +490,10 @@ class SampleDecoder:
             ids.extend(text.ids[cursor:position])
             targets.extend(text.targets[cursor:position])
             cursor = position
-            ids.append(self.image_start_id)
-            segments.append(("text", len(ids) - run_start))
+            if cfg.image_markers:
+                ids.append(self.image_start_id)
+            if len(ids) > run_start:  # without markers an image can open the document
+                segments.append(("text", len(ids) - run_start))
             for (rows, cols), _ in image_spans:
                 if self.row_break_id is None:
                     span = [self.pad_id] * rows * cols
@@ -496,17 +502,23 @@ class SampleDecoder:
                     span.pop()
                 ids.extend(span)
                 segments.append(("image", len(span)))
-            ids.append(self.image_end_id)
+            if cfg.image_markers:
+                ids.append(self.image_end_id)
             targets.extend([False] * (len(ids) - len(targets)))
-            run_start = len(ids) - 1  # <image_end> opens the next text segment
+            # <image_end>, when there is one, opens the next text segment
+            run_start = len(ids) - 1 if cfg.image_markers else len(ids)
         ids.extend(text.ids[cursor:])
         targets.extend(text.targets[cursor:])
-        segments.append(("text", len(ids) - run_start))
+        if len(ids) > run_start:
+            segments.append(("text", len(ids) - run_start))
         masks = [
             self._sample_mask(rows * cols, rng, is_copy or prompt_only)
             for image_spans in spans
             for (rows, cols), is_copy in image_spans
         ]
+        if masks and text.image_positions[0] == 0 and not cfg.image_markers:
+            # The first image token is predicted at the position before it, outside the document.
+            masks[0][0] = False
         # Built in numpy, made tensors once at the end: a handful of torch calls per sample
         # instead of a few per span (each costs microseconds; this runs for every sample).
         if cfg.vision.resize == "native":

@@ -1,0 +1,378 @@
+"""The classic VLM designs to and from their transformers classes (docs/designs.md).
+
+`HF_DESIGNS` maps a transformers `model_type` to the design that reads and writes it:
+
+    import_hf(DIR, OUT)         # a transformers checkpoint → a splitvlm export (SplitVLM.from_pretrained)
+    export_hf(model, OUT, ...)  # a SplitVLM of that design's shape → the transformers checkpoint
+
+Import reads the checkpoint tensor by tensor (the LLM through `models.pretrained.PretrainedLLM`,
+the vision tower and connector through `SafetensorsDir`); the parts of our model the design does
+not have (image head, mask embedding) keep their seeded init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import yaml
+from models.config import ModelConfig, VisionConfig
+from models.pretrained import SUPPORTED_LLMS, PretrainedLLM, plan_sources
+from models.safetensors_dir import SafetensorsDir
+from models.split_vlm import SplitVLM
+from models.vision import PIXEL_NORMALIZATIONS, CLIPTower, PackedSiglipVisionModel
+
+# Files of a transformers tokenizer that an import copies into OUT/tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# The original transformers config, kept in an import so that an export writes it back.
+HF_CONFIG_FILE = "hf_config.json"
+
+
+@dataclass(frozen=True)
+class HFDesign:
+    """One classic design: its transformers class and the two directions."""
+
+    transformers_class: str
+    # (checkpoint directory, seed of what the checkpoint lacks) → our model, weights loaded
+    import_checkpoint: Callable[[Path, int], SplitVLM]
+    # (model, out, the imported transformers config or None, the tokenizer's image token id)
+    export_checkpoint: Callable[[SplitVLM, Path, dict | None, int | None], None]
+    # None when a model has this design's shape, else the first reason it has not.
+    mismatch: Callable[[SplitVLM], str | None]
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_file}: cannot read it ({err})") from None
+
+
+def import_hf(path: str | Path, out: str | Path, seed: int = 0) -> str:
+    """Write the transformers checkpoint directory `path` as a splitvlm export to `out`;
+    returns the design's transformers class."""
+    path, out = Path(path), Path(out)
+    model_type = _read_config(path).get("model_type")
+    if model_type not in HF_DESIGNS:
+        raise ValueError(
+            f"{path / 'config.json'}: a {model_type!r} checkpoint; supported: "
+            + ", ".join(f"{name} ({d.transformers_class})" for name, d in HF_DESIGNS.items())
+        )
+    design = HF_DESIGNS[model_type]
+    model = design.import_checkpoint(path, seed)
+    write_export(model, out, source=str(path))
+    (out / HF_CONFIG_FILE).write_text((path / "config.json").read_text())
+    copied = [name for name in _TOKENIZER_FILES if (path / name).is_file()]
+    if copied:
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for name in copied:
+            shutil.copy2(path / name, out / "tokenizer" / name)
+    return design.transformers_class
+
+
+def write_export(model: SplitVLM, out: Path, source: str = "") -> None:
+    """The model's files of a splitvlm export (what `SplitVLM.from_pretrained` reads): weights,
+    config.yaml, vision_config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"source": source})
+    model_cfg = dataclasses.asdict(model.cfg)
+    (out / "config.yaml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
+    (out / "vision_config.json").write_text(json.dumps(model.vision.config.to_dict(), indent=1))
+
+
+def export_hf(path: str | Path, out: str | Path) -> str:
+    """A splitvlm export (`splitvlm export`, or `import-hf`) at `path` → the transformers
+    checkpoint of its design at `out`; returns the transformers class."""
+    path, out = Path(path), Path(out)
+    model = SplitVLM.from_pretrained(path)
+    reasons = {}
+    for name, design in HF_DESIGNS.items():
+        reasons[name] = design.mismatch(model)
+        if reasons[name] is None:
+            break
+    else:
+        raise ValueError(
+            f"{path}: not a model of a design with a transformers class ("
+            + "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+            + ")"
+        )
+    original = path / HF_CONFIG_FILE
+    base = json.loads(original.read_text()) if original.is_file() else None
+    image_id = None  # the id transformers finds image positions by
+    if (path / "tokenizer").is_dir():
+        from transformers import AutoTokenizer  # seconds; only when exporting
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        # LLaVA's processor writes <image>; our decoder writes the pad id there.
+        image_id = tokenizer.get_vocab().get("<image>", tokenizer.pad_token_id)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(path / "tokenizer", out, dirs_exist_ok=True)
+    design.export_checkpoint(model, out, base, image_id)
+    return design.transformers_class
+
+
+# -- LLaVA-1.5 -------------------------------------------------------------------------------
+
+# The vision towers a LLaVA checkpoint may have: model_type → (our tower name, the select strategy
+# whose tokens are the patch grid: CLIP's CLS is dropped, SigLIP has none).
+_LLAVA_TOWERS = {
+    "clip_vision_model": ("clip", "default"),
+    "siglip_vision_model": ("siglip", "full"),
+}
+
+
+def llava_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers LlavaConfig (the LLM's fields come from the checkpoint
+    later, `PretrainedLLM.apply_config`). ValueError for what our model cannot be exactly."""
+    vision = hf.vision_config
+    if vision.model_type not in _LLAVA_TOWERS:
+        raise ValueError(
+            f"a {vision.model_type!r} vision tower; supported: {', '.join(_LLAVA_TOWERS)}"
+        )
+    tower, strategy = _LLAVA_TOWERS[vision.model_type]
+    if hf.vision_feature_select_strategy != strategy:
+        raise ValueError(
+            f"vision_feature_select_strategy={hf.vision_feature_select_strategy!r}; with a "
+            f"{vision.model_type} only {strategy!r} (the patch grid, no CLS token) is supported"
+        )
+    layer = hf.vision_feature_layer
+    if not isinstance(layer, int) or layer == 0:
+        raise ValueError(f"vision_feature_layer={layer!r}; only one layer index (not 0)")
+    if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
+        raise ValueError("only a GELU projector with biases (projector_hidden_act: gelu)")
+    return ModelConfig(
+        num_text_in_blocks=0,
+        num_image_in_blocks=0,
+        num_text_head_blocks=0,
+        num_image_head_blocks=0,
+        image_attention="causal",
+        image_markers=False,
+        adaptor="mlp",
+        mask_rate_min=0.0,
+        mask_rate_max=0.0,
+        vision=VisionConfig(
+            tower=tower,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.hidden_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            feature_layer=layer,
+            normalization=tower,
+        ),
+    )
+
+
+def _llava_prefixes(files: dict) -> tuple[str, str]:
+    """(vision tower, projector) tensor prefixes: transformers' saved names, or its nested ones."""
+    if any(name.startswith("model.vision_tower.") for name in files):
+        return "model.vision_tower.", "model.multi_modal_projector."
+    return "vision_tower.", "multi_modal_projector."
+
+
+def _import_llava(path: Path, seed: int) -> SplitVLM:
+    llm = PretrainedLLM(path)
+    try:
+        cfg = llava_model_config(llm.hf_config)
+    except ValueError as err:
+        raise ValueError(f"{path / 'config.json'} (llava): {err}") from None
+    cfg.pretrained_llm = str(path)
+    llm.apply_config(cfg)
+    normalization = _image_normalization(path)
+    if normalization is not None:
+        cfg.vision.normalization = normalization
+    cfg.pretrained_llm = ""  # the export holds the weights
+    model = SplitVLM(cfg, vision_config=llm.hf_config.vision_config.to_dict())
+    model.reset_parameters(seed)  # what the checkpoint lacks (image head, mask embedding)
+    llm.load_into(model)
+    checkpoint = SafetensorsDir(path, what="our model")
+    vision_prefix, projector_prefix = _llava_prefixes(checkpoint.tensor_files)
+    sources = {
+        f"vision.{name}": vision_prefix + name for name, _ in model.vision.named_parameters()
+    }
+    for ours, theirs in (("adaptor.0", "linear_1"), ("adaptor.2", "linear_2")):
+        for leaf in ("weight", "bias"):
+            sources[f"{ours}.{leaf}"] = f"{projector_prefix}{theirs}.{leaf}"
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours, theirs in sources.items():
+            parameters[ours].copy_(checkpoint.read(theirs, tuple(parameters[ours].shape)))
+    unread = [
+        name
+        for name in checkpoint.tensor_files
+        if name.startswith((vision_prefix, projector_prefix)) and name not in sources.values()
+    ]
+    if unread:
+        raise ValueError(
+            f"{checkpoint.listed_in}: tensor {unread[0]!r} (and {len(unread) - 1} more) has no "
+            "place in our LLaVA model; refusing to import without it"
+        )
+    return model
+
+
+def _image_normalization(path: Path) -> str | None:
+    """Our normalization name for the checkpoint's image processor, None without one."""
+    processor = path / "preprocessor_config.json"
+    if not processor.is_file():
+        return None
+    config = json.loads(processor.read_text())
+    pair = (tuple(config.get("image_mean", ())), tuple(config.get("image_std", ())))
+    for name, (mean, std) in PIXEL_NORMALIZATIONS.items():
+        close = all(
+            len(a) == 3 and all(abs(x - y) < 1e-4 for x, y in zip(a, b, strict=True))
+            for a, b in zip(pair, (mean, std), strict=True)
+        )
+        if close:
+            return name
+    raise ValueError(
+        f"{processor}: image_mean/image_std {list(pair[0])}/{list(pair[1])} are neither of "
+        f"our normalizations ({', '.join(PIXEL_NORMALIZATIONS)})"
+    )
+
+
+def _llava_mismatch(model: SplitVLM) -> str | None:
+    cfg = model.cfg
+    wanted = {
+        "num_text_in_blocks": 0,
+        "num_image_in_blocks": 0,
+        "num_text_head_blocks": 0,
+        "num_image_head_blocks": 0,
+        "image_attention": "causal",
+        "image_markers": False,
+        "image_row_break": False,
+        "image_positions": "sequential",
+        "image_scales": [],
+        "dual_input": False,
+        "adaptor": "mlp",
+        "norm_style": "default",
+        "post_norms": False,
+        "scale_embeddings": False,
+        "mlp_activation": "silu",
+        "attention_scale": 0.0,
+        "qk_norm": False,
+        "attention_bias": False,
+        "layer_types": [],
+    }
+    for key, value in wanted.items():
+        if getattr(cfg, key) != value:
+            return f"model.{key}={getattr(cfg, key)!r}, LLaVA has {value!r}"
+    if (
+        type(model.vision) not in (CLIPTower, PackedSiglipVisionModel)
+        or cfg.vision.resize != "square"
+    ):
+        return "LLaVA's vision tower is a CLIP or SigLIP one on square images"
+    if cfg.vision.feature_layer == 0:
+        return "model.vision.feature_layer=0 (last_hidden_state); LLaVA reads a hidden state"
+    return None
+
+
+def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import LlamaConfig, LlavaConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    rope_scaling = None
+    if cfg.rope_llama3_factor:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_llama3_factor,
+            "low_freq_factor": cfg.rope_llama3_low_freq_factor,
+            "high_freq_factor": cfg.rope_llama3_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_llama3_original_max_positions,
+        }
+    elif cfg.rope_linear_factor:
+        rope_scaling = {"rope_type": "linear", "factor": cfg.rope_linear_factor}
+    text = {
+        **((base or {}).get("text_config") or {}),
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
+        "num_hidden_layers": cfg.num_core_blocks,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    }
+    image_token = (base or {}).get("image_token_index", image_id)
+    if image_token is None:
+        raise ValueError(
+            "no image token id: the export has neither the original LLaVA config "
+            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
+        )
+    rows, cols = cfg.square_grid
+    hf = LlavaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}),
+        image_token_index=image_token,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if model.vision.num_prefix_tokens else "full",
+        vision_feature_layer=cfg.vision.feature_layer,
+        image_seq_length=rows * cols,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    state = model.state_dict()
+    # transformers' saved names (what save_pretrained writes and every version loads).
+    family = SUPPORTED_LLMS["llava"]
+    tensors = {source.tensor: state[name] for name, source in plan_sources(family, cfg).items()}
+    for name, value in state.items():
+        if name.startswith("vision."):
+            tensors["vision_tower." + name.removeprefix("vision.")] = value
+    for ours, theirs in (("adaptor.0", "linear_1"), ("adaptor.2", "linear_2")):
+        for leaf in ("weight", "bias"):
+            tensors[f"multi_modal_projector.{theirs}.{leaf}"] = state[f"{ours}.{leaf}"]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf.architectures = ["LlavaForConditionalGeneration"]
+    (out / "config.json").write_text(hf.to_json_string())
+    if cfg.vision.normalization in PIXEL_NORMALIZATIONS:
+        mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+        size = cfg.vision.image_size
+        processor = {
+            "image_processor_type": "CLIPImageProcessor",
+            "image_mean": list(mean),
+            "image_std": list(std),
+            "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size},
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
+HF_DESIGNS = {
+    "llava": HFDesign(
+        transformers_class="LlavaForConditionalGeneration",
+        import_checkpoint=_import_llava,
+        export_checkpoint=_llava_export,
+        mismatch=_llava_mismatch,
+    ),
+}
