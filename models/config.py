@@ -27,6 +27,7 @@ NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native")
+IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
 VISION_TOWER_NAMES = ("siglip", "clip")
@@ -138,7 +139,7 @@ class VisionConfig:
 
 @dataclass
 class ModelConfig:
-    # A transformers causal-LM checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 3: a local
+    # A transformers causal-LM checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3: a local
     # directory or a model id). When set, width, heads, vocabulary, norms and RoPE come from it,
     # and its layers become the text-in, core and text-head blocks in order (num_core_blocks is
     # derived).
@@ -192,7 +193,11 @@ class ModelConfig:
     num_core_blocks: int = 2
     num_text_head_blocks: int = 1
     num_image_head_blocks: int = 1
-    image_attention: str = "bidirectional"  # or "causal" (LLaVA-style)
+    # "bidirectional": each image span one bidirectional block; "causal": none (LLaVA);
+    # "prefix": prefix-LM (PaliGemma), every token of a document before its first loss target
+    # (its images and the user turn before the first answer) one bidirectional block, the rest
+    # causal (trainer/data/packing.py `attention_segments`).
+    image_attention: str = "bidirectional"
     # A <image_row_break> token after every row of an image span but the last (Pixtral's
     # [IMG_BREAK]): a text token inside the span's block, so the LLM sees where rows end.
     image_row_break: bool = False
@@ -353,9 +358,10 @@ class ModelConfig:
             )
         if self.adaptor not in ADAPTOR_NAMES:
             raise ValueError(f"model.adaptor={self.adaptor!r}; valid: {', '.join(ADAPTOR_NAMES)}")
-        if self.image_attention not in ("bidirectional", "causal"):
+        if self.image_attention not in IMAGE_ATTENTIONS:
             raise ValueError(
-                f"model.image_attention={self.image_attention!r}; valid: bidirectional, causal"
+                f"model.image_attention={self.image_attention!r}; "
+                f"valid: {', '.join(IMAGE_ATTENTIONS)}"
             )
         if self.image_positions not in ("sequential", "shared", "2d"):
             raise ValueError(

@@ -93,6 +93,8 @@ def write_export(model: SplitVLM, out: Path, source: str = "") -> None:
     config.yaml, vision_config.json."""
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:  # one tensor under two names; safetensors stores it once
+        del weights["lm_head.weight"]
     save_file(weights, str(out / "model.safetensors"), metadata={"source": source})
     model_cfg = dataclasses.asdict(model.cfg)
     (out / "config.yaml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
@@ -182,7 +184,7 @@ def llava_model_config(hf) -> ModelConfig:
     )
 
 
-def _llava_prefixes(files: dict) -> tuple[str, str]:
+def _llava_prefixes(files: dict) -> tuple[str, str]:  # PaliGemma's too
     """(vision tower, projector) tensor prefixes: transformers' saved names, or its nested ones."""
     if any(name.startswith("model.vision_tower.") for name in files):
         return "model.vision_tower.", "model.multi_modal_projector."
@@ -190,11 +192,22 @@ def _llava_prefixes(files: dict) -> tuple[str, str]:
 
 
 def _import_llava(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path, seed, "llava", llava_model_config, {"adaptor.0": "linear_1", "adaptor.2": "linear_2"}
+    )
+
+
+def _import_vlm(
+    path: Path, seed: int, design: str, model_config, projector: dict[str, str]
+) -> SplitVLM:
+    """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
+    `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
+    `projector` maps our adaptor's linear layers to the projector's."""
     llm = PretrainedLLM(path)
     try:
-        cfg = llava_model_config(llm.hf_config)
+        cfg = model_config(llm.hf_config)
     except ValueError as err:
-        raise ValueError(f"{path / 'config.json'} (llava): {err}") from None
+        raise ValueError(f"{path / 'config.json'} ({design}): {err}") from None
     cfg.pretrained_llm = str(path)
     llm.apply_config(cfg)
     normalization = _image_normalization(path)
@@ -209,7 +222,7 @@ def _import_llava(path: Path, seed: int) -> SplitVLM:
     sources = {
         f"vision.{name}": vision_prefix + name for name, _ in model.vision.named_parameters()
     }
-    for ours, theirs in (("adaptor.0", "linear_1"), ("adaptor.2", "linear_2")):
+    for ours, theirs in projector.items():
         for leaf in ("weight", "bias"):
             sources[f"{ours}.{leaf}"] = f"{projector_prefix}{theirs}.{leaf}"
     parameters = dict(model.named_parameters())
@@ -224,7 +237,7 @@ def _import_llava(path: Path, seed: int) -> SplitVLM:
     if unread:
         raise ValueError(
             f"{checkpoint.listed_in}: tensor {unread[0]!r} (and {len(unread) - 1} more) has no "
-            "place in our LLaVA model; refusing to import without it"
+            f"place in our {design} model; refusing to import without it"
         )
     return model
 
@@ -285,21 +298,26 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
     return None
 
 
-def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
-    from transformers import LlamaConfig, LlavaConfig  # seconds; only when exporting
-
-    cfg = model.cfg
-    rope_scaling = None
+def _rope_scaling(cfg: ModelConfig) -> dict | None:
+    """transformers' `rope_scaling` of our RoPE settings."""
     if cfg.rope_llama3_factor:
-        rope_scaling = {
+        return {
             "rope_type": "llama3",
             "factor": cfg.rope_llama3_factor,
             "low_freq_factor": cfg.rope_llama3_low_freq_factor,
             "high_freq_factor": cfg.rope_llama3_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_llama3_original_max_positions,
         }
-    elif cfg.rope_linear_factor:
-        rope_scaling = {"rope_type": "linear", "factor": cfg.rope_linear_factor}
+    if cfg.rope_linear_factor:
+        return {"rope_type": "linear", "factor": cfg.rope_linear_factor}
+    return None
+
+
+def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import LlamaConfig, LlavaConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    rope_scaling = _rope_scaling(cfg)
     text = {
         **((base or {}).get("text_config") or {}),
         "model_type": "llama",
@@ -368,11 +386,161 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
         (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
 
+# -- PaliGemma --------------------------------------------------------------------------------
+
+
+def paligemma_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers PaliGemmaConfig (its Gemma's fields come from the
+    checkpoint later). PaliGemma divides the projected image features by sqrt(width) before
+    GemmaModel multiplies the whole input sequence by it; our Gemma scales the token
+    embeddings only, so the image tokens are the projector's output as they are."""
+    vision = hf.vision_config
+    if vision.model_type != "siglip_vision_model":
+        raise ValueError(f"a {vision.model_type!r} vision tower; supported: siglip_vision_model")
+    if hf.projection_dim != hf.text_config.hidden_size:
+        raise ValueError(
+            f"projection_dim={hf.projection_dim} differs from the language model's width "
+            f"{hf.text_config.hidden_size}"
+        )
+    return ModelConfig(
+        num_text_in_blocks=0,
+        num_image_in_blocks=0,
+        num_text_head_blocks=0,
+        num_image_head_blocks=0,
+        image_attention="prefix",
+        image_markers=False,
+        adaptor="linear",
+        mask_rate_min=0.0,
+        mask_rate_max=0.0,
+        vision=VisionConfig(
+            tower="siglip",
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.hidden_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            feature_layer=0,
+            normalization="siglip",
+        ),
+    )
+
+
+def _import_paligemma(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(path, seed, "paligemma", paligemma_model_config, {"adaptor": "linear"})
+
+
+# What a model needs to be a PaliGemma: one decoder, prefix-LM, a linear projector, Gemma (1).
+_PALIGEMMA_SHAPE = {
+    "num_text_in_blocks": 0,
+    "num_image_in_blocks": 0,
+    "num_text_head_blocks": 0,
+    "num_image_head_blocks": 0,
+    "image_attention": "prefix",
+    "image_markers": False,
+    "image_row_break": False,
+    "image_positions": "sequential",
+    "image_scales": [],
+    "dual_input": False,
+    "adaptor": "linear",
+    "norm_style": "gemma",
+    "post_norms": False,
+    "scale_embeddings": True,
+    "mlp_activation": "gelu_tanh",
+    "attention_scale": 0.0,
+    "qk_norm": False,
+    "attention_bias": False,
+    "layer_types": [],
+}
+
+
+def _paligemma_mismatch(model: SplitVLM) -> str | None:
+    cfg = model.cfg
+    for key, value in _PALIGEMMA_SHAPE.items():
+        if getattr(cfg, key) != value:
+            return f"model.{key}={getattr(cfg, key)!r}, PaliGemma has {value!r}"
+    if type(model.vision) is not PackedSiglipVisionModel or cfg.vision.resize != "square":
+        return "PaliGemma's vision tower is a SigLIP one on square images"
+    if cfg.vision.feature_layer != 0:
+        return "PaliGemma reads the tower's last_hidden_state (model.vision.feature_layer: 0)"
+    return None
+
+
+def _paligemma_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import GemmaConfig, PaliGemmaConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    text = {
+        **((base or {}).get("text_config") or {}),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
+        "num_hidden_layers": cfg.num_core_blocks,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": _rope_scaling(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+    text.pop("model_type", None)
+    image_token = (base or {}).get("image_token_index", image_id)
+    if image_token is None:
+        raise ValueError(
+            "no image token id: the export has neither the original PaliGemma config "
+            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
+        )
+    hf = PaliGemmaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=GemmaConfig(**text).to_dict(),
+        image_token_index=image_token,
+        vocab_size=cfg.vocab_size,
+        projection_dim=cfg.d_model,
+        hidden_size=cfg.d_model,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    state = model.state_dict()
+    family = SUPPORTED_LLMS["paligemma"]  # transformers' saved names
+    tensors = {source.tensor: state[name] for name, source in plan_sources(family, cfg).items()}
+    for name, value in state.items():
+        if name.startswith("vision."):
+            tensors["vision_tower." + name.removeprefix("vision.")] = value
+    for leaf in ("weight", "bias"):
+        tensors[f"multi_modal_projector.linear.{leaf}"] = state[f"adaptor.{leaf}"]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf.architectures = ["PaliGemmaForConditionalGeneration"]
+    (out / "config.json").write_text(hf.to_json_string())
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    size = cfg.vision.image_size
+    processor = {
+        "image_processor_type": "SiglipImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "size": {"height": size, "width": size},
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "image_seq_length": cfg.square_grid[0] * cfg.square_grid[1],
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
         import_checkpoint=_import_llava,
         export_checkpoint=_llava_export,
         mismatch=_llava_mismatch,
+    ),
+    "paligemma": HFDesign(
+        transformers_class="PaliGemmaForConditionalGeneration",
+        import_checkpoint=_import_paligemma,
+        export_checkpoint=_paligemma_export,
+        mismatch=_paligemma_mismatch,
     ),
 }

@@ -182,6 +182,17 @@ def _gemma3_text(hf, cfg: ModelConfig) -> None:
         cfg.sliding_rope_theta = float(hf.rope_local_base_freq)
 
 
+def _gemma(hf, cfg: ModelConfig) -> None:
+    """Gemma (1): Gemma 3's block without its post norms, q/k norms and sliding layers: (1 + w)
+    norms, embeddings × sqrt(width), a GELU gated MLP, softmax scale 1 / sqrt(head width)."""
+    # transformers' GemmaMLP runs hidden_act (hidden_activation is read by no layer).
+    if hf.hidden_act != "gelu_pytorch_tanh":
+        raise ValueError(f"hidden_act={hf.hidden_act!r}; only gelu_pytorch_tanh is supported")
+    _refuse_output_bias(hf)
+    _decoder(hf, cfg, qkv_bias=False, qk_norm=False)
+    cfg.norm_style, cfg.scale_embeddings, cfg.mlp_activation = "gemma", True, "gelu_tanh"
+
+
 def _text_model(hf, cfg: ModelConfig) -> None:
     """The language model of a vision-language checkpoint (LLaVA): its own family's translation,
     for the families with Llama's layer layout."""
@@ -193,6 +204,13 @@ def _text_model(hf, cfg: ModelConfig) -> None:
 
 
 _LLAMA_LAYOUT_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _paligemma_text(hf, cfg: ModelConfig) -> None:
+    """PaliGemma's language model: Gemma (1) only (PaliGemma 2's Gemma 2 softcaps its logits)."""
+    if hf.model_type != "gemma":
+        raise ValueError(f"a {hf.model_type!r} language model; supported: gemma")
+    _gemma(hf, cfg)
 
 
 def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -> LLMFamily:
@@ -220,17 +238,21 @@ SUPPORTED_LLMS = {
     "mistral": LLMFamily(_mistral),
     "qwen2": LLMFamily(_qwen2),
     "qwen3": LLMFamily(_qwen3),
+    "gemma": LLMFamily(_gemma),
     "gemma3_text": LLMFamily(_gemma3_text, layer_keys=dict(_GEMMA3_LAYER_KEYS)),
     # Gemma3ForConditionalGeneration (Gemma 3 4B and up): its language model only. transformers
     # saves it, as the published checkpoints are, under language_model.*.
     "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "legacy"),
     # LlavaForConditionalGeneration: its language model (the whole model: models/hf_designs.py).
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
+    # PaliGemmaForConditionalGeneration: its language model (the whole model: hf_designs).
+    "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "legacy"),
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
     "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "nested"),
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
+    "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "nested"),
 }
 
 

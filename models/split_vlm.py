@@ -226,7 +226,10 @@ class SplitVLM(nn.Module):
         cfg.vision.pretrained = ""  # the exported weights replace the original encoder's
         cfg.pretrained_llm = ""
         model = cls(cfg, vision_config)
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+        state = load_file(str(path / "model.safetensors"), device=device)
+        if cfg.tie_embeddings:  # written once (models/hf_designs.py `write_export`)
+            state.setdefault("lm_head.weight", state["embed.weight"])
+        model.load_state_dict(state)
         return model.to(device)
 
     @classmethod

@@ -82,7 +82,8 @@ def model_device(model: SplitVLM) -> torch.device:
 
 
 def extend(doc: Document, token_ids: list[int]) -> Document:
-    """`doc` with `token_ids` appended as text."""
+    """`doc` with `token_ids` appended as text, as loss targets: generated tokens are the
+    answer, which prefix-LM attention (`model.image_attention: prefix`) keeps causal."""
     new = torch.tensor(token_ids, dtype=torch.long)
     segments = list(doc.segments)
     kind, length = segments[-1]
@@ -93,7 +94,7 @@ def extend(doc: Document, token_ids: list[int]) -> Document:
     return Document(
         sample_id=doc.sample_id,
         input_ids=torch.cat([doc.input_ids, new]),
-        target_mask=torch.cat([doc.target_mask, torch.zeros(len(token_ids), dtype=torch.bool)]),
+        target_mask=torch.cat([doc.target_mask, torch.ones(len(token_ids), dtype=torch.bool)]),
         segments=segments,
         pixel_values=doc.pixel_values,
         image_mask=doc.image_mask,

@@ -24,7 +24,8 @@ from helpers import REPO, run_cli
 from cluster.local_cluster import LocalCluster
 from trainer.data.demo import write_demo
 
-STEPS, GLOBAL_BATCH, EVERY = 120, 16, 2
+# Long enough that the elastic test sees the lost node return before the run ends.
+STEPS, GLOBAL_BATCH, EVERY = 240, 16, 2
 # How soon the head declares a lost node dead (Ray's defaults take about a minute).
 FAST_NODE_DEATH = {
     "RAY_health_check_initial_delay_ms": "1000",
@@ -97,7 +98,7 @@ def reference(ray_head, remote, tmp_path_factory):
     return run_dir
 
 
-def assert_same_training(run_dir: Path, reference: Path) -> None:
+def assert_same_training(run_dir: Path, reference: Path, rel_tol: float = 1e-5) -> None:
     """Every step consumed the reference's samples (replays included) and got its losses."""
     want = {r["step"]: sorted(r["sample_ids"]) for r in read_jsonl(reference / "samples.jsonl")}
     consumed = read_jsonl(run_dir / "samples.jsonl")
@@ -108,7 +109,7 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for g, w in zip(got, expected, strict=True):
         for key in ("text_loss", "image_loss"):
-            assert math.isclose(g[key], w[key], rel_tol=1e-5), (g["step"], key, g[key], w[key])
+            assert math.isclose(g[key], w[key], rel_tol=rel_tol), (g["step"], key, g[key], w[key])
 
 
 def shard_files_read(remote: Path, sample_ids: list[str]) -> set[str]:
@@ -231,7 +232,9 @@ def test_a_lost_node_shrinks_the_run_to_one_worker_and_its_return_grows_it_back(
     )
     sizes = [start["world_size"] for start in read_jsonl(run_dir / "workers.jsonl")]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
-    assert_same_training(run_dir, reference)
+    # The 1-worker steps sum the gradients in another order than 2 workers do (equal within 1e-5
+    # per step); over the next hundred steps that rounding grows to a few 1e-5.
+    assert_same_training(run_dir, reference, rel_tol=1e-4)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

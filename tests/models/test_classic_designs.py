@@ -372,7 +372,9 @@ def test_a_run_starts_from_an_imported_llava(imported, tiny_overrides, tokenizer
     assert not any(p.requires_grad for p in model.vision.parameters())  # stage 2: frozen tower
 
 
-def _engine_worker(rank: int, world_size: int, init_file: str, runs: list, out: str) -> None:
+def _engine_worker(
+    rank: int, world_size: int, init_file: str, runs: list, out: str, preset: str
+) -> None:
     import torch.distributed as dist
 
     from trainer.distributed import WorldInfo, world_info
@@ -385,15 +387,17 @@ def _engine_worker(rank: int, world_size: int, init_file: str, runs: list, out: 
     )
     try:
         for args in runs:
-            TrainLoop(load_config(REPO / "yaml/llava.yaml", args), world_info()).run()
+            TrainLoop(load_config(REPO / preset, args), world_info()).run()
         if rank == 0:
             Path(out).write_text("done")
     finally:
         dist.destroy_process_group()
 
 
-def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path):
-    """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses."""
+@pytest.mark.parametrize("preset", ["yaml/llava.yaml", "yaml/paligemma.yaml"])
+def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
+    """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses
+    (PaliGemma too: tied embeddings, prefix-LM layouts, a trained tower)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo
@@ -413,12 +417,12 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path):
             *extra,
         ]
 
-    TrainLoop(load_config(REPO / "yaml/llava.yaml", args("local")), WorldInfo()).run()
+    TrainLoop(load_config(REPO / preset, args("local")), WorldInfo()).run()
     gc.collect()  # release the streaming datasets' shared memory before the ranks open theirs
     sharded = [args("fsdp", "engine.name=fsdp"), args("ds", "engine.name=deepspeed")]
     context = mp.start_processes(
         _engine_worker,
-        args=(2, str(tmp_path / "pg"), sharded, str(tmp_path / "done")),
+        args=(2, str(tmp_path / "pg"), sharded, str(tmp_path / "done"), preset),
         nprocs=2,
         join=True,
         start_method="spawn",

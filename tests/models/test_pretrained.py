@@ -1,4 +1,4 @@
-"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3, Gemma 3) tensor by
+"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3, Gemma, Gemma 3) tensor by
 tensor from their safetensors, through the path users use."""
 
 import dataclasses
@@ -10,8 +10,10 @@ from safetensors import safe_open as real_safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -88,6 +90,8 @@ HF_CONFIGS = {
     "qwen3_window": Qwen3Config(
         **TINY, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=2
     ),
+    # Gemma (1): (1 + w) norms, scaled embeddings, GELU, tied embeddings, its own head width.
+    "gemma": GemmaConfig(**TINY, head_dim=16, rope_theta=2000.0),
     "gemma3_text": Gemma3TextConfig(**GEMMA3_TEXT),
     "gemma3": Gemma3Config(
         text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION.to_dict(), mm_tokens_per_image=4
@@ -351,6 +355,8 @@ def error_of(path) -> str:
             Gemma3TextConfig(**TWO_LAYERS, head_dim=8, hidden_activation="gelu"),
             "hidden_activation='gelu'; only gelu_pytorch_tanh is supported",
         ),
+        (GemmaConfig(**TWO_LAYERS, hidden_act="gelu"), "hidden_act='gelu'; only gelu_pytorch"),
+        (Gemma2Config(**TWO_LAYERS), "a 'gemma2' model; supported:"),
         (
             LlamaConfig(**TWO_LAYERS, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
             "RoPE scaling 'dynamic' is not supported (supported: linear, llama3)",
@@ -358,7 +364,16 @@ def error_of(path) -> str:
         (LlamaConfig(**TWO_LAYERS, attention_bias=True), "attention_bias (q/k/v and output"),
         (LlamaConfig(**TWO_LAYERS, hidden_act="gelu"), "hidden_act='gelu'; only SwiGLU"),
     ],
-    ids=["gpt2", "gemma3-softcap", "gemma3-gelu", "rope-dynamic", "bias", "gelu"],
+    ids=[
+        "gpt2",
+        "gemma3-softcap",
+        "gemma3-gelu",
+        "gemma-gelu",
+        "gemma2-softcap",
+        "rope-dynamic",
+        "bias",
+        "gelu",
+    ],
 )
 def test_unsupported_architectures_are_refused_by_name(tmp_path, hf_config, expected):
     hf_config.save_pretrained(tmp_path)

@@ -102,6 +102,24 @@ def test_causal_image_attention_turns_image_spans_into_text():
     assert causal.layout.vis_end[image_token] == image_token  # sees only itself and before
 
 
+def test_prefix_attention_makes_everything_before_the_first_target_one_block():
+    """PaliGemma's prefix-LM: [image, <bos> prompt \n] bidirectional, the answer causal, the
+    prefix text still text tokens; a later image is causal; no targets: all of it is prefix."""
+    doc = make_doc("a", [("image", 4), ("text", 4), ("text", 3), ("image", 2), ("text", 1)])
+    doc.target_mask[:] = False
+    doc.target_mask[8:] = True  # the answer starts at token 8
+    plain = make_doc("b", [("text", 2), ("image", 2)])
+    plain.target_mask[:] = False
+    batch = collate([doc, plain], image_attention="prefix")
+    vis_end = batch.layout.vis_end.tolist()
+    assert vis_end[:8] == [7] * 8  # image and prompt see the whole prefix
+    assert vis_end[8:14] == list(range(8, 14))  # the answer and the later image: causal
+    assert vis_end[14:] == [17] * 4
+    assert batch.image_index.tolist() == [0, 1, 2, 3, 11, 12, 16, 17]
+    assert batch.text_index.tolist()[:7] == [4, 5, 6, 7, 8, 9, 10]
+    assert batch.image_layout.vis_end.tolist() == [3, 3, 3, 3, 4, 5, 7, 7]
+
+
 def test_pack_step_splits_to_the_agreed_count():
     docs = random_docs(random.Random(0), 12)
     packed = pack_step(docs, max_tokens=4096, agree_num_micro_batches=lambda m: max(m, 5))

@@ -164,7 +164,6 @@ def collate(
 ) -> PackedBatch:
     if len({doc.pixel_values.dtype for doc in docs}) > 1:
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
-    image_kind = "image" if image_attention == "bidirectional" else "text"
     merged_docs, text_docs, image_docs = [], [], []
     # (start in packed coordinates, grid, row breaks) of every image span
     image_spans: list[tuple[int, tuple[int, int], bool]] = []
@@ -172,10 +171,14 @@ def collate(
     offset = 0
     for doc in docs:
         assert sum(n for _, n in doc.segments) == doc.num_tokens
-        merged_docs.append([(image_kind if k == "image" else "text", n) for k, n in doc.segments])
-        num_text = 0
+        merged_docs.append(attention_segments(doc, image_attention))
+        prefix_end = _prefix_length(doc) if image_attention == "prefix" else 0
+        num_text, start = 0, 0
         span_grids = iter(doc.span_grids)
         for kind, length in doc.segments:
+            bidirectional = image_attention == "bidirectional" or start < prefix_end
+            image_kind = "image" if bidirectional else "text"
+            start += length
             if kind == "image":
                 rows, cols = next(span_grids)
                 image_spans.append((offset, (rows, cols), doc.row_breaks))
@@ -220,6 +223,28 @@ def collate(
         image_span_full=torch.cat([d.image_span_full for d in docs]),
         sample_ids=[d.sample_id for d in docs],
     )
+
+
+def _prefix_length(doc: Document) -> int:
+    """The document's prefix under prefix-LM attention: every token before its first loss
+    target (the images and the user turn before the first answer; all of it without targets)."""
+    targets = doc.target_mask.nonzero()
+    return int(targets[0]) if len(targets) else doc.num_tokens
+
+
+def attention_segments(doc: Document, image_attention: str) -> list[tuple[str, int]]:
+    """The document's `PackedLayout` segments: "bidirectional" makes every image span an
+    "image" (bidirectional) block, "causal" none; "prefix" (PaliGemma's prefix-LM) makes the
+    prefix (`_prefix_length`: images and text tokens alike, which stay text tokens of the text
+    stream) one bidirectional block and everything after it causal, later images too."""
+    if image_attention != "prefix":
+        image_kind = "image" if image_attention == "bidirectional" else "text"
+        return [(image_kind if kind == "image" else "text", n) for kind, n in doc.segments]
+    prefix = _prefix_length(doc)
+    segments = [("image", prefix)] if prefix else []
+    if prefix < doc.num_tokens:
+        segments.append(("text", doc.num_tokens - prefix))
+    return segments
 
 
 def rope_positions(

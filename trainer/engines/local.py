@@ -51,4 +51,13 @@ class LocalEngine(Engine):
             self.optimizer.load_state_dict(optimizer_state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state, storages = {}, set()
+        for name, value in self.model.state_dict().items():
+            value = value.detach().cpu().contiguous()
+            # Tied embeddings are one tensor under two names, which safetensors refuses to
+            # save as views of one storage: the second name gets a copy (nothing else does).
+            if value.untyped_storage().data_ptr() in storages:
+                value = value.clone()
+            storages.add(value.untyped_storage().data_ptr())
+            state[name] = value
+        return state
