@@ -161,14 +161,22 @@ def llava_model_config(hf) -> ModelConfig:
         raise ValueError(f"vision_feature_layer={layer!r}; only one layer index (not 0)")
     if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
         raise ValueError("only a GELU projector with biases (projector_hidden_act: gelu)")
+    return decoder_vlm_config("causal", "mlp", vision, tower, feature_layer=layer)
+
+
+def decoder_vlm_config(
+    image_attention: str, adaptor: str, vision, tower: str, feature_layer: int
+) -> ModelConfig:
+    """A classic design's shape in our config: one decoder (every per-modality depth 0), no
+    image markers, no masked image loss, and the transformers vision config's tower."""
     return ModelConfig(
         num_text_in_blocks=0,
         num_image_in_blocks=0,
         num_text_head_blocks=0,
         num_image_head_blocks=0,
-        image_attention="causal",
+        image_attention=image_attention,
         image_markers=False,
-        adaptor="mlp",
+        adaptor=adaptor,
         mask_rate_min=0.0,
         mask_rate_max=0.0,
         vision=VisionConfig(
@@ -178,7 +186,7 @@ def llava_model_config(hf) -> ModelConfig:
             hidden_size=vision.hidden_size,
             num_layers=vision.num_hidden_layers,
             num_heads=vision.num_attention_heads,
-            feature_layer=layer,
+            feature_layer=feature_layer,
             normalization=tower,
         ),
     )
@@ -402,27 +410,7 @@ def paligemma_model_config(hf) -> ModelConfig:
             f"projection_dim={hf.projection_dim} differs from the language model's width "
             f"{hf.text_config.hidden_size}"
         )
-    return ModelConfig(
-        num_text_in_blocks=0,
-        num_image_in_blocks=0,
-        num_text_head_blocks=0,
-        num_image_head_blocks=0,
-        image_attention="prefix",
-        image_markers=False,
-        adaptor="linear",
-        mask_rate_min=0.0,
-        mask_rate_max=0.0,
-        vision=VisionConfig(
-            tower="siglip",
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            num_layers=vision.num_hidden_layers,
-            num_heads=vision.num_attention_heads,
-            feature_layer=0,
-            normalization="siglip",
-        ),
-    )
+    return decoder_vlm_config("prefix", "linear", vision, "siglip", feature_layer=0)
 
 
 def _import_paligemma(path: Path, seed: int) -> SplitVLM:

@@ -195,29 +195,24 @@ _TWO_TOWER_TYPES = {
 }
 
 
-def _random_siglip(cfg: VisionConfig):
-    config = SiglipVisionConfig(
+def _random_size(cfg: VisionConfig) -> dict:
+    """A random tower's size in transformers' vision config fields."""
+    return dict(
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.hidden_size * 4,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        vision_use_head=False,
     )
-    return config, PackedSiglipVisionModel
+
+
+def _random_siglip(cfg: VisionConfig):
+    return SiglipVisionConfig(**_random_size(cfg), vision_use_head=False), PackedSiglipVisionModel
 
 
 def _random_clip(cfg: VisionConfig):
-    config = CLIPVisionConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 4,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-    )
-    return config, CLIPTower
+    return CLIPVisionConfig(**_random_size(cfg)), CLIPTower
 
 
 # `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig

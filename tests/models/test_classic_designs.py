@@ -69,7 +69,13 @@ def tiny_llava(tower: str = "clip") -> LlavaForConditionalGeneration:
         projector_hidden_act="gelu",
         image_seq_length=NUM_PATCHES,
     )
-    model = LlavaForConditionalGeneration(config).eval()
+    return with_random_vectors(LlavaForConditionalGeneration(config))
+
+
+def with_random_vectors(model):
+    """`model` in eval mode with its norm weights and biases moved off their init, so that a
+    norm or bias read into the wrong place changes the logits."""
+    model.eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 1:
@@ -77,18 +83,26 @@ def tiny_llava(tower: str = "clip") -> LlavaForConditionalGeneration:
     return model
 
 
+def saved(model, tmp_path_factory, name: str) -> Path:
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return path
+
+
+def imported_into(checkpoint: Path, tmp_path_factory, transformers_class: str) -> Path:
+    out = tmp_path_factory.mktemp(f"{checkpoint.name}_import")
+    assert import_hf(checkpoint, out) == transformers_class
+    return out
+
+
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llava")
-    tiny_llava().save_pretrained(path)
-    return path
+    return saved(tiny_llava(), tmp_path_factory, "llava")
 
 
 @pytest.fixture(scope="module")
 def imported(llava_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("llava_import")
-    assert import_hf(llava_dir, out) == "LlavaForConditionalGeneration"
-    return out
+    return imported_into(llava_dir, tmp_path_factory, "LlavaForConditionalGeneration")
 
 
 def documents(num_images: int, seed: int) -> list[tuple[list[int], int]]:

@@ -12,6 +12,7 @@ from statistics import mean
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_classic_designs import imported_into, read_metrics, saved, with_random_vectors
 from transformers import (
     GemmaConfig,
     PaliGemmaConfig,
@@ -64,26 +65,17 @@ def tiny_paligemma() -> PaliGemmaForConditionalGeneration:
         projection_dim=32,
         hidden_size=32,
     )
-    model = PaliGemmaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:
-                parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model
+    return with_random_vectors(PaliGemmaForConditionalGeneration(config))
 
 
 @pytest.fixture(scope="module")
 def paligemma_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("paligemma")
-    tiny_paligemma().save_pretrained(path)
-    return path
+    return saved(tiny_paligemma(), tmp_path_factory, "paligemma")
 
 
 @pytest.fixture(scope="module")
 def imported(paligemma_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("paligemma_import")
-    assert import_hf(paligemma_dir, out) == "PaliGemmaForConditionalGeneration"
-    return out
+    return imported_into(paligemma_dir, tmp_path_factory, "PaliGemmaForConditionalGeneration")
 
 
 def samples(seed: int) -> list[tuple[list[int], list[int]]]:
@@ -218,12 +210,6 @@ def test_paligemma_2_is_refused_by_name(tmp_path, capsys):
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'gemma2' language model; supported: gemma" in err
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_paligemma_preset_trains_with_a_falling_text_loss_and_exports_to_transformers(
