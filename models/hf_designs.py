@@ -306,6 +306,24 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
     return None
 
 
+def _text_config(model: SplitVLM, base: dict | None) -> dict:
+    """The language model's transformers config fields every design writes alike, over the
+    imported config's `text_config` (`base`) where there is one."""
+    cfg = model.cfg
+    return {
+        **((base or {}).get("text_config") or {}),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
+        "num_hidden_layers": cfg.num_core_blocks,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+    }
+
+
 def _rope_scaling(cfg: ModelConfig) -> dict | None:
     """transformers' `rope_scaling` of our RoPE settings."""
     if cfg.rope_llama3_factor:
@@ -327,17 +345,8 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     cfg = model.cfg
     rope_scaling = _rope_scaling(cfg)
     text = {
-        **((base or {}).get("text_config") or {}),
+        **_text_config(model, base),
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
-        "num_hidden_layers": cfg.num_core_blocks,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
@@ -458,16 +467,7 @@ def _paligemma_export(model: SplitVLM, out: Path, base: dict | None, image_id: i
 
     cfg = model.cfg
     text = {
-        **((base or {}).get("text_config") or {}),
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
-        "num_hidden_layers": cfg.num_core_blocks,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
+        **_text_config(model, base),
         "rope_scaling": _rope_scaling(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
