@@ -26,11 +26,13 @@ ADAPTOR_NAMES = ("linear", "mlp")
 NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
-RESIZE_MODES = ("square", "native")
+RESIZE_MODES = ("square", "native", "longest_side")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip")
+VISION_TOWER_NAMES = ("siglip", "clip", "pixtral")
+# `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
+IMAGE_MARKERS = (True, False, "end")
 PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
 
 
@@ -40,7 +42,9 @@ class VisionConfig:
     # config.json names the tower); empty builds a random `tower` from the size fields below (the
     # tiny preset, so nothing is downloaded).
     pretrained: str = ""
-    tower: str = "siglip"  # of a random build: "siglip" or "clip" (its CLS token is dropped)
+    # Of a random build: "siglip", "clip" (its CLS token is dropped) or "pixtral" (Pixtral's ViT:
+    # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side).
+    tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
     hidden_size: int = 48
@@ -50,17 +54,38 @@ class VisionConfig:
     # "square": every image resized to image_size × image_size. "native": each image keeps its
     # aspect ratio on a grid of whole patches whose area lies in [min_pixels, max_pixels]
     # (`native_grid`); 0 for max_pixels means image_size², the square mode's area.
+    # "longest_side": Pixtral's rule, the aspect ratio kept, scaled down (never up) until the
+    # longer side is at most image_size, each side then rounded up to whole patches.
     resize: str = "square"
     min_pixels: int = 0
     max_pixels: int = 0
     # The features the adaptor reads: 0 the tower's last_hidden_state (SigLIP's after its final
     # norm, CLIP's before); otherwise the hidden state of that index as transformers'
     # `vision_feature_layer` counts it (k > 0 layer k's output, -1 the last layer's; LLaVA: -2).
-    # Towers that run images batched only (square SigLIP, CLIP).
     feature_layer: int = 0
     # uint8 pixels → the tower's input: "siglip" (mean and std 0.5) or "clip" (OpenAI CLIP's
     # per-channel mean and std).
     normalization: str = "siglip"
+
+    @property
+    def native(self) -> bool:
+        """Whether images keep their aspect ratio (each its own grid), not resized square."""
+        return self.resize != "square"
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of patches of a `width` × `height` image in a native mode."""
+        if self.resize == "longest_side":
+            return self.longest_side_grid(width, height)
+        return self.native_grid(width, height)
+
+    def longest_side_grid(self, width: int, height: int) -> tuple[int, int]:
+        """Pixtral's grid: scaled down by the ratio of the longer side to image_size when that
+        is above 1 (sides floored to whole pixels), then each side rounded up to patches."""
+        ratio = max(width, height) / self.image_size
+        if ratio > 1:
+            width, height = max(1, int(width / ratio)), max(1, int(height / ratio))
+        unit = self.patch_size
+        return -(-height // unit), -(-width // unit)
 
     @property
     def pixel_budget(self) -> tuple[int, int]:
@@ -118,12 +143,8 @@ class VisionConfig:
                 f"model.vision.normalization={self.normalization!r}; "
                 f"valid: {', '.join(PIXEL_NORMALIZATION_NAMES)}"
             )
-        if self.tower == "clip" and self.resize != "square" and not self.pretrained:
+        if self.tower == "clip" and self.native and not self.pretrained:
             raise ValueError("model.vision.tower=clip takes square images only (resize: square)")
-        if self.normalization != "siglip" and self.resize != "square":
-            raise ValueError(
-                f"model.vision.normalization={self.normalization!r} needs resize: square"
-            )
         if not -self.num_layers <= self.feature_layer <= self.num_layers and not self.pretrained:
             raise ValueError(
                 f"model.vision.feature_layer={self.feature_layer} is outside the tower's "
@@ -202,8 +223,9 @@ class ModelConfig:
     # [IMG_BREAK]): a text token inside the span's block, so the LLM sees where rows end.
     image_row_break: bool = False
     # <image_start> and <image_end> around every image; false: the image's spans sit directly
-    # between the text tokens (LLaVA: the processor expands <image> into its image tokens only).
-    image_markers: bool = True
+    # between the text tokens (LLaVA: the processor expands <image> into its image tokens only);
+    # "end": only <image_end> after the image (Pixtral's [IMG_END]).
+    image_markers: bool | str = True
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
     # a span at the span's first position), "2d" (half the frequencies by row, half by column).
     image_positions: str = "sequential"
@@ -275,8 +297,8 @@ class ModelConfig:
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of the full token grid of a `width` × `height` image."""
-        if self.vision.resize == "native":
-            return self.vision.native_grid(width, height)
+        if self.vision.native:
+            return self.vision.grid(width, height)
         return self.square_grid
 
     def image_spans(
@@ -299,6 +321,19 @@ class ModelConfig:
             if self.dual_input:
                 spans.append((span_grid, True))
         return spans
+
+    @property
+    def image_start_marker(self) -> bool:
+        return self.image_markers is True
+
+    @property
+    def image_end_marker(self) -> bool:
+        return self.image_markers in (True, "end")
+
+    @property
+    def num_image_markers(self) -> int:
+        """Marker tokens around each image (not counted by `num_image_tokens`)."""
+        return self.image_start_marker + self.image_end_marker
 
     def num_image_tokens(self, grid: tuple[int, int] | None = None) -> int:
         """Tokens of one image over all of its spans (image start and end tokens excluded)."""
@@ -363,6 +398,8 @@ class ModelConfig:
                 f"model.image_attention={self.image_attention!r}; "
                 f"valid: {', '.join(IMAGE_ATTENTIONS)}"
             )
+        if not any(self.image_markers is m or self.image_markers == m for m in IMAGE_MARKERS):
+            raise ValueError(f"model.image_markers={self.image_markers!r}; valid: true, false, end")
         if self.image_positions not in ("sequential", "shared", "2d"):
             raise ValueError(
                 f"model.image_positions={self.image_positions!r}; valid: sequential, shared, 2d"

@@ -27,7 +27,12 @@ from models.config import ModelConfig, VisionConfig
 from models.pretrained import SUPPORTED_LLMS, PretrainedLLM, plan_sources
 from models.safetensors_dir import SafetensorsDir
 from models.split_vlm import SplitVLM
-from models.vision import PIXEL_NORMALIZATIONS, CLIPTower, PackedSiglipVisionModel
+from models.vision import (
+    PIXEL_NORMALIZATIONS,
+    CLIPTower,
+    PackedPixtralVisionModel,
+    PackedSiglipVisionModel,
+)
 
 # Files of a transformers tokenizer that an import copies into OUT/tokenizer.
 _TOKENIZER_FILES = (
@@ -135,10 +140,19 @@ def export_hf(path: str | Path, out: str | Path) -> str:
 # -- LLaVA-1.5 -------------------------------------------------------------------------------
 
 # The vision towers a LLaVA checkpoint may have: model_type → (our tower name, the select strategy
-# whose tokens are the patch grid: CLIP's CLS is dropped, SigLIP has none).
+# whose tokens are the patch grid: CLIP's CLS is dropped, SigLIP and Pixtral have none).
 _LLAVA_TOWERS = {
     "clip_vision_model": ("clip", "default"),
     "siglip_vision_model": ("siglip", "full"),
+    "pixtral": ("pixtral", "full"),
+}
+# How each tower's images enter the sequence: CLIP and SigLIP on square images, the patches
+# only; Pixtral (Pixtral-12B's LLaVA) at their own size, [IMG_BREAK] after every row but the
+# last and [IMG_END] after the image.
+_LLAVA_IMAGE_TOKENS = {
+    "clip": {"resize": "square", "image_row_break": False, "image_markers": False},
+    "siglip": {"resize": "square", "image_row_break": False, "image_markers": False},
+    "pixtral": {"resize": "longest_side", "image_row_break": True, "image_markers": "end"},
 }
 
 
@@ -161,7 +175,12 @@ def llava_model_config(hf) -> ModelConfig:
         raise ValueError(f"vision_feature_layer={layer!r}; only one layer index (not 0)")
     if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
         raise ValueError("only a GELU projector with biases (projector_hidden_act: gelu)")
-    return decoder_vlm_config("causal", "mlp", vision, tower, feature_layer=layer)
+    cfg = decoder_vlm_config("causal", "mlp", vision, tower, feature_layer=layer)
+    tokens = dict(_LLAVA_IMAGE_TOKENS[tower])
+    cfg.vision.resize = tokens.pop("resize")
+    for key, value in tokens.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
 def decoder_vlm_config(
@@ -187,7 +206,7 @@ def decoder_vlm_config(
             num_layers=vision.num_hidden_layers,
             num_heads=vision.num_attention_heads,
             feature_layer=feature_layer,
-            normalization=tower,
+            normalization="siglip" if tower == "siglip" else "clip",
         ),
     )
 
@@ -278,8 +297,6 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
         "num_text_head_blocks": 0,
         "num_image_head_blocks": 0,
         "image_attention": "causal",
-        "image_markers": False,
-        "image_row_break": False,
         "image_positions": "sequential",
         "image_scales": [],
         "dual_input": False,
@@ -296,11 +313,18 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
     for key, value in wanted.items():
         if getattr(cfg, key) != value:
             return f"model.{key}={getattr(cfg, key)!r}, LLaVA has {value!r}"
-    if (
-        type(model.vision) not in (CLIPTower, PackedSiglipVisionModel)
-        or cfg.vision.resize != "square"
-    ):
-        return "LLaVA's vision tower is a CLIP or SigLIP one on square images"
+    towers = {
+        CLIPTower: "clip",
+        PackedSiglipVisionModel: "siglip",
+        PackedPixtralVisionModel: "pixtral",
+    }
+    if type(model.vision) not in towers:
+        return "LLaVA's vision tower is a CLIP, SigLIP or Pixtral one"
+    tower = towers[type(model.vision)]
+    for key, value in _LLAVA_IMAGE_TOKENS[tower].items():
+        have = getattr(cfg.vision if key == "resize" else cfg, key)
+        if have != value:
+            return f"model.{key}={have!r}, LLaVA with a {tower} tower has {value!r}"
     if cfg.vision.feature_layer == 0:
         return "model.vision.feature_layer=0 (last_hidden_state); LLaVA reads a hidden state"
     return None
@@ -340,13 +364,12 @@ def _rope_scaling(cfg: ModelConfig) -> dict | None:
 
 
 def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
-    from transformers import LlamaConfig, LlavaConfig  # seconds; only when exporting
+    from transformers import AutoConfig, LlavaConfig  # seconds; only when exporting
 
     cfg = model.cfg
     rope_scaling = _rope_scaling(cfg)
     text = {
         **_text_config(model, base),
-        "model_type": "llama",
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
@@ -362,7 +385,8 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     rows, cols = cfg.square_grid
     hf = LlavaConfig(
         vision_config=model.vision.config.to_dict(),
-        text_config=LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}),
+        # The imported language model's family (Mistral for Pixtral), else Llama: the same layout.
+        text_config=AutoConfig.for_model(text.pop("model_type", "llama"), **text),
         image_token_index=image_token,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if model.vision.num_prefix_tokens else "full",
@@ -386,21 +410,30 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf.architectures = ["LlavaForConditionalGeneration"]
     (out / "config.json").write_text(hf.to_json_string())
-    if cfg.vision.normalization in PIXEL_NORMALIZATIONS:
-        mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
-        size = cfg.vision.image_size
-        processor = {
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    size, patch = cfg.vision.image_size, cfg.vision.patch_size
+    processor = {
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+    }
+    if cfg.vision.resize == "longest_side":  # Pixtral's processor: the same grid rule
+        processor |= {
+            "image_processor_type": "PixtralImageProcessor",
+            "size": {"longest_edge": size},
+            "patch_size": {"height": patch, "width": patch},
+            "do_resize": True,
+        }
+    else:
+        processor |= {
             "image_processor_type": "CLIPImageProcessor",
-            "image_mean": list(mean),
-            "image_std": list(std),
             "size": {"shortest_edge": size},
             "crop_size": {"height": size, "width": size},
             "do_center_crop": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
         }
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
 
 # -- PaliGemma --------------------------------------------------------------------------------

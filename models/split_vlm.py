@@ -113,10 +113,10 @@ class SplitVLM(nn.Module):
         self.run_every_branch = False
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scaled=cfg.scale_embeddings)
         self.vision = build_vision_tower(cfg.vision, vision_config)
-        if self.packs_images and (cfg.vision.feature_layer or self.vision.num_prefix_tokens):
+        if self.packs_images and self.vision.num_prefix_tokens:
             raise ValueError(
-                f"model.vision: a {type(self.vision).__name__} on {cfg.vision.resize} images runs "
-                "packed, which gives the tower's output only (feature_layer: 0, no CLIP)"
+                f"model.vision: a {type(self.vision).__name__} takes square images only "
+                f"(resize: square, not {cfg.vision.resize})"
             )
         vision_dim = self.vision.config.hidden_size
         self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
@@ -247,7 +247,7 @@ class SplitVLM(nn.Module):
     def packs_images(self) -> bool:
         """Whether images go through the tower packed (`PackedImages`): always at native
         resolution and for SigLIP2; square SigLIP and CLIP keep transformers' batched forward."""
-        return self.cfg.vision.resize == "native" or self.vision.packs_square_images
+        return self.cfg.vision.native or self.vision.packs_square_images
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, rows · cols, vision_dim) encoder features."""
@@ -265,7 +265,8 @@ class SplitVLM(nn.Module):
             packed = PackedImages.from_images(
                 images, self.cfg.vision.patch_size, packing_backend(images[0].device)
             )
-            per_image = iter(packed.split(self.vision(packed=packed)))
+            features = self.vision(packed=packed, feature_layer=self.cfg.vision.feature_layer)
+            per_image = iter(packed.split(features))
             return [torch.stack([next(per_image) for _ in batch]) for batch in batches]
 
     def image_inputs_and_targets(self, pixel_values, image_mask, grids: list[tuple[int, int]]):
@@ -279,8 +280,10 @@ class SplitVLM(nn.Module):
         tower packs images.
         """
         cfg = self.cfg
-        normalized = normalize_pixels(pixel_values, cfg.vision.normalization)
-        images = split_images(normalized, grids, cfg.vision.patch_size)
+        images = [
+            normalize_pixels(image, cfg.vision.normalization)
+            for image in split_images(pixel_values, grids, cfg.vision.patch_size)
+        ]
         starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in grids])
         by_grid: dict[tuple[int, int], list[int]] = {}
         for index, grid in enumerate(grids):
@@ -377,7 +380,7 @@ class SplitVLM(nn.Module):
         rope = rope_tables(positions, cfg)
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
         pixels = x_TC.new_zeros(1, 3, grid[0] * patch, grid[1] * patch)
-        if cfg.vision.resize == "native":
+        if cfg.vision.native:
             pixels = pixels.flatten()
         adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid])
         return self.image_in_blocks(adapted, no_mask, layout, rope)

@@ -1,15 +1,16 @@
 """The understanding encoder (SigLIP, SigLIP2 or CLIP from transformers), adaptors, and image-loss
 targets.
 
-The towers are transformers' own classes (their parameter names, checkpoints and init). SigLIP
-and SigLIP2 have one more way to run: `tower(packed=PackedImages)` encodes every image of a micro-batch, each at its
+The towers are transformers' own classes (their parameter names, checkpoints and init). SigLIP,
+SigLIP2 and Pixtral have one more way to run: `tower(packed=PackedImages)` encodes every image of a micro-batch, each at its
 own grid of patches, as one flat sequence in which each image is its own bidirectional document
 of our `PackedLayout` — no padding to the largest image, no call per image:
 
     packed = PackedImages.from_images([image_3HW, ...], patch_size, backend)
     features_TD = tower(packed=packed)          # (sum of rows × cols, hidden)
+    features_TD = tower(packed=packed, feature_layer=-2)   # a hidden state, as LLaVA reads it
 
-CLIP (LLaVA's encoder) runs square images batched only.
+Pixtral's ViT always runs packed. CLIP (LLaVA's encoder) runs square images batched only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from torch import nn
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
+    PixtralVisionConfig,
+    PixtralVisionModel,
     Siglip2VisionConfig,
     Siglip2VisionModel,
     SiglipVisionConfig,
@@ -68,12 +71,26 @@ class PackedImages:
         return list(features_TD.split([r * c for r, c in self.grids]))
 
 
-def _packed_encoder(tower, embeddings_TD: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+def _packed_layers(layers, x_TD, feature_layer: int, run_layer) -> tuple[torch.Tensor, bool]:
+    """`run_layer(layer, x_TD)` over the tower's layers up to the hidden state that
+    `feature_layer` selects (0: all of them); whether the final norm applies (only for 0)."""
+    if feature_layer == 0:
+        count = len(layers)
+    else:  # transformers' hidden_states[k]: the embeddings, then each layer's output
+        count = feature_layer if feature_layer > 0 else len(layers) + 1 + feature_layer
+    for layer in list(layers)[:count]:
+        x_TD = run_layer(layer, x_TD)
+    return x_TD, feature_layer == 0
+
+
+def _packed_encoder(
+    tower, embeddings_TD: torch.Tensor, packed: PackedImages, feature_layer: int = 0
+) -> torch.Tensor:
     """The tower's encoder layers and final norm over packed images: transformers' SigLIP layer
     (pre-norm attention and MLP) with our packed attention in place of its padded one."""
     model = tower.vision_model
-    x_TD = embeddings_TD
-    for layer in model.encoder.layers:
+
+    def run_layer(layer, x_TD):
         attention = layer.self_attn
         heads, head_dim = attention.num_heads, attention.head_dim
         h_TD = layer.layer_norm1(x_TD)
@@ -85,8 +102,10 @@ def _packed_encoder(tower, embeddings_TD: torch.Tensor, packed: PackedImages) ->
             q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scale
         )
         x_TD = x_TD + attention.out_proj(out.reshape(x_TD.shape[0], -1))
-        x_TD = x_TD + layer.mlp(layer.layer_norm2(x_TD))
-    return model.post_layernorm(x_TD)
+        return x_TD + layer.mlp(layer.layer_norm2(x_TD))
+
+    x_TD, final = _packed_layers(model.encoder.layers, embeddings_TD, feature_layer, run_layer)
+    return model.post_layernorm(x_TD) if final else x_TD
 
 
 def _tower_backend(q: torch.Tensor) -> str:
@@ -122,7 +141,9 @@ class PackedSiglipVisionModel(BatchedFeatures, SiglipVisionModel):
     embeddings, bicubically interpolated to each image's grid (transformers'
     `interpolate_pos_encoding`, whose result it equals image by image)."""
 
-    def forward(self, pixel_values=None, packed: PackedImages | None = None, **kwargs):
+    def forward(
+        self, pixel_values=None, packed: PackedImages | None = None, feature_layer=0, **kwargs
+    ):
         if packed is None:
             return super().forward(pixel_values=pixel_values, **kwargs)
         embeddings = self.vision_model.embeddings
@@ -130,7 +151,7 @@ class PackedSiglipVisionModel(BatchedFeatures, SiglipVisionModel):
         patches = packed.patches_TCPP.to(conv.weight.dtype)
         patch_TD = F.linear(patches.flatten(1), conv.weight.flatten(1), conv.bias)
         positions = torch.cat([self._positions(embeddings, grid) for grid in packed.grids])
-        return _packed_encoder(self, patch_TD + positions, packed)
+        return _packed_encoder(self, patch_TD + positions, packed, feature_layer)
 
     @staticmethod
     def _positions(embeddings, grid: tuple[int, int]) -> torch.Tensor:
@@ -150,7 +171,9 @@ class PackedSiglip2VisionModel(BatchedFeatures, Siglip2VisionModel):
 
     packs_square_images = True
 
-    def forward(self, pixel_values=None, packed: PackedImages | None = None, **kwargs):
+    def forward(
+        self, pixel_values=None, packed: PackedImages | None = None, feature_layer=0, **kwargs
+    ):
         if packed is None:
             return super().forward(pixel_values=pixel_values, **kwargs)
         embeddings = self.vision_model.embeddings
@@ -170,7 +193,64 @@ class PackedSiglip2VisionModel(BatchedFeatures, Siglip2VisionModel):
                 for grid in packed.grids
             ]
         )
-        return _packed_encoder(self, patch_TD + positions, packed)
+        return _packed_encoder(self, patch_TD + positions, packed, feature_layer)
+
+
+class PackedPixtralVisionModel(BatchedFeatures, PixtralVisionModel):
+    """Pixtral's ViT (Pixtral-12B, Mistral 3): a bias-free convolutional patch embedding, an
+    RMSNorm, then RMSNorm pre-norm layers with a SiLU-gated MLP and 2-D RoPE: each patch's
+    frequencies are those of its row for half the pairs and of its column for the other half,
+    over a grid of up to image_size / patch_size a side. transformers runs several images as
+    one sequence with a block-diagonal mask; packed, each image is one bidirectional document
+    of our layout, which is the same attention."""
+
+    packs_square_images = True
+
+    def forward(
+        self, pixel_values=None, packed: PackedImages | None = None, feature_layer=0, **kwargs
+    ):
+        if packed is None:
+            return super().forward(pixel_values=pixel_values, **kwargs)
+        side = self.config.image_size // self.config.patch_size
+        too_large = [grid for grid in packed.grids if max(grid) > side]
+        if too_large:
+            raise ValueError(
+                f"a {too_large[0][0]}x{too_large[0][1]}-patch image is larger than the Pixtral "
+                f"tower's {side}x{side} position grid (model.vision.image_size)"
+            )
+        conv = self.patch_conv
+        patches = packed.patches_TCPP.to(conv.weight.dtype)
+        x_TD = self.ln_pre(F.linear(patches.flatten(1), conv.weight.flatten(1)))
+        position_ids = torch.cat(
+            [
+                (torch.arange(rows)[:, None] * side + torch.arange(cols)).flatten()
+                for rows, cols in packed.grids
+            ]
+        ).to(x_TD.device)
+        cos, sin = (t[:, None] for t in self.patch_positional_embedding(x_TD, position_ids))
+
+        def run_layer(layer, x_TD):
+            attention = layer.attention
+            heads, head_dim = attention.num_heads, attention.head_dim
+            h_TD = layer.attention_norm(x_TD)
+            q, k, v = (
+                proj(h_TD).view(-1, heads, head_dim)
+                for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+            )
+            q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
+            out = packed_attention(
+                q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scaling
+            )
+            x_TD = x_TD + attention.o_proj(out.reshape(x_TD.shape[0], -1))
+            return x_TD + layer.feed_forward(layer.ffn_norm(x_TD))
+
+        x_TD, _ = _packed_layers(self.transformer.layers, x_TD, feature_layer, run_layer)
+        return x_TD  # no final norm: last_hidden_state is the last layer's output
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
 
 
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
@@ -186,6 +266,7 @@ VISION_TOWERS = {
     "siglip_vision_model": (SiglipVisionConfig, PackedSiglipVisionModel),
     "siglip2_vision_model": (Siglip2VisionConfig, PackedSiglip2VisionModel),
     "clip_vision_model": (CLIPVisionConfig, CLIPTower),
+    "pixtral": (PixtralVisionConfig, PackedPixtralVisionModel),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -215,8 +296,14 @@ def _random_clip(cfg: VisionConfig):
     return CLIPVisionConfig(**_random_size(cfg)), CLIPTower
 
 
+def _random_pixtral(cfg: VisionConfig):
+    size = _random_size(cfg)
+    head_dim = size["hidden_size"] // size["num_attention_heads"]
+    return PixtralVisionConfig(**size, head_dim=head_dim), PackedPixtralVisionModel
+
+
 # `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig
-RANDOM_TOWERS = {"siglip": _random_siglip, "clip": _random_clip}
+RANDOM_TOWERS = {"siglip": _random_siglip, "clip": _random_clip, "pixtral": _random_pixtral}
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
 
@@ -317,14 +404,13 @@ assert tuple(PIXEL_NORMALIZATIONS) == PIXEL_NORMALIZATION_NAMES, "update models.
 
 
 def normalize_pixels(pixels: torch.Tensor, normalization: str = "siglip") -> torch.Tensor:
-    """uint8 pixels (as the loader ships them) → the tower's normalization (SigLIP's: mean 0.5 and
-    std 0.5 per channel, in [-1, 1]). Floating-point input is taken as normalized already and
-    passed through."""
+    """uint8 pixels (..., 3, H, W), as the loader ships them → the tower's normalization
+    (SigLIP's: mean 0.5 and std 0.5 per channel, in [-1, 1]). Floating-point input is taken as
+    normalized already and passed through."""
     if pixels.is_floating_point():
         return pixels
     if normalization == "siglip":  # kept as it was, bit for bit
         return pixels.float() / 127.5 - 1.0
-    assert pixels.dim() == 4, "per-channel normalization of square images (N, 3, H, W)"
     mean, std = (
         torch.tensor(v, device=pixels.device).view(3, 1, 1)
         for v in PIXEL_NORMALIZATIONS[normalization]

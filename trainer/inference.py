@@ -220,7 +220,7 @@ def generate_image(
     cfg = model.cfg
     if cfg.image_target != "pixels":
         raise ValueError("image generation needs model.image_target=pixels")
-    if size is not None and cfg.vision.resize != "native":
+    if size is not None and not cfg.vision.native:
         raise ValueError(
             "--size needs a native-resolution model (model.vision.resize=native); this one "
             f"makes {cfg.vision.image_size}x{cfg.vision.image_size} images"

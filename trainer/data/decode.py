@@ -14,7 +14,8 @@ Plain text is `<bos> text <eos>` with loss on every token. Each `<image>` placeh
 `<image_start> [span] [span] … <image_end>`: one image span per entry of
 `ModelConfig.image_spans()` (coarse-to-fine scales, each optionally followed by its unmasked dual
 copy), back to back, so the first token of a finer scale is predicted from the coarser one. With
-`model.image_markers: false` the spans stand between the text tokens on their own (LLaVA).
+`model.image_markers: false` the spans stand between the text tokens on their own (LLaVA); with
+`end` only `<image_end>` follows them (Pixtral's `[IMG_END]`).
 """
 
 from __future__ import annotations
@@ -467,7 +468,7 @@ class SampleDecoder:
         try:
             grids = [self._grid(image) for image in opened]
             spans = [cfg.image_spans(grid) for grid in grids]
-            num_markers = 2 if cfg.image_markers else 0
+            num_markers = cfg.num_image_markers
             num_tokens = len(text.ids) + sum(
                 cfg.num_image_tokens(grid) + num_markers for grid in grids
             )
@@ -490,7 +491,7 @@ class SampleDecoder:
             ids.extend(text.ids[cursor:position])
             targets.extend(text.targets[cursor:position])
             cursor = position
-            if cfg.image_markers:
+            if cfg.image_start_marker:
                 ids.append(self.image_start_id)
             if len(ids) > run_start:  # without markers an image can open the document
                 segments.append(("text", len(ids) - run_start))
@@ -502,11 +503,11 @@ class SampleDecoder:
                     span.pop()
                 ids.extend(span)
                 segments.append(("image", len(span)))
-            if cfg.image_markers:
+            if cfg.image_end_marker:
                 ids.append(self.image_end_id)
             targets.extend([False] * (len(ids) - len(targets)))
             # <image_end>, when there is one, opens the next text segment
-            run_start = len(ids) - 1 if cfg.image_markers else len(ids)
+            run_start = len(ids) - 1 if cfg.image_end_marker else len(ids)
         ids.extend(text.ids[cursor:])
         targets.extend(text.targets[cursor:])
         if len(ids) > run_start:
@@ -516,12 +517,12 @@ class SampleDecoder:
             for image_spans in spans
             for (rows, cols), is_copy in image_spans
         ]
-        if masks and text.image_positions[0] == 0 and not cfg.image_markers:
+        if masks and text.image_positions[0] == 0 and not cfg.image_start_marker:
             # The first image token is predicted at the position before it, outside the document.
             masks[0][0] = False
         # Built in numpy, made tensors once at the end: a handful of torch calls per sample
         # instead of a few per span (each costs microseconds; this runs for every sample).
-        if cfg.vision.resize == "native":
+        if cfg.vision.native:
             pixels = np.concatenate([image.ravel() for image in images] or [np.zeros(0, np.uint8)])
         else:
             size = cfg.vision.image_size
