@@ -22,7 +22,7 @@ ATTENTION_BACKEND_NAMES = (
     "varlen_emulated",
     "auto",
 )
-ADAPTOR_NAMES = ("linear", "mlp")
+ADAPTOR_NAMES = ("linear", "mlp", "patch_merger")
 NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
@@ -66,6 +66,15 @@ class VisionConfig:
     # uint8 pixels → the tower's input: "siglip" (mean and std 0.5) or "clip" (OpenAI CLIP's
     # per-channel mean and std).
     normalization: str = "siglip"
+    # Each image token stands for spatial_merge × spatial_merge patches (Mistral 3 and Qwen2-VL:
+    # 2): the adaptor reads their features side by side. Grids are counted in tokens of
+    # `token_size` = patch_size × spatial_merge pixels.
+    spatial_merge: int = 1
+
+    @property
+    def token_size(self) -> int:
+        """The side, in pixels, of the image region one image token stands for."""
+        return self.patch_size * self.spatial_merge
 
     @property
     def native(self) -> bool:
@@ -84,7 +93,7 @@ class VisionConfig:
         ratio = max(width, height) / self.image_size
         if ratio > 1:
             width, height = max(1, int(width / ratio)), max(1, int(height / ratio))
-        unit = self.patch_size
+        unit = self.token_size
         return -(-height // unit), -(-width // unit)
 
     @property
@@ -99,7 +108,7 @@ class VisionConfig:
         budget, both sides are floored (over the maximum) or ceiled (under the minimum) instead.
         Each side is at least one patch, and the maximum always wins. The decoder resizes the
         image to exactly rows × cols patches; token counts come from the same rule."""
-        unit = self.patch_size
+        unit = self.token_size
         min_pixels, max_pixels = self.pixel_budget
         max_patches = max_pixels // unit**2
         area = width * height
@@ -126,9 +135,12 @@ class VisionConfig:
         return rows, cols
 
     def validate(self) -> None:
-        if self.image_size % self.patch_size:
+        if self.spatial_merge < 1:
+            raise ValueError("model.vision.spatial_merge must be >= 1")
+        if self.image_size % self.token_size:
             raise ValueError(
-                "model.vision.image_size must be a multiple of model.vision.patch_size"
+                "model.vision.image_size must be a multiple of model.vision.patch_size × "
+                "spatial_merge"
             )
         if self.resize not in RESIZE_MODES:
             raise ValueError(
@@ -151,10 +163,10 @@ class VisionConfig:
                 f"{self.num_layers} layers"
             )
         min_pixels, max_pixels = self.pixel_budget
-        if min_pixels < 0 or max_pixels < self.patch_size**2 or min_pixels > max_pixels:
+        if min_pixels < 0 or max_pixels < self.token_size**2 or min_pixels > max_pixels:
             raise ValueError(
                 "model.vision.min_pixels/max_pixels: need 0 <= min_pixels <= max_pixels and "
-                f"max_pixels >= one patch ({self.patch_size**2} pixels)"
+                f"max_pixels >= one image token ({self.token_size**2} pixels)"
             )
 
 
@@ -288,7 +300,7 @@ class ModelConfig:
 
     @property
     def image_tokens_per_side(self) -> int:
-        return self.vision.image_size // self.vision.patch_size
+        return self.vision.image_size // self.vision.token_size
 
     @property
     def square_grid(self) -> tuple[int, int]:

@@ -219,9 +219,13 @@ def _llava_prefixes(files: dict) -> tuple[str, str]:  # PaliGemma's too
 
 
 def _import_llava(path: Path, seed: int) -> SplitVLM:
-    return _import_vlm(
-        path, seed, "llava", llava_model_config, {"adaptor.0": "linear_1", "adaptor.2": "linear_2"}
-    )
+    return _import_vlm(path, seed, "llava", llava_model_config, _LLAVA_PROJECTOR)
+
+
+# Our adaptor's submodules → the transformers projector's (`multi_modal_projector.*`); a
+# submodule not listed has the same name in both.
+_LLAVA_PROJECTOR = {"0": "linear_1", "2": "linear_2"}
+_PALIGEMMA_PROJECTOR = {"": "linear"}
 
 
 def _import_vlm(
@@ -229,7 +233,7 @@ def _import_vlm(
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
-    `projector` maps our adaptor's linear layers to the projector's."""
+    `projector` maps our adaptor's submodules to the projector's (`_projector_names`)."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -249,9 +253,8 @@ def _import_vlm(
     sources = {
         f"vision.{name}": vision_prefix + name for name, _ in model.vision.named_parameters()
     }
-    for ours, theirs in projector.items():
-        for leaf in ("weight", "bias"):
-            sources[f"{ours}.{leaf}"] = f"{projector_prefix}{theirs}.{leaf}"
+    for ours, theirs in _projector_names(model, projector).items():
+        sources[ours] = projector_prefix + theirs
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in sources.items():
@@ -267,6 +270,34 @@ def _import_vlm(
             f"place in our {design} model; refusing to import without it"
         )
     return model
+
+
+def _projector_names(model: SplitVLM, projector: dict[str, str]) -> dict[str, str]:
+    """Our adaptor's parameter names → the transformers projector's (without its prefix)."""
+    names = {}
+    for name, _ in model.adaptor.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        theirs = projector.get(module, module)
+        names[f"adaptor.{name}"] = f"{theirs}.{leaf}" if theirs else leaf
+    return names
+
+
+def _save_vlm(model: SplitVLM, out: Path, family: str, projector: dict[str, str], hf) -> None:
+    """A LLaVA-like transformers checkpoint: the language model under transformers' saved names
+    (what save_pretrained writes and every version loads), `vision_tower.*`,
+    `multi_modal_projector.*`, and `hf` (its config) as config.json."""
+    state = model.state_dict()
+    plan = plan_sources(SUPPORTED_LLMS[family], model.cfg)
+    tensors = {source.tensor: state[name] for name, source in plan.items()}
+    for name, value in state.items():
+        if name.startswith("vision."):
+            tensors["vision_tower." + name.removeprefix("vision.")] = value
+    for ours, theirs in _projector_names(model, projector).items():
+        tensors["multi_modal_projector." + theirs] = state[ours]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(hf.to_json_string())
 
 
 def _image_normalization(path: Path) -> str | None:
@@ -290,6 +321,19 @@ def _image_normalization(path: Path) -> str | None:
 
 
 def _llava_mismatch(model: SplitVLM) -> str | None:
+    return _llava_like_mismatch(model, "LLaVA", adaptor="mlp", towers=_LLAVA_TOWER_CLASSES)
+
+
+# Our tower classes → their names in _LLAVA_IMAGE_TOKENS.
+_LLAVA_TOWER_CLASSES = {
+    CLIPTower: "clip",
+    PackedSiglipVisionModel: "siglip",
+    PackedPixtralVisionModel: "pixtral",
+}
+
+
+def _llava_like_mismatch(model: SplitVLM, design: str, adaptor: str, towers: dict) -> str | None:
+    """Why `model` is not a LLaVA-shaped `design` with this adaptor and one of these towers."""
     cfg = model.cfg
     wanted = {
         "num_text_in_blocks": 0,
@@ -300,7 +344,7 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
         "image_positions": "sequential",
         "image_scales": [],
         "dual_input": False,
-        "adaptor": "mlp",
+        "adaptor": adaptor,
         "norm_style": "default",
         "post_norms": False,
         "scale_embeddings": False,
@@ -312,21 +356,19 @@ def _llava_mismatch(model: SplitVLM) -> str | None:
     }
     for key, value in wanted.items():
         if getattr(cfg, key) != value:
-            return f"model.{key}={getattr(cfg, key)!r}, LLaVA has {value!r}"
-    towers = {
-        CLIPTower: "clip",
-        PackedSiglipVisionModel: "siglip",
-        PackedPixtralVisionModel: "pixtral",
-    }
+            return f"model.{key}={getattr(cfg, key)!r}, {design} has {value!r}"
     if type(model.vision) not in towers:
-        return "LLaVA's vision tower is a CLIP, SigLIP or Pixtral one"
+        names = ", ".join(towers.values())
+        return f"{design}'s vision tower is one of: {names}"
     tower = towers[type(model.vision)]
     for key, value in _LLAVA_IMAGE_TOKENS[tower].items():
         have = getattr(cfg.vision if key == "resize" else cfg, key)
         if have != value:
-            return f"model.{key}={have!r}, LLaVA with a {tower} tower has {value!r}"
+            return f"model.{key}={have!r}, {design} with a {tower} tower has {value!r}"
     if cfg.vision.feature_layer == 0:
-        return "model.vision.feature_layer=0 (last_hidden_state); LLaVA reads a hidden state"
+        return f"model.vision.feature_layer=0 (last_hidden_state); {design} reads a hidden state"
+    if adaptor != "patch_merger" and cfg.vision.spatial_merge != 1:
+        return f"model.vision.spatial_merge={cfg.vision.spatial_merge}, {design} has 1"
     return None
 
 
@@ -364,30 +406,14 @@ def _rope_scaling(cfg: ModelConfig) -> dict | None:
 
 
 def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
-    from transformers import AutoConfig, LlavaConfig  # seconds; only when exporting
+    from transformers import LlavaConfig  # seconds; only when exporting
 
     cfg = model.cfg
-    rope_scaling = _rope_scaling(cfg)
-    text = {
-        **_text_config(model, base),
-        "rope_scaling": rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-    }
-    image_token = (base or {}).get("image_token_index", image_id)
-    if image_token is None:
-        raise ValueError(
-            "no image token id: the export has neither the original LLaVA config "
-            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
-        )
     rows, cols = cfg.square_grid
     hf = LlavaConfig(
         vision_config=model.vision.config.to_dict(),
-        # The imported language model's family (Mistral for Pixtral), else Llama: the same layout.
-        text_config=AutoConfig.for_model(text.pop("model_type", "llama"), **text),
-        image_token_index=image_token,
+        text_config=_llama_layout_text_config(model, base),
+        image_token_index=_image_token(base, image_id, "LLaVA"),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if model.vision.num_prefix_tokens else "full",
         vision_feature_layer=cfg.vision.feature_layer,
@@ -395,23 +421,45 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
         multimodal_projector_bias=True,
         tie_word_embeddings=cfg.tie_embeddings,
     )
-    state = model.state_dict()
-    # transformers' saved names (what save_pretrained writes and every version loads).
-    family = SUPPORTED_LLMS["llava"]
-    tensors = {source.tensor: state[name] for name, source in plan_sources(family, cfg).items()}
-    for name, value in state.items():
-        if name.startswith("vision."):
-            tensors["vision_tower." + name.removeprefix("vision.")] = value
-    for ours, theirs in (("adaptor.0", "linear_1"), ("adaptor.2", "linear_2")):
-        for leaf in ("weight", "bias"):
-            tensors[f"multi_modal_projector.{theirs}.{leaf}"] = state[f"{ours}.{leaf}"]
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf.architectures = ["LlavaForConditionalGeneration"]
-    (out / "config.json").write_text(hf.to_json_string())
+    _save_vlm(model, out, "llava", _LLAVA_PROJECTOR, hf)
+    _write_image_processor(cfg, out)
+
+
+def _llama_layout_text_config(model: SplitVLM, base: dict | None):
+    """The transformers config of a Llama-layout language model: the imported one's family
+    (Mistral for Pixtral and Mistral 3), else Llama (the same layout)."""
+    from transformers import AutoConfig
+
+    cfg = model.cfg
+    text = {
+        **_text_config(model, base),
+        "rope_scaling": _rope_scaling(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    }
+    return AutoConfig.for_model(text.pop("model_type", "llama"), **text)
+
+
+def _image_token(base: dict | None, image_id: int | None, design: str) -> int:
+    """The id transformers finds image positions by: the imported config's, else the
+    tokenizer's (`export_hf`)."""
+    image_token = (base or {}).get("image_token_index", image_id)
+    if image_token is None:
+        raise ValueError(
+            f"no image token id: the export has neither the original {design} config "
+            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
+        )
+    return image_token
+
+
+def _write_image_processor(cfg: ModelConfig, out: Path) -> None:
+    """preprocessor_config.json: Pixtral's processor for longest-side grids (its patch size
+    the image token's side, as Mistral 3's processor passes it), else CLIP's."""
     mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
-    size, patch = cfg.vision.image_size, cfg.vision.patch_size
+    size, token = cfg.vision.image_size, cfg.vision.token_size
     processor = {
         "image_mean": list(mean),
         "image_std": list(std),
@@ -423,7 +471,7 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
         processor |= {
             "image_processor_type": "PixtralImageProcessor",
             "size": {"longest_edge": size},
-            "patch_size": {"height": patch, "width": patch},
+            "patch_size": {"height": token, "width": token},
             "do_resize": True,
         }
     else:
@@ -434,6 +482,62 @@ def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
             "do_center_crop": True,
         }
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
+# -- Mistral 3 --------------------------------------------------------------------------------
+
+
+def mistral3_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers Mistral3Config: Pixtral's ViT, its 2 × 2 patch merger
+    projector (`model.adaptor: patch_merger`, `model.vision.spatial_merge`), Pixtral's image
+    tokens at the merged grid, a Mistral (Llama-layout) LLM."""
+    vision = hf.vision_config
+    if vision.model_type != "pixtral":
+        raise ValueError(f"a {vision.model_type!r} vision tower; supported: pixtral")
+    layer = hf.vision_feature_layer
+    if not isinstance(layer, int) or layer == 0:
+        raise ValueError(f"vision_feature_layer={layer!r}; only one layer index (not 0)")
+    if hf.projector_hidden_act != "gelu" or hf.multimodal_projector_bias:
+        raise ValueError("only a GELU projector without biases (Mistral 3's)")
+    cfg = decoder_vlm_config("causal", "patch_merger", vision, "pixtral", feature_layer=layer)
+    tokens = dict(_LLAVA_IMAGE_TOKENS["pixtral"])
+    cfg.vision.resize = tokens.pop("resize")
+    for key, value in tokens.items():
+        setattr(cfg, key, value)
+    cfg.vision.spatial_merge = hf.spatial_merge_size
+    return cfg
+
+
+# Mistral 3's projector has our PatchMergerAdaptor's names.
+_MISTRAL3_PROJECTOR: dict[str, str] = {}
+
+
+def _import_mistral3(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(path, seed, "mistral3", mistral3_model_config, _MISTRAL3_PROJECTOR)
+
+
+def _mistral3_mismatch(model: SplitVLM) -> str | None:
+    towers = {PackedPixtralVisionModel: "pixtral"}
+    return _llava_like_mismatch(model, "Mistral 3", adaptor="patch_merger", towers=towers)
+
+
+def _mistral3_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import Mistral3Config  # seconds; only when exporting
+
+    cfg = model.cfg
+    hf = Mistral3Config(
+        vision_config=model.vision.config.to_dict(),
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        image_token_index=_image_token(base, image_id, "Mistral 3"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision.feature_layer,
+        multimodal_projector_bias=False,
+        spatial_merge_size=cfg.vision.spatial_merge,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["Mistral3ForConditionalGeneration"]
+    _save_vlm(model, out, "mistral3", _MISTRAL3_PROJECTOR, hf)
+    _write_image_processor(cfg, out)
 
 
 # -- PaliGemma --------------------------------------------------------------------------------
@@ -456,7 +560,7 @@ def paligemma_model_config(hf) -> ModelConfig:
 
 
 def _import_paligemma(path: Path, seed: int) -> SplitVLM:
-    return _import_vlm(path, seed, "paligemma", paligemma_model_config, {"adaptor": "linear"})
+    return _import_vlm(path, seed, "paligemma", paligemma_model_config, _PALIGEMMA_PROJECTOR)
 
 
 # What a model needs to be a PaliGemma: one decoder, prefix-LM, a linear projector, Gemma (1).
@@ -508,34 +612,17 @@ def _paligemma_export(model: SplitVLM, out: Path, base: dict | None, image_id: i
         "hidden_activation": "gelu_pytorch_tanh",
     }
     text.pop("model_type", None)
-    image_token = (base or {}).get("image_token_index", image_id)
-    if image_token is None:
-        raise ValueError(
-            "no image token id: the export has neither the original PaliGemma config "
-            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
-        )
     hf = PaliGemmaConfig(
         vision_config=model.vision.config.to_dict(),
         text_config=GemmaConfig(**text).to_dict(),
-        image_token_index=image_token,
+        image_token_index=_image_token(base, image_id, "PaliGemma"),
         vocab_size=cfg.vocab_size,
         projection_dim=cfg.d_model,
         hidden_size=cfg.d_model,
         tie_word_embeddings=cfg.tie_embeddings,
     )
-    state = model.state_dict()
-    family = SUPPORTED_LLMS["paligemma"]  # transformers' saved names
-    tensors = {source.tensor: state[name] for name, source in plan_sources(family, cfg).items()}
-    for name, value in state.items():
-        if name.startswith("vision."):
-            tensors["vision_tower." + name.removeprefix("vision.")] = value
-    for leaf in ("weight", "bias"):
-        tensors[f"multi_modal_projector.linear.{leaf}"] = state[f"adaptor.{leaf}"]
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf.architectures = ["PaliGemmaForConditionalGeneration"]
-    (out / "config.json").write_text(hf.to_json_string())
+    _save_vlm(model, out, "paligemma", _PALIGEMMA_PROJECTOR, hf)
     mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
     size = cfg.vision.image_size
     processor = {
@@ -563,5 +650,11 @@ HF_DESIGNS = {
         import_checkpoint=_import_paligemma,
         export_checkpoint=_paligemma_export,
         mismatch=_paligemma_mismatch,
+    ),
+    "mistral3": HFDesign(
+        transformers_class="Mistral3ForConditionalGeneration",
+        import_checkpoint=_import_mistral3,
+        export_checkpoint=_mistral3_export,
+        mismatch=_mistral3_mismatch,
     ),
 }

@@ -247,12 +247,15 @@ SUPPORTED_LLMS = {
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
     # PaliGemmaForConditionalGeneration: its language model (the whole model: hf_designs).
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "legacy"),
+    # Mistral3ForConditionalGeneration: its language model (the whole model: hf_designs).
+    "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
     "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "nested"),
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "nested"),
+    "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
 }
 
 

@@ -45,6 +45,7 @@ from models.vision import (
     build_adaptor,
     build_vision_tower,
     image_target_dim,
+    merge_patches,
     normalize_pixels,
     normalize_targets,
     packing_backend,
@@ -119,7 +120,9 @@ class SplitVLM(nn.Module):
                 f"(resize: square, not {cfg.vision.resize})"
             )
         vision_dim = self.vision.config.hidden_size
-        self.adaptor = build_adaptor(cfg.adaptor, vision_dim, cfg.d_model)
+        self.adaptor = build_adaptor(
+            cfg.adaptor, vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps
+        )
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
 
         def blocks(group: str, n: int) -> nn.ModuleList:
@@ -191,6 +194,7 @@ class SplitVLM(nn.Module):
                 module.apply(module._init_weights)
         else:
             with torch.no_grad():
+                initialized = set()
                 for part in module.modules():
                     if isinstance(part, nn.Linear | nn.Embedding):
                         part.weight.normal_(0.0, std, generator=generator)
@@ -198,10 +202,22 @@ class SplitVLM(nn.Module):
                             part.bias.zero_()
                     elif isinstance(part, RMSNorm):
                         part.reset_parameters()  # 1, or 0 for (1 + w) norms
+                    elif isinstance(part, nn.RMSNorm):  # an adaptor's (Mistral 3's)
+                        part.weight.fill_(1.0)
                     elif isinstance(part, nn.LayerNorm):
                         part.weight.fill_(1.0)
                         if getattr(part, "bias", None) is not None:
                             part.bias.zero_()
+                    else:
+                        continue
+                    initialized.update(id(p) for p in part.parameters(recurse=False))
+                # to_empty left the rest as whatever memory held: refuse rather than train it.
+                left = [n for n, p in module.named_parameters() if id(p) not in initialized]
+                if left:
+                    raise TypeError(
+                        f"{unit}.{left[0]}: no initialization for this kind of module "
+                        "(SplitVLM.unit_initial_values)"
+                    )
         return {f"{unit}.{name}": value.detach() for name, value in module.named_parameters()}
 
     @torch.no_grad()
@@ -282,7 +298,7 @@ class SplitVLM(nn.Module):
         cfg = self.cfg
         images = [
             normalize_pixels(image, cfg.vision.normalization)
-            for image in split_images(pixel_values, grids, cfg.vision.patch_size)
+            for image in split_images(pixel_values, grids, cfg.vision.token_size)
         ]
         starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in grids])
         by_grid: dict[tuple[int, int], list[int]] = {}
@@ -312,19 +328,23 @@ class SplitVLM(nn.Module):
                     passes.append(blank_regions(pixels, span_mask, (rows, cols)))
             groups.append((grid, indices, pixels, clean, span_passes))
         features = self.encode_batches(passes)
+        merge = cfg.vision.spatial_merge
         inputs, targets = [None] * len(grids), [None] * len(grids)
         for grid, indices, pixels, clean, span_passes in groups:
             group_inputs, group_targets = [], []
             for ((rows, cols), _), encoded in zip(cfg.image_spans(grid), span_passes, strict=True):
                 span_grid = (rows, cols)
-                group_inputs.append(self.adaptor(pool_grid(features[encoded], grid, span_grid)))
+                # A token's merge × merge patches side by side, then pooled to the span's grid.
+                tokens = merge_patches(features[encoded], grid, merge)
+                group_inputs.append(self.adaptor(pool_grid(tokens, grid, span_grid)))
                 if cfg.image_target == "encoder":
                     clean_features = features[clean].detach()
+                    patch_grid = (grid[0] * merge, grid[1] * merge)
                     group_targets.append(
-                        normalize_targets(pool_grid(clean_features, grid, span_grid))
+                        normalize_targets(pool_grid(clean_features, patch_grid, span_grid))
                     )
                 else:
-                    group_targets.append(pixel_targets(pixels, span_grid, cfg.vision.patch_size))
+                    group_targets.append(pixel_targets(pixels, span_grid, cfg.vision.token_size))
             group_inputs, group_targets = torch.cat(group_inputs, 1), torch.cat(group_targets, 1)
             for row, index in enumerate(indices):
                 inputs[index], targets[index] = group_inputs[row], group_targets[row]
@@ -372,7 +392,7 @@ class SplitVLM(nn.Module):
     def _blank_image_tokens(self, x_TC: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         kind = "image" if cfg.image_attention == "bidirectional" else "text"
-        size, patch = cfg.vision.image_size, cfg.vision.patch_size
+        size, patch = cfg.vision.image_size, cfg.vision.token_size
         grid = cfg.image_grid(size, size)
         spans = [[(kind, rows * cols)] for (rows, cols), _ in cfg.image_spans(grid)]
         layout = PackedLayout.from_docs(spans, cfg.attention_backend).to(x_TC.device)

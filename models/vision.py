@@ -376,22 +376,76 @@ def pretrained_tower_weights(path: str, tower: nn.Module) -> dict[str, torch.Ten
     return weights
 
 
-def _linear_adaptor(vision_dim: int, d_model: int) -> nn.Module:
-    return nn.Linear(vision_dim, d_model)
+# Adaptors take (..., merge² · vision_dim) features, the merge² patches of a token side by side
+# (`merge_patches`), to (..., d_model).
 
 
-def _mlp_adaptor(vision_dim: int, d_model: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(vision_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+def _linear_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+    return nn.Linear(vision_dim * merge**2, d_model)
 
 
-ADAPTORS = {"linear": _linear_adaptor, "mlp": _mlp_adaptor}
+def _mlp_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(vision_dim * merge**2, d_model), nn.GELU(), nn.Linear(d_model, d_model)
+    )
+
+
+class _Merger(nn.Module):
+    """The merging layer of `PatchMergerAdaptor` (its transformers name)."""
+
+    def __init__(self, vision_dim: int, merge: int):
+        super().__init__()
+        self.merging_layer = nn.Linear(vision_dim * merge**2, vision_dim, bias=False)
+
+
+class PatchMergerAdaptor(nn.Module):
+    """Mistral 3's projector: an RMSNorm over each patch's features, the merge × merge patches
+    of a token concatenated channel by channel (torch's `unfold` order: channel-major) into a
+    bias-free linear back to the tower's width, then Linear-GELU-Linear to the LLM's width.
+    Parameter names are transformers' `Mistral3MultiModalProjector`'s."""
+
+    def __init__(self, vision_dim: int, d_model: int, merge: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.merge = merge
+        self.norm = nn.RMSNorm(vision_dim, eps=eps)
+        self.patch_merger = _Merger(vision_dim, merge)
+        self.linear_1 = nn.Linear(vision_dim, d_model, bias=bias)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        patches = features.unflatten(-1, (self.merge**2, -1))  # (..., merge², vision_dim)
+        normed = self.norm(patches.float()).to(patches.dtype)
+        merged = self.patch_merger.merging_layer(normed.transpose(-1, -2).flatten(-2))
+        return self.linear_2(self.act(self.linear_1(merged)))
+
+
+def _patch_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+    return PatchMergerAdaptor(vision_dim, d_model, merge, eps)
+
+
+ADAPTORS = {"linear": _linear_adaptor, "mlp": _mlp_adaptor, "patch_merger": _patch_merger_adaptor}
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
 
-def build_adaptor(name: str, vision_dim: int, d_model: int) -> nn.Module:
+def build_adaptor(name: str, vision_dim: int, d_model: int, merge: int = 1, eps: float = 1e-5):
+    """`merge`: `model.vision.spatial_merge`; `eps`: the LLM's norm epsilon (Mistral 3's
+    projector norm uses it)."""
     if name not in ADAPTORS:
         raise ValueError(f"unknown adaptor {name!r}; valid: {', '.join(sorted(ADAPTORS))}")
-    return ADAPTORS[name](vision_dim, d_model)
+    return ADAPTORS[name](vision_dim, d_model, merge, eps)
+
+
+def merge_patches(features: torch.Tensor, grid: tuple[int, int], merge: int) -> torch.Tensor:
+    """(N, rows·m · cols·m, C) patch features on a row-major grid of `grid` (rows, cols) tokens
+    of m × m patches → (N, rows · cols, m² · C): each token's patches side by side, row-major
+    within the token (the order of torch's `unfold` kernel)."""
+    if merge == 1:
+        return features
+    n, _, c = features.shape
+    rows, cols = grid
+    blocks = features.view(n, rows, merge, cols, merge, c).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(n, rows * cols, merge * merge * c)
 
 
 # `model.vision.normalization` → per-channel (mean, std) of pixels in [0, 1] (the image
@@ -426,7 +480,7 @@ def patchify(pixels_NCHW: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def image_target_dim(cfg: ModelConfig, vision_dim: int) -> int:
-    return vision_dim if cfg.image_target == "encoder" else 3 * cfg.vision.patch_size**2
+    return vision_dim if cfg.image_target == "encoder" else 3 * cfg.vision.token_size**2
 
 
 def normalize_targets(targets: torch.Tensor) -> torch.Tensor:

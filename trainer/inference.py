@@ -225,7 +225,7 @@ def generate_image(
             "--size needs a native-resolution model (model.vision.resize=native); this one "
             f"makes {cfg.vision.image_size}x{cfg.vision.image_size} images"
         )
-    patch = cfg.vision.patch_size
+    patch = cfg.vision.token_size
     blank = Image.new("RGB", size or (cfg.vision.image_size, cfg.vision.image_size))
     buffer = io.BytesIO()
     blank.save(buffer, format="PNG")

@@ -246,3 +246,29 @@ def test_llava_configuration_is_a_plain_decoder(tokenizer, tmp_path):
         embeddings[batch.image_index] = adapted
         theirs = hf_model(inputs_embeds=embeddings[None]).logits[0]
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("adaptor", ["linear", "mlp", "patch_merger"])
+def test_every_adaptor_gets_its_seeded_init(adaptor):
+    """Sharded engines fill parameters from `unit_initial_values`, built on uninitialized
+    memory: every adaptor's parameters must come out of it set, the same for the same seed
+    (norms 1, biases 0)."""
+    from models.vision import ADAPTORS
+
+    assert adaptor in ADAPTORS
+    cfg = ModelConfig(
+        vocab_size=32,
+        adaptor=adaptor,
+        vision=VisionConfig(image_size=16, patch_size=4, spatial_merge=2),
+    )
+    model = SplitVLM(cfg)
+    first, again = (model.unit_initial_values("adaptor", seed=3) for _ in range(2))
+    assert first.keys() == {f"adaptor.{n}" for n, _ in model.adaptor.named_parameters()}
+    for name, value in first.items():
+        assert torch.equal(value, again[name]), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(value, torch.ones_like(value))
+        elif name.endswith("bias"):
+            assert not value.any()
+        else:
+            assert 0.01 < value.std() < 0.03, name  # normal(0, init_std = 0.02)

@@ -587,8 +587,9 @@ class SampleDecoder:
         return mask
 
     def _load_image(self, image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
-        """uint8 (3, rows · p, cols · p), channels first (a view); the model normalizes (a
-        quarter of the bytes of float32 on the way out of a loader worker and to the device)."""
-        patch = self.model_cfg.vision.patch_size
+        """uint8 (3, rows · t, cols · t) for image tokens of t pixels a side, channels first (a
+        view); the model normalizes (a quarter of the bytes of float32 on the way out of a
+        loader worker and to the device)."""
+        patch = self.model_cfg.vision.token_size
         size = (grid[1] * patch, grid[0] * patch)
         return image_to_rgb(image, size).transpose(2, 0, 1)
