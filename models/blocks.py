@@ -81,24 +81,33 @@ class RopeTables:
         return RopeTables(full, (self.sliding[0][index], self.sliding[1][index]))
 
 
-def rope_tables(positions_T2: torch.Tensor, cfg: ModelConfig) -> RopeTables:
+def rope_tables(positions_TA: torch.Tensor, cfg: ModelConfig) -> RopeTables:
     """The tables of every layer type, computed once per forward and shared by all layers.
 
-    `positions_T2` holds two position axes: the first half of the frequencies rotates by axis 0,
-    the second half by axis 1 (2-D RoPE for image grids). Where both axes are equal — all text —
-    this is exactly the 1-D RoPE of the checkpoint families (Llama-3 scaling included).
+    `positions_TA` holds A position axes, each rotating its own frequencies (`frequency_axes`):
+    with two, the first half by axis 0 and the second half by axis 1 (2-D RoPE for image grids);
+    with three (M-RoPE), `cfg.mrope_section` frequencies each. Where the axes are equal — all
+    text — this is exactly the 1-D RoPE of the checkpoint families (Llama-3 scaling included).
     """
-    full = _rope_table(positions_T2, rope_inverse_frequencies(cfg, positions_T2.device))
+    axes = frequency_axes(cfg, positions_TA.shape[1], positions_TA.device)
+    full = _rope_table(positions_TA, rope_inverse_frequencies(cfg, positions_TA.device), axes)
     if not (cfg.sliding_rope_theta and "sliding" in cfg.layer_types):
         return RopeTables(full, full)
-    inv_freq = rope_inverse_frequencies(cfg, positions_T2.device, sliding=True)
-    return RopeTables(full, _rope_table(positions_T2, inv_freq))
+    inv_freq = rope_inverse_frequencies(cfg, positions_TA.device, sliding=True)
+    return RopeTables(full, _rope_table(positions_TA, inv_freq, axes))
 
 
-def _rope_table(positions_T2: torch.Tensor, inv_freq: torch.Tensor):
-    num_freqs = inv_freq.shape[0]
-    axis = (torch.arange(num_freqs, device=positions_T2.device) >= num_freqs // 2).long()
-    angles_TF = positions_T2.float()[:, axis] * inv_freq[None, :]
+def frequency_axes(cfg: ModelConfig, num_axes: int, device=None) -> torch.Tensor:
+    """(head_dim // 2,) the position axis each RoPE frequency rotates by."""
+    num_freqs = cfg.head_dim // 2
+    if num_axes == 3:  # M-RoPE: time, row, column, in frequency order (Qwen2-VL's sections)
+        sizes = torch.tensor(cfg.mrope_section, device=device)
+        return torch.arange(3, device=device).repeat_interleave(sizes)
+    return (torch.arange(num_freqs, device=device) >= num_freqs // 2).long()
+
+
+def _rope_table(positions_TA: torch.Tensor, inv_freq: torch.Tensor, axes: torch.Tensor):
+    angles_TF = positions_TA.float()[:, axes] * inv_freq[None, :]
     return angles_TF.cos(), angles_TF.sin()
 
 

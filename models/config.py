@@ -28,6 +28,7 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
+IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
 VISION_TOWER_NAMES = ("siglip", "clip", "pixtral")
@@ -238,9 +239,20 @@ class ModelConfig:
     # between the text tokens (LLaVA: the processor expands <image> into its image tokens only);
     # "end": only <image_end> after the image (Pixtral's [IMG_END]).
     image_markers: bool | str = True
+    # The tokenizer's strings for the image start and end markers and the row break (added to
+    # the tokenizer when it lacks them); an imported Pixtral or Mistral 3 uses its own
+    # "[IMG_END]" and "[IMG_BREAK]", whose embeddings it was trained with.
+    image_start_token: str = "<image_start>"
+    image_end_token: str = "<image_end>"
+    image_row_break_token: str = "<image_row_break>"
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
-    # a span at the span's first position), "2d" (half the frequencies by row, half by column).
+    # a span at the span's first position), "2d" (half the frequencies by row, half by column),
+    # "mrope" (Qwen2-VL's M-RoPE: three axes, time, row and column, over `mrope_section`
+    # frequencies each; the text after an image continues one past its largest position).
     image_positions: str = "sequential"
+    # M-RoPE's frequencies per axis (time, row, column), summing to head_dim / 2 (Qwen2-VL-7B:
+    # [16, 24, 24]).
+    mrope_section: list[int] = field(default_factory=list)
     # New image-in / image-head blocks: "fresh" init, or "copy" the neighbouring text blocks.
     image_blocks_init: str = "fresh"
     attention_backend: str = "auto"  # varlen on CUDA (fp16/bf16), sdpa otherwise; per call
@@ -412,9 +424,25 @@ class ModelConfig:
             )
         if not any(self.image_markers is m or self.image_markers == m for m in IMAGE_MARKERS):
             raise ValueError(f"model.image_markers={self.image_markers!r}; valid: true, false, end")
-        if self.image_positions not in ("sequential", "shared", "2d"):
+        names = (self.image_start_token, self.image_end_token, self.image_row_break_token)
+        if not all(names) or len(set(names)) < 3:
             raise ValueError(
-                f"model.image_positions={self.image_positions!r}; valid: sequential, shared, 2d"
+                "model.image_start_token, image_end_token and image_row_break_token must be "
+                f"three different non-empty strings, not {list(names)}"
+            )
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ValueError(
+                f"model.image_positions={self.image_positions!r}; "
+                f"valid: {', '.join(IMAGE_POSITIONS)}"
+            )
+        if (self.image_positions == "mrope") != bool(self.mrope_section) or (
+            self.mrope_section
+            and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2)
+        ):
+            raise ValueError(
+                "model.image_positions=mrope needs model.mrope_section: three frequency counts "
+                f"(time, row, column) summing to head_dim / 2 = {self.head_dim // 2}, and "
+                f"mrope_section needs mrope; got {self.mrope_section}"
             )
         if self.image_blocks_init not in ("fresh", "copy"):
             raise ValueError(

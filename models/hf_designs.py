@@ -154,6 +154,9 @@ _LLAVA_IMAGE_TOKENS = {
     "siglip": {"resize": "square", "image_row_break": False, "image_markers": False},
     "pixtral": {"resize": "longest_side", "image_row_break": True, "image_markers": "end"},
 }
+# Pixtral's tokens for them (its processor's defaults), whose embedding rows the checkpoint
+# trained: an import names them, so a run from it uses those rows.
+_PIXTRAL_TOKEN_NAMES = {"image_end_token": "[IMG_END]", "image_row_break_token": "[IMG_BREAK]"}
 
 
 def llava_model_config(hf) -> ModelConfig:
@@ -176,11 +179,19 @@ def llava_model_config(hf) -> ModelConfig:
     if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
         raise ValueError("only a GELU projector with biases (projector_hidden_act: gelu)")
     cfg = decoder_vlm_config("causal", "mlp", vision, tower, feature_layer=layer)
+    _set_image_tokens(cfg, tower)
+    return cfg
+
+
+def _set_image_tokens(cfg: ModelConfig, tower: str) -> None:
+    """How images of this LLaVA-like design's tower enter the sequence, and for Pixtral the
+    names of its break and end tokens."""
     tokens = dict(_LLAVA_IMAGE_TOKENS[tower])
     cfg.vision.resize = tokens.pop("resize")
+    if tower == "pixtral":
+        tokens.update(_PIXTRAL_TOKEN_NAMES)
     for key, value in tokens.items():
         setattr(cfg, key, value)
-    return cfg
 
 
 def decoder_vlm_config(
@@ -500,10 +511,7 @@ def mistral3_model_config(hf) -> ModelConfig:
     if hf.projector_hidden_act != "gelu" or hf.multimodal_projector_bias:
         raise ValueError("only a GELU projector without biases (Mistral 3's)")
     cfg = decoder_vlm_config("causal", "patch_merger", vision, "pixtral", feature_layer=layer)
-    tokens = dict(_LLAVA_IMAGE_TOKENS["pixtral"])
-    cfg.vision.resize = tokens.pop("resize")
-    for key, value in tokens.items():
-        setattr(cfg, key, value)
+    _set_image_tokens(cfg, "pixtral")
     cfg.vision.spatial_merge = hf.spatial_merge_size
     return cfg
 

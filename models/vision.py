@@ -92,20 +92,28 @@ def _packed_encoder(
 
     def run_layer(layer, x_TD):
         attention = layer.self_attn
-        heads, head_dim = attention.num_heads, attention.head_dim
-        h_TD = layer.layer_norm1(x_TD)
-        q, k, v = (
-            proj(h_TD).view(-1, heads, head_dim)
-            for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
-        )
-        out = packed_attention(
-            q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scale
-        )
-        x_TD = x_TD + attention.out_proj(out.reshape(x_TD.shape[0], -1))
+        out = _packed_self_attention(attention, layer.layer_norm1(x_TD), packed, attention.scale)
+        x_TD = x_TD + attention.out_proj(out)
         return x_TD + layer.mlp(layer.layer_norm2(x_TD))
 
     x_TD, final = _packed_layers(model.encoder.layers, embeddings_TD, feature_layer, run_layer)
     return model.post_layernorm(x_TD) if final else x_TD
+
+
+def _packed_self_attention(attention, h_TD, packed: PackedImages, scale: float, rope=None):
+    """A transformers vision attention's q/k/v projections (`num_heads`, `head_dim`) over packed
+    images, rotated by `rope` = (cos, sin) (T, 1, head_dim) when given: (T, heads · head_dim),
+    before the output projection."""
+    heads, head_dim = attention.num_heads, attention.head_dim
+    q, k, v = (
+        proj(h_TD).view(-1, heads, head_dim)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    if rope is not None:
+        cos, sin = rope
+        q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
+    out = packed_attention(q, k, v, packed.layout, backend=_tower_backend(q), scale=scale)
+    return out.reshape(h_TD.shape[0], -1)
 
 
 def _tower_backend(q: torch.Tensor) -> str:
@@ -231,17 +239,9 @@ class PackedPixtralVisionModel(BatchedFeatures, PixtralVisionModel):
 
         def run_layer(layer, x_TD):
             attention = layer.attention
-            heads, head_dim = attention.num_heads, attention.head_dim
             h_TD = layer.attention_norm(x_TD)
-            q, k, v = (
-                proj(h_TD).view(-1, heads, head_dim)
-                for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
-            )
-            q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
-            out = packed_attention(
-                q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scaling
-            )
-            x_TD = x_TD + attention.o_proj(out.reshape(x_TD.shape[0], -1))
+            out = _packed_self_attention(attention, h_TD, packed, attention.scaling, (cos, sin))
+            x_TD = x_TD + attention.o_proj(out)
             return x_TD + layer.feed_forward(layer.ffn_norm(x_TD))
 
         x_TD, _ = _packed_layers(self.transformer.layers, x_TD, feature_layer, run_layer)

@@ -47,7 +47,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Confi
         model = SplitVLM.from_pretrained(weights.parent, device).eval()
         cfg = Config(model=model.cfg)
         cfg.data.path = ""
-        tokenizer = load_tokenizer(weights.parent / "tokenizer", model.cfg.image_row_break)
+        tokenizer = load_tokenizer(weights.parent / "tokenizer", model.cfg)
         return model, cfg, SampleDecoder(tokenizer, cfg.model, max_tokens=UNLIMITED_TOKENS)
     config_file = next(
         (
@@ -60,7 +60,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> tuple[SplitVLM, Confi
     if config_file is None:
         raise ValueError(f"no config.yaml next to {weights}")
     cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    tokenizer = load_tokenizer(tokenizer_dir(cfg.data), cfg.model.image_row_break)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.data), cfg.model)
     # The weights replace every parameter, so skip loading the pretrained LLM a second time.
     cfg.model.pretrained_llm = ""
     model = build_split_vlm(cfg.model)

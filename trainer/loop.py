@@ -81,7 +81,7 @@ class TrainLoop:
         self.world = world or world_info()
         self.run_dir = Path(cfg.run.dir)
         seed_everything(cfg.run.seed + self.world.rank)
-        tokenizer = load_tokenizer(tokenizer_dir(cfg.data), cfg.model.image_row_break)
+        tokenizer = load_tokenizer(tokenizer_dir(cfg.data), cfg.model)
         device = (
             torch.device("cuda", self.world.local_rank)
             if torch.cuda.is_available()

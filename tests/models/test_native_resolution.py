@@ -254,7 +254,7 @@ def test_pretrained_towers_load_tensor_by_tensor(tmp_path, monkeypatch, kind):
 
 
 def test_row_breaks_sit_between_rows_inside_the_image_block(demo_data):
-    tokenizer = load_tokenizer(demo_data / "tokenizer", row_break=True)
+    tokenizer = load_tokenizer(demo_data / "tokenizer", ModelConfig(image_row_break=True))
     model = _native_model(tokenizer, image_row_break=True, image_positions="2d")
     decoder = SampleDecoder(tokenizer, model.cfg, max_tokens=512)
     doc = decoder(_sample(_png(16, 8)), 0)  # 2 rows of 4 patches

@@ -36,32 +36,44 @@ PATCH = 4
 SIZES = [(12, 20), (32, 8), (16, 16), (8, 28)]
 
 
+def tiny_vision() -> PixtralVisionConfig:
+    """Pixtral's ViT, tiny: 2-D RoPE over up to 8 × 8 patches of 4 pixels."""
+    return PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=32,
+        patch_size=PATCH,
+        rope_theta=1000.0,
+        initializer_range=0.25,  # peaked attention: a wrong position or mask shows
+    )
+
+
+def tiny_mistral() -> MistralConfig:
+    return MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        sliding_window=None,
+        initializer_range=0.25,
+    )
+
+
 def tiny_pixtral() -> LlavaForConditionalGeneration:
-    """A random Pixtral: its ViT (2-D RoPE, up to 8 × 8 patches) read at the last layer, a GELU
-    projector, Mistral. Every 1-D parameter is moved off its init."""
+    """A random Pixtral: its ViT read at the last layer, a GELU projector, Mistral. Every 1-D
+    parameter is moved off its init."""
     torch.manual_seed(0)
     config = LlavaConfig(
-        vision_config=PixtralVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            head_dim=16,
-            image_size=32,
-            patch_size=PATCH,
-            rope_theta=1000.0,
-        ).to_dict(),
-        text_config=MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            rope_theta=5000.0,
-            sliding_window=None,
-        ),
+        vision_config=tiny_vision().to_dict(),
+        text_config=tiny_mistral(),
         image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -89,9 +101,9 @@ def image_ids(size, image_id: int, patch=PATCH, marks=(IMAGE_BREAK, IMAGE_END)) 
     return ids
 
 
-def samples(num_images: int, seed: int):
+def samples(num_images: int, seed: int, sizes=SIZES):
     """Three documents of (text, image size) pieces ending in text; the second opens with an
-    image; each its own images, of several sizes."""
+    image; each its own images, of several `sizes`."""
     generator = torch.Generator().manual_seed(seed)
     docs = []
     for index, length in enumerate((5, 3, 7)):
@@ -99,7 +111,7 @@ def samples(num_images: int, seed: int):
         for image in range(num_images):
             count = 0 if (index == 1 and image == 0) else length + image
             text = torch.randint(4, 60, (count,), generator=generator).tolist()
-            pieces.append((text, SIZES[(index + image) % len(SIZES)]))
+            pieces.append((text, sizes[(index + image) % len(sizes)]))
         pieces.append((torch.randint(4, 60, (length + 2,), generator=generator).tolist(), None))
         docs.append(pieces)
     return docs
@@ -245,15 +257,21 @@ def test_a_too_large_image_for_the_position_grid_is_one_clear_error():
 def test_pixtral_preset_trains_on_native_images_and_exports_to_transformers(
     native_demo_data, tmp_path
 ):
-    """yaml/pixtral.yaml on images of several aspect ratios: the text loss falls, and the run as
-    a transformers LLaVA-Pixtral gives our logits."""
+    trains_and_exports(
+        "yaml/pixtral.yaml", LlavaForConditionalGeneration, 8, native_demo_data, tmp_path
+    )
+
+
+def trains_and_exports(preset: str, hf_class, token: int, data: Path, tmp_path: Path) -> None:
+    """`preset` on images of several aspect ratios (image tokens of `token` pixels): the text
+    loss falls, and the run as a transformers `hf_class` gives our logits."""
     from trainer.inference import load_for_inference
     from trainer.loop import train
 
     cfg = load_config(
-        REPO / "yaml/pixtral.yaml",
+        REPO / preset,
         [
-            f"data.path={native_demo_data}",
+            f"data.path={data}",
             f"run.dir={tmp_path / 'run'}",
             "run.steps=20",
             "optim.warmup_steps=4",
@@ -262,19 +280,60 @@ def test_pixtral_preset_trains_on_native_images_and_exports_to_transformers(
         ],
     )
     train(cfg)
-    metrics = read_metrics(Path(cfg.run.dir))
-    text = [m["text_loss"] for m in metrics]
+    text = [m["text_loss"] for m in read_metrics(Path(cfg.run.dir))]
     assert len(text) == 20 and all(math.isfinite(v) for v in text)
     assert mean(text[-5:]) < 0.9 * mean(text[:5]), text
 
-    assert export_to_hf(Path(cfg.run.dir), tmp_path / "hf") == "LlavaForConditionalGeneration"
-    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert export_to_hf(Path(cfg.run.dir), tmp_path / "hf") == hf_class.__name__
+    hf = hf_class.from_pretrained(tmp_path / "hf").eval()
     ours, _, decoder = load_for_inference(Path(cfg.run.dir))
     vocab = decoder.tokenizer.get_vocab()
-    marks = vocab["<image_row_break>"], vocab["<image_end>"]
-    pieces = [([2, 5, 9], (8, 16)), ([11, 12], (24, 8)), ([3, 4], None)]
+    marks = vocab[ours.cfg.image_row_break_token], vocab[ours.cfg.image_end_token]
+    pieces = [([2, 5, 9], (token, 2 * token)), ([11, 12], (3 * token, token)), ([3, 4], None)]
     images = pixels_of(pieces, seed=1)
     with torch.no_grad():
-        want = packed_logits(ours, [as_document(pieces, images, "probe", 8, marks)])
-        got = transformers_logits(hf, pieces, images, 8, marks)
+        want = packed_logits(ours, [as_document(pieces, images, "probe", token, marks)])
+        got = transformers_logits(hf, pieces, images, token, marks)
     assert (want - got).abs().max() <= 1e-5
+
+
+def test_an_import_decodes_with_the_checkpoints_own_break_and_end_tokens(pixtral_dir, tmp_path):
+    """A Pixtral checkpoint's tokenizer has [IMG_BREAK] and [IMG_END], whose embedding rows it
+    trained: the import names them (model.image_row_break_token, image_end_token), so decoding
+    for a run from it uses those ids and adds no token of its own."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    import yaml
+    from cluster.cli import main as cli
+    from models.config import model_config_from_dict
+    from trainer.data.decode import SampleDecoder, load_tokenizer
+    from trainer.data.demo import save_tokenizer
+    from trainer.data.shards import pack_blobs
+
+    checkpoint = tmp_path / "hf"
+    tiny_pixtral().save_pretrained(checkpoint)
+    save_tokenizer(tmp_path / "demo_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "demo_tokenizer"))
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]}
+    )
+    tokenizer.save_pretrained(checkpoint)
+    assert cli(["import-hf", str(checkpoint), "--out", str(tmp_path / "ours")]) == 0
+
+    cfg = model_config_from_dict(yaml.safe_load((tmp_path / "ours" / "config.yaml").read_text()))
+    assert (cfg.image_row_break_token, cfg.image_end_token) == ("[IMG_BREAK]", "[IMG_END]")
+    ours = load_tokenizer(tmp_path / "ours" / "tokenizer", cfg)
+    assert len(ours) == len(tokenizer)  # nothing added
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (10, 200, 30)).save(buffer, format="PNG")
+    sample = {"text": "<image> green", "images": pack_blobs([buffer.getvalue()])}
+    doc = SampleDecoder(ours, cfg, max_tokens=512)(sample, 0)
+    vocab = ours.get_vocab()
+    ids = doc.input_ids.tolist()
+    assert doc.image_grids == [(4, 6)]
+    assert ids.count(vocab["[IMG_BREAK]"]) == 3 and ids.count(vocab["[IMG_END]"]) == 1
+    end = ids.index(vocab["[IMG_END]"])
+    assert ids[end - 6 : end] == [ours.pad_token_id or 0] * 6  # the last row, then the end

@@ -50,9 +50,6 @@ SKIP_REASONS = (
 )
 _PHILOX_EMPTY_BUFFER = np.zeros(4, dtype=np.uint64)  # with buffer_pos 4: nothing buffered
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>"}
-IMAGE_TOKENS = ("<image_start>", "<image_end>")
-# Between two rows of an image span with `model.image_row_break` (Pixtral's [IMG_BREAK]).
-IMAGE_ROW_BREAK = "<image_row_break>"
 
 
 class DecodeError(ValueError):
@@ -65,15 +62,15 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-def prepare_tokenizer(tokenizer, row_break: bool = False) -> int:
+def prepare_tokenizer(tokenizer, model_cfg: ModelConfig | None = None) -> int:
     """Add the special tokens decoding needs and `tokenizer` lacks; returns how many were added.
 
-    Always `<image_start>` and `<image_end>`; `<image_row_break>` with `row_break`
-    (`model.image_row_break`); without a chat template also the default role tokens. Call it
-    before building the model: `model.vocab_size` is taken from `len(tokenizer)`, so added
-    tokens get embedding rows.
+    The image tokens the model config uses (`image_tokens_used`: by default `<image_start>`
+    and `<image_end>`); without a chat template also the default role tokens. Call it before
+    building the model: `model.vocab_size` is taken from `len(tokenizer)`, so added tokens get
+    embedding rows.
     """
-    needed = list(IMAGE_TOKENS) + [IMAGE_ROW_BREAK] * row_break
+    needed = image_tokens_used(model_cfg or ModelConfig())
     if not tokenizer.chat_template:
         needed += ROLE_TOKENS.values()
     vocab = tokenizer.get_vocab()
@@ -92,16 +89,27 @@ def tokenizer_dir(data_cfg) -> Path:
     return Path(data_cfg.tokenizer) if data_cfg.tokenizer else Path(data_cfg.path) / "tokenizer"
 
 
-def load_tokenizer(path: str | Path, row_break: bool = False):
-    """A transformers tokenizer from a local directory, with the special tokens decoding needs
-    (`prepare_tokenizer`). The one way every part of splitvlm loads a tokenizer."""
+def image_tokens_used(cfg: ModelConfig) -> list[str]:
+    """The tokenizer strings of the image markers and row break that `cfg` puts in sequences."""
+    used = (
+        (cfg.image_start_marker, cfg.image_start_token),
+        (cfg.image_end_marker, cfg.image_end_token),
+        (cfg.image_row_break, cfg.image_row_break_token),
+    )
+    return [token for is_used, token in used if is_used]
+
+
+def load_tokenizer(path: str | Path, model_cfg: ModelConfig | None = None):
+    """A transformers tokenizer from a local directory, with the special tokens decoding
+    `model_cfg` needs (`prepare_tokenizer`). The one way every part of splitvlm loads a
+    tokenizer."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"tokenizer directory not found: {path} (set data.tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    prepare_tokenizer(tokenizer, row_break)
+    prepare_tokenizer(tokenizer, model_cfg)
     return tokenizer
 
 
@@ -256,7 +264,8 @@ class ChatRenderer:
         ids = tokenizer.convert_tokens_to_ids
         vocab = tokenizer.get_vocab()
         self.use_chat_template = bool(tokenizer.chat_template)
-        needed = list(IMAGE_TOKENS) + ([] if self.use_chat_template else list(ROLE_TOKENS.values()))
+        # Image tokens are the decoder's (SampleDecoder checks the ones its model config uses).
+        needed = [] if self.use_chat_template else list(ROLE_TOKENS.values())
         missing = [token for token in needed if token not in vocab]
         if missing:
             raise ValueError(
@@ -432,16 +441,18 @@ class SampleDecoder:
         self._bit_generator = np.random.Philox(key=self._key)
         self._rng = np.random.Generator(self._bit_generator)
         ids = tokenizer.convert_tokens_to_ids
-        self.image_start_id = ids(IMAGE_TOKENS[0])
-        self.image_end_id = ids(IMAGE_TOKENS[1])
+        vocab = tokenizer.get_vocab()
+        missing = [token for token in image_tokens_used(model_cfg) if token not in vocab]
+        if missing:
+            raise ValueError(
+                f"the tokenizer has no {missing[0]!r} token (load_tokenizer(path, model_cfg) "
+                "adds the image tokens the model config names)"
+            )
+        self.image_start_id = ids(model_cfg.image_start_token)  # used only with its marker
+        self.image_end_id = ids(model_cfg.image_end_token)
         self.row_break_id = None
         if model_cfg.image_row_break:
-            if IMAGE_ROW_BREAK not in tokenizer.get_vocab():
-                raise ValueError(
-                    f"model.image_row_break needs the tokenizer's {IMAGE_ROW_BREAK} token "
-                    "(load_tokenizer(path, row_break=True) adds it)"
-                )
-            self.row_break_id = ids(IMAGE_ROW_BREAK)
+            self.row_break_id = ids(model_cfg.image_row_break_token)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __call__(

@@ -250,14 +250,32 @@ def attention_segments(doc: Document, image_attention: str) -> list[tuple[str, i
 def rope_positions(
     position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int], bool]], mode: str
 ) -> torch.Tensor:
-    """(T, 2) RoPE positions. Text uses its 1-D position on both axes (so a pretrained LLM sees
-    exactly its own RoPE); image spans, given as (start, (rows, cols), row breaks), follow `mode`
-    ("2d": the span's first position plus each token's row on one axis and column on the other;
-    a row break is one column past its row's end). Text after an image continues at its own
-    sequential position."""
-    positions = position_ids[:, None].repeat(1, 2)
+    """RoPE positions: (T, 2), or (T, 3) for "mrope". Text uses its 1-D position on every axis
+    (so a pretrained LLM sees exactly its own RoPE); image spans, given as (start, (rows, cols),
+    row breaks), follow `mode` ("2d": the span's first position plus each token's row on one
+    axis and column on the other; a row break is one column past its row's end). Text after an
+    image continues at its own sequential position, but for "mrope" (Qwen2-VL), whose axes are
+    (time, row, column): the image's tokens are at (first, first + row, first + column) and the
+    rest of its document continues one past the largest of them."""
+    positions = position_ids[:, None].repeat(1, 3 if mode == "mrope" else 2)
     if mode == "sequential":
         return positions
+    if mode == "mrope":
+        doc_starts = (position_ids == 0).nonzero().squeeze(1).tolist() + [len(position_ids)]
+    for start, (rows, cols), row_breaks in image_spans:
+        stride = cols + row_breaks  # tokens per row, its break included
+        first, length = int(positions[start, 0]), rows * stride - row_breaks
+        if mode == "shared":
+            positions[start : start + length] = first
+            continue
+        offsets = torch.arange(length)
+        positions[start : start + length, -2] = first + offsets // stride
+        positions[start : start + length, -1] = first + offsets % stride
+        if mode == "mrope":
+            positions[start : start + length, 0] = first
+            end = next(s for s in doc_starts if s > start)
+            positions[start + length : end] -= length - max(rows, stride)
+    return positions
     for start, (rows, cols), row_breaks in image_spans:
         stride = cols + row_breaks  # tokens per row, its break included
         first, length = int(positions[start, 0]), rows * stride - row_breaks
