@@ -22,16 +22,16 @@ ATTENTION_BACKEND_NAMES = (
     "varlen_emulated",
     "auto",
 )
-ADAPTOR_NAMES = ("linear", "mlp", "patch_merger")
+ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger")
 NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
-RESIZE_MODES = ("square", "native", "longest_side")
+RESIZE_MODES = ("square", "native", "longest_side", "smart")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip", "pixtral")
+VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl")
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
 PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
@@ -57,6 +57,8 @@ class VisionConfig:
     # (`native_grid`); 0 for max_pixels means image_size², the square mode's area.
     # "longest_side": Pixtral's rule, the aspect ratio kept, scaled down (never up) until the
     # longer side is at most image_size, each side then rounded up to whole patches.
+    # "smart": Qwen2-VL's `smart_resize`, each side rounded to whole image tokens, then scaled
+    # into [min_pixels, max_pixels] if the rounding left that budget.
     resize: str = "square"
     min_pixels: int = 0
     max_pixels: int = 0
@@ -86,7 +88,27 @@ class VisionConfig:
         """(rows, cols) of patches of a `width` × `height` image in a native mode."""
         if self.resize == "longest_side":
             return self.longest_side_grid(width, height)
+        if self.resize == "smart":
+            return self.smart_grid(width, height)
         return self.native_grid(width, height)
+
+    def smart_grid(self, width: int, height: int) -> tuple[int, int]:
+        """Qwen2-VL's grid (its image processor's `smart_resize`, in image tokens): each side
+        rounded to whole tokens; over the budget, the sides scaled down into it and floored;
+        under it, scaled up and ceiled. An aspect ratio over 200 is refused, as there."""
+        if max(width, height) > 200 * min(width, height):
+            raise ValueError(f"a {width}x{height} image: aspect ratio over 200")
+        unit = self.token_size
+        min_pixels, max_pixels = self.pixel_budget
+        rows, cols = max(1, round(height / unit)), max(1, round(width / unit))
+        if rows * cols * unit**2 > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            rows = max(1, math.floor(height / beta / unit))
+            cols = max(1, math.floor(width / beta / unit))
+        elif rows * cols * unit**2 < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            rows, cols = math.ceil(height * beta / unit), math.ceil(width * beta / unit)
+        return rows, cols
 
     def longest_side_grid(self, width: int, height: int) -> tuple[int, int]:
         """Pixtral's grid: scaled down by the ratio of the longer side to image_size when that

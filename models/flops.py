@@ -91,10 +91,9 @@ class ModelFlops:
             self.pair_flops[name] = Counter(
                 {window: 3 * 4 * attention_width * count for window, count in windows.items()}
             )
-        tower = vision.config
-        self.tower_width, self.tower_layers = tower.hidden_size, tower.num_hidden_layers
+        self.tower_width, self.tower_layers = vision.feature_dim, vision.num_layers
         self.vision_pair_flops = (
-            (3 if self.vision_trainable else 1) * 4 * tower.hidden_size * tower.num_hidden_layers
+            (3 if self.vision_trainable else 1) * 4 * self.tower_width * self.tower_layers
         )
 
     def micro_batch(self, batch) -> int:
@@ -134,7 +133,7 @@ class ModelFlops:
                 passes = (blanked + int(clean_is_input), int(not clean_is_input))
             else:
                 passes = (0, blanked + 1)
-            num_patches = grid[0] * grid[1]
+            num_patches = grid[0] * grid[1] * cfg.vision.spatial_merge**2
             for k in (0, 1):
                 patches[k] += len(indices) * num_patches * passes[k]
                 pairs[k] += len(indices) * num_patches**2 * passes[k]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from models.vision import (
     PIXEL_NORMALIZATIONS,
     CLIPTower,
     PackedPixtralVisionModel,
+    PackedQwen2VisionModel,
     PackedSiglipVisionModel,
 )
 
@@ -240,11 +242,12 @@ _PALIGEMMA_PROJECTOR = {"": "linear"}
 
 
 def _import_vlm(
-    path: Path, seed: int, design: str, model_config, projector: dict[str, str]
+    path: Path, seed: int, design: str, model_config, projector: dict[str, str], prefixes=None
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
-    `projector` maps our adaptor's submodules to the projector's (`_projector_names`)."""
+    `projector` maps our adaptor's submodules to the projector's (`_projector_names`);
+    `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's)."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -260,7 +263,7 @@ def _import_vlm(
     model.reset_parameters(seed)  # what the checkpoint lacks (image head, mask embedding)
     llm.load_into(model)
     checkpoint = SafetensorsDir(path, what="our model")
-    vision_prefix, projector_prefix = _llava_prefixes(checkpoint.tensor_files)
+    vision_prefix, projector_prefix = (prefixes or _llava_prefixes)(checkpoint.tensor_files)
     sources = {
         f"vision.{name}": vision_prefix + name for name, _ in model.vision.named_parameters()
     }
@@ -293,18 +296,26 @@ def _projector_names(model: SplitVLM, projector: dict[str, str]) -> dict[str, st
     return names
 
 
-def _save_vlm(model: SplitVLM, out: Path, family: str, projector: dict[str, str], hf) -> None:
+def _save_vlm(
+    model: SplitVLM,
+    out: Path,
+    family: str,
+    projector: dict[str, str],
+    hf,
+    prefixes=("vision_tower.", "multi_modal_projector."),
+) -> None:
     """A LLaVA-like transformers checkpoint: the language model under transformers' saved names
-    (what save_pretrained writes and every version loads), `vision_tower.*`,
-    `multi_modal_projector.*`, and `hf` (its config) as config.json."""
+    (what save_pretrained writes and every version loads), the tower and projector under
+    `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), and `hf` (its config) as
+    config.json."""
     state = model.state_dict()
     plan = plan_sources(SUPPORTED_LLMS[family], model.cfg)
     tensors = {source.tensor: state[name] for name, source in plan.items()}
     for name, value in state.items():
         if name.startswith("vision."):
-            tensors["vision_tower." + name.removeprefix("vision.")] = value
+            tensors[prefixes[0] + name.removeprefix("vision.")] = value
     for ours, theirs in _projector_names(model, projector).items():
-        tensors["multi_modal_projector." + theirs] = state[ours]
+        tensors[prefixes[1] + theirs] = state[ours]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -646,6 +657,156 @@ def _paligemma_export(model: SplitVLM, out: Path, base: dict | None, image_id: i
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
 
+# -- Qwen2-VL ---------------------------------------------------------------------------------
+
+# Qwen2-VL's image processor budget, when the checkpoint has no preprocessor_config.json.
+_QWEN2_VL_PIXELS = (56 * 56, 28 * 28 * 1280)
+
+
+def qwen2_vl_model_config(hf, path: Path | None = None) -> ModelConfig:
+    """Our ModelConfig of a transformers Qwen2VLConfig: its ViT (packed, at the grid of
+    `smart_resize` within the processor's pixel budget), its merger as the adaptor (image tokens
+    of 2 × 2 patches), <|vision_start|> and <|vision_end|> around each image, M-RoPE (set from
+    the language model's `mrope_section`), Qwen2."""
+    vision = hf.vision_config
+    if vision.hidden_act != "quick_gelu" or vision.mlp_ratio * vision.embed_dim % 1:
+        raise ValueError("only Qwen2-VL's ViT (hidden_act: quick_gelu)")
+    min_pixels, max_pixels = _QWEN2_VL_PIXELS
+    processor = path / "preprocessor_config.json" if path else None
+    if processor is not None and processor.is_file():
+        config = json.loads(processor.read_text())
+        size = config.get("size") or {}
+        min_pixels = config.get("min_pixels", size.get("shortest_edge", min_pixels))
+        max_pixels = config.get("max_pixels", size.get("longest_edge", max_pixels))
+    token = vision.patch_size * vision.spatial_merge_size
+    cfg = ModelConfig(
+        num_text_in_blocks=0,
+        num_image_in_blocks=0,
+        num_text_head_blocks=0,
+        num_image_head_blocks=0,
+        image_attention="causal",
+        image_markers=True,
+        image_start_token="<|vision_start|>",
+        image_end_token="<|vision_end|>",
+        adaptor="qwen2_merger",
+        mask_rate_min=0.0,
+        mask_rate_max=0.0,
+        vision=VisionConfig(
+            tower="qwen2_vl",
+            # Only the budget's default and the validation read it: the largest square side.
+            image_size=max(token, int(math.sqrt(max_pixels)) // token * token),
+            patch_size=vision.patch_size,
+            spatial_merge=vision.spatial_merge_size,
+            hidden_size=vision.embed_dim,
+            num_layers=vision.depth,
+            num_heads=vision.num_heads,
+            resize="smart",
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            normalization="clip",
+        ),
+    )
+    return cfg
+
+
+def _qwen2_vl_prefixes(files: dict) -> tuple[str, str]:
+    """(tower, merger) tensor prefixes: transformers' saved names, or its nested ones."""
+    if any(name.startswith("model.visual.") for name in files):
+        return "model.visual.", "model.visual.merger."
+    return "visual.", "visual.merger."
+
+
+def _import_qwen2_vl(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "qwen2_vl",
+        lambda hf: qwen2_vl_model_config(hf, path),
+        {},  # our Qwen2MergerAdaptor has transformers' names
+        _qwen2_vl_prefixes,
+    )
+
+
+_QWEN2_VL_SHAPE = {
+    "num_text_in_blocks": 0,
+    "num_image_in_blocks": 0,
+    "num_text_head_blocks": 0,
+    "num_image_head_blocks": 0,
+    "image_attention": "causal",
+    "image_markers": True,
+    "image_row_break": False,
+    "image_positions": "mrope",
+    "image_scales": [],
+    "dual_input": False,
+    "adaptor": "qwen2_merger",
+    "norm_style": "default",
+    "post_norms": False,
+    "scale_embeddings": False,
+    "mlp_activation": "silu",
+    "attention_scale": 0.0,
+    "qk_norm": False,
+    "attention_bias": True,
+}
+
+
+def _qwen2_vl_mismatch(model: SplitVLM) -> str | None:
+    cfg = model.cfg
+    for key, value in _QWEN2_VL_SHAPE.items():
+        if getattr(cfg, key) != value:
+            return f"model.{key}={getattr(cfg, key)!r}, Qwen2-VL has {value!r}"
+    if type(model.vision) is not PackedQwen2VisionModel:
+        return "Qwen2-VL's vision tower is its own ViT"
+    if cfg.vision.feature_layer not in (0, -1):
+        return "Qwen2-VL reads its ViT's last layer (model.vision.feature_layer: 0)"
+    return None
+
+
+def _qwen2_vl_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import AutoTokenizer, Qwen2VLConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    text = {
+        **_text_config(model, base),
+        "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.mrope_section)},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+    }
+    text.pop("model_type", None)
+    text.pop("head_dim", None)  # Qwen2: hidden_size / heads
+    ids = dict.fromkeys(("image_token_id", "vision_start_token_id", "vision_end_token_id"))
+    ids.update({k: v for k, v in (base or {}).items() if k in ids})
+    if None in ids.values() and (out / "tokenizer_config.json").is_file():
+        vocab = AutoTokenizer.from_pretrained(str(out)).get_vocab()
+        ids["vision_start_token_id"] = vocab.get(cfg.image_start_token)
+        ids["vision_end_token_id"] = vocab.get(cfg.image_end_token)
+        ids["image_token_id"] = image_id
+    if None in ids.values():
+        raise ValueError(
+            "no Qwen2-VL image token ids: the export has neither the original config "
+            f"({HF_CONFIG_FILE}) nor a tokenizer with the image tokens"
+        )
+    vision = {**model.vision.config.to_dict(), "hidden_size": cfg.d_model}
+    hf = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    hf.architectures = ["Qwen2VLForConditionalGeneration"]
+    _save_vlm(model, out, "qwen2_vl", {}, hf, prefixes=("visual.", "visual.merger."))
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    min_pixels, max_pixels = cfg.vision.pixel_budget
+    processor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": cfg.vision.patch_size,
+        "merge_size": cfg.vision.spatial_merge,
+        "temporal_patch_size": model.vision.config.temporal_patch_size,
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -664,5 +825,11 @@ HF_DESIGNS = {
         import_checkpoint=_import_mistral3,
         export_checkpoint=_mistral3_export,
         mismatch=_mistral3_mismatch,
+    ),
+    "qwen2_vl": HFDesign(
+        transformers_class="Qwen2VLForConditionalGeneration",
+        import_checkpoint=_import_qwen2_vl,
+        export_checkpoint=_qwen2_vl_export,
+        mismatch=_qwen2_vl_mismatch,
     ),
 }

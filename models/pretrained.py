@@ -213,6 +213,31 @@ def _paligemma_text(hf, cfg: ModelConfig) -> None:
     _gemma(hf, cfg)
 
 
+def _qwen2_vl_text(hf, cfg: ModelConfig) -> None:
+    """Qwen2-VL's language model: Qwen2 with M-RoPE (its `mrope_section`)."""
+    _qwen2(hf, cfg)
+    section = (getattr(hf, "rope_scaling", None) or {}).get("mrope_section")
+    if section:
+        cfg.image_positions = "mrope"
+        cfg.mrope_section = list(section)
+
+
+def _qwen2_vl(layout: str) -> LLMFamily:
+    """Qwen2VLForConditionalGeneration's language model, saved as transformers writes it (the
+    LLM under model.*, the tower under visual.*) or under its nested in-memory names."""
+    model, others = {"legacy": ("model.", ""), "nested": ("model.language_model.", "model.")}[
+        layout
+    ]
+    return LLMFamily(
+        _qwen2_vl_text,
+        layer_prefix=model + "layers.{}.",
+        embed=model + "embed_tokens.weight",
+        final_norm=model + "norm.weight",
+        text_config=True,
+        other_parts=(others + "visual.",),
+    )
+
+
 def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -> LLMFamily:
     """The LLM of a transformers vision-language checkpoint saved in `layout`: "legacy"
     (language_model.model.*, what transformers writes, and the published checkpoints) or
@@ -249,6 +274,8 @@ SUPPORTED_LLMS = {
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "legacy"),
     # Mistral3ForConditionalGeneration: its language model (the whole model: hf_designs).
     "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
+    # Qwen2VLForConditionalGeneration: its language model (the whole model: hf_designs).
+    "qwen2_vl": _qwen2_vl("legacy"),
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
@@ -256,6 +283,7 @@ _NESTED_LAYOUTS = {
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "nested"),
     "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
+    "qwen2_vl": _qwen2_vl("nested"),
 }
 
 

@@ -119,7 +119,7 @@ class SplitVLM(nn.Module):
                 f"model.vision: a {type(self.vision).__name__} takes square images only "
                 f"(resize: square, not {cfg.vision.resize})"
             )
-        vision_dim = self.vision.config.hidden_size
+        vision_dim = self.vision.feature_dim
         self.adaptor = build_adaptor(
             cfg.adaptor, vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps
         )

@@ -32,6 +32,8 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from models.attention import PackedLayout, packed_attention
 from models.config import (
@@ -133,6 +135,15 @@ class BatchedFeatures:
     packs_square_images = False
     # Tokens before the patches in the tower's output (CLIP's CLS), dropped from the features.
     num_prefix_tokens = 0
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of the features the adaptor reads."""
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
 
     def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
         """(N, 3, H, W) → (N, rows · cols, hidden)."""
@@ -248,6 +259,61 @@ class PackedPixtralVisionModel(BatchedFeatures, PixtralVisionModel):
         return x_TD  # no final norm: last_hidden_state is the last layer's output
 
 
+class PackedQwen2VisionModel(BatchedFeatures, Qwen2VisionTransformerPretrainedModel):
+    """Qwen2-VL's ViT without its merger (our `qwen2_merger` adaptor holds it): a bias-free
+    Conv3d patch embedding over two identical frames of a still image (the processor repeats
+    it; here the two temporal kernel slices are summed), pre-LayerNorm blocks with a fused qkv
+    and a QuickGELU MLP, and 2-D RoPE: a quarter of each head's frequencies by the patch's row,
+    a quarter by its column, each used twice (half-split rotation). transformers orders the
+    patches of every 2 × 2 token together; the attention is the same in row-major order, which
+    is ours (`merge_patches` groups them after)."""
+
+    packs_square_images = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        del self.merger  # our adaptor
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.embed_dim  # its hidden_size is the language model's width
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.depth
+
+    def forward(self, pixel_values=None, packed: PackedImages | None = None, feature_layer=0):
+        if packed is None:
+            raise ValueError("the Qwen2-VL tower runs packed images only (PackedImages)")
+        conv = self.patch_embed.proj.weight  # (D, 3, frames, p, p)
+        patches = packed.patches_TCPP.to(conv.dtype)
+        x_TD = F.linear(patches.flatten(1), conv.sum(2).flatten(1))
+        inv_freq = self.rotary_pos_emb.inv_freq
+        angles = []
+        for rows, cols in packed.grids:
+            row = torch.arange(rows, device=x_TD.device).repeat_interleave(cols)
+            col = torch.arange(cols, device=x_TD.device).repeat(rows)
+            by_row, by_col = (torch.outer(t.float(), inv_freq) for t in (row, col))
+            angles.append(torch.cat((by_row, by_col), dim=-1))
+        angles_TF = torch.cat(angles)
+        emb = torch.cat((angles_TF, angles_TF), dim=-1)[:, None]  # (T, 1, head_dim)
+        cos, sin = emb.cos(), emb.sin()
+
+        def run_layer(block, x_TD):
+            attention = block.attn
+            h_TD = block.norm1(x_TD)
+            q, k, v = attention.qkv(h_TD).view(len(h_TD), 3, attention.num_heads, -1).unbind(1)
+            q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))
+            out = packed_attention(
+                q, k, v, packed.layout, backend=_tower_backend(q), scale=attention.scaling
+            )
+            x_TD = x_TD + attention.proj(out.reshape(len(x_TD), -1))
+            return x_TD + block.mlp(block.norm2(x_TD))
+
+        x_TD, _ = _packed_layers(self.blocks, x_TD, feature_layer, run_layer)
+        return x_TD  # no final norm: the merger normalizes
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -267,6 +333,7 @@ VISION_TOWERS = {
     "siglip2_vision_model": (Siglip2VisionConfig, PackedSiglip2VisionModel),
     "clip_vision_model": (CLIPVisionConfig, CLIPTower),
     "pixtral": (PixtralVisionConfig, PackedPixtralVisionModel),
+    "qwen2_vl": (Qwen2VLVisionConfig, PackedQwen2VisionModel),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -302,8 +369,24 @@ def _random_pixtral(cfg: VisionConfig):
     return PixtralVisionConfig(**size, head_dim=head_dim), PackedPixtralVisionModel
 
 
+def _random_qwen2_vl(cfg: VisionConfig):
+    config = Qwen2VLVisionConfig(
+        depth=cfg.num_layers,
+        embed_dim=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        spatial_merge_size=cfg.spatial_merge,
+    )
+    return config, PackedQwen2VisionModel
+
+
 # `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig
-RANDOM_TOWERS = {"siglip": _random_siglip, "clip": _random_clip, "pixtral": _random_pixtral}
+RANDOM_TOWERS = {
+    "siglip": _random_siglip,
+    "clip": _random_clip,
+    "pixtral": _random_pixtral,
+    "qwen2_vl": _random_qwen2_vl,
+}
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
 
@@ -424,7 +507,33 @@ def _patch_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float)
     return PatchMergerAdaptor(vision_dim, d_model, merge, eps)
 
 
-ADAPTORS = {"linear": _linear_adaptor, "mlp": _mlp_adaptor, "patch_merger": _patch_merger_adaptor}
+class Qwen2MergerAdaptor(nn.Module):
+    """Qwen2-VL's merger: a LayerNorm over each patch's features, the merge × merge patches of a
+    token side by side (patch-major: `merge_patches`' order), Linear-GELU-Linear to the LLM's
+    width. Parameter names are transformers' `PatchMerger`'s (`visual.merger.*`)."""
+
+    def __init__(self, vision_dim: int, d_model: int, merge: int, eps: float):
+        super().__init__()
+        self.merge = merge
+        self.ln_q = nn.LayerNorm(vision_dim, eps=1e-6)
+        width = vision_dim * merge**2
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, d_model))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        patches = features.unflatten(-1, (self.merge**2, -1))
+        return self.mlp(self.ln_q(patches).flatten(-2))
+
+
+def _qwen2_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+    return Qwen2MergerAdaptor(vision_dim, d_model, merge, eps)
+
+
+ADAPTORS = {
+    "linear": _linear_adaptor,
+    "mlp": _mlp_adaptor,
+    "patch_merger": _patch_merger_adaptor,
+    "qwen2_merger": _qwen2_merger_adaptor,
+}
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
 

@@ -8,7 +8,6 @@ The result loads with `models.split_vlm.SplitVLM.from_pretrained(DIR)`.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from models.hf_designs import write_export
 from models.split_vlm import SplitVLM
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import load_config, save_config
-from trainer.data.decode import tokenizer_dir
+from trainer.data.decode import load_tokenizer, tokenizer_dir
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -40,8 +39,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     write_export(model, out, source=str(step_dir))
     save_config(cfg, out / "train_config.yaml")
     tokenizer = tokenizer_dir(cfg.data)
-    if tokenizer.is_dir():
-        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    if tokenizer.is_dir():  # with the tokens the run added (image markers): the model's vocab
+        load_tokenizer(tokenizer, cfg.model).save_pretrained(out / "tokenizer")
     return step_dir
 
 

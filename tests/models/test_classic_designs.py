@@ -409,7 +409,14 @@ def _engine_worker(
 
 
 @pytest.mark.parametrize(
-    "preset", ["yaml/llava.yaml", "yaml/paligemma.yaml", "yaml/pixtral.yaml", "yaml/mistral3.yaml"]
+    "preset",
+    [
+        "yaml/llava.yaml",
+        "yaml/paligemma.yaml",
+        "yaml/pixtral.yaml",
+        "yaml/mistral3.yaml",
+        "yaml/qwen2_vl.yaml",
+    ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
     """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses

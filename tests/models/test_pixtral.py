@@ -265,6 +265,20 @@ def test_pixtral_preset_trains_on_native_images_and_exports_to_transformers(
 def trains_and_exports(preset: str, hf_class, token: int, data: Path, tmp_path: Path) -> None:
     """`preset` on images of several aspect ratios (image tokens of `token` pixels): the text
     loss falls, and the run as a transformers `hf_class` gives our logits."""
+    ours, hf, decoder = trained_and_exported(preset, hf_class, data, tmp_path)
+    vocab = decoder.tokenizer.get_vocab()
+    marks = vocab[ours.cfg.image_row_break_token], vocab[ours.cfg.image_end_token]
+    pieces = [([2, 5, 9], (token, 2 * token)), ([11, 12], (3 * token, token)), ([3, 4], None)]
+    images = pixels_of(pieces, seed=1)
+    with torch.no_grad():
+        want = packed_logits(ours, [as_document(pieces, images, "probe", token, marks)])
+        got = transformers_logits(hf, pieces, images, token, marks)
+    assert (want - got).abs().max() <= 1e-5
+
+
+def trained_and_exported(preset: str, hf_class, data: Path, tmp_path: Path):
+    """20 steps of `preset` on `data` with a falling text loss, exported with `--to-hf`: (our
+    model, the transformers `hf_class` model, the run's decoder)."""
     from trainer.inference import load_for_inference
     from trainer.loop import train
 
@@ -283,18 +297,9 @@ def trains_and_exports(preset: str, hf_class, token: int, data: Path, tmp_path: 
     text = [m["text_loss"] for m in read_metrics(Path(cfg.run.dir))]
     assert len(text) == 20 and all(math.isfinite(v) for v in text)
     assert mean(text[-5:]) < 0.9 * mean(text[:5]), text
-
     assert export_to_hf(Path(cfg.run.dir), tmp_path / "hf") == hf_class.__name__
-    hf = hf_class.from_pretrained(tmp_path / "hf").eval()
     ours, _, decoder = load_for_inference(Path(cfg.run.dir))
-    vocab = decoder.tokenizer.get_vocab()
-    marks = vocab[ours.cfg.image_row_break_token], vocab[ours.cfg.image_end_token]
-    pieces = [([2, 5, 9], (token, 2 * token)), ([11, 12], (3 * token, token)), ([3, 4], None)]
-    images = pixels_of(pieces, seed=1)
-    with torch.no_grad():
-        want = packed_logits(ours, [as_document(pieces, images, "probe", token, marks)])
-        got = transformers_logits(hf, pieces, images, token, marks)
-    assert (want - got).abs().max() <= 1e-5
+    return ours, hf_class.from_pretrained(tmp_path / "hf").eval(), decoder
 
 
 def test_an_import_decodes_with_the_checkpoints_own_break_and_end_tokens(pixtral_dir, tmp_path):
