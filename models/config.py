@@ -43,8 +43,9 @@ class VisionConfig:
     # config.json names the tower); empty builds a random `tower` from the size fields below (the
     # tiny preset, so nothing is downloaded).
     pretrained: str = ""
-    # Of a random build: "siglip", "clip" (its CLS token is dropped) or "pixtral" (Pixtral's ViT:
-    # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side).
+    # Of a random build: "siglip", "clip" (its CLS token is dropped), "pixtral" (Pixtral's ViT:
+    # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side)
+    # or "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -85,7 +86,7 @@ class VisionConfig:
         return self.resize != "square"
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
-        """(rows, cols) of patches of a `width` × `height` image in a native mode."""
+        """(rows, cols) of image tokens of a `width` × `height` image in a native mode."""
         if self.resize == "longest_side":
             return self.longest_side_grid(width, height)
         if self.resize == "smart":
