@@ -276,13 +276,3 @@ def rope_positions(
             end = next(s for s in doc_starts if s > start)
             positions[start + length : end] -= length - max(rows, stride)
     return positions
-    for start, (rows, cols), row_breaks in image_spans:
-        stride = cols + row_breaks  # tokens per row, its break included
-        first, length = int(positions[start, 0]), rows * stride - row_breaks
-        if mode == "shared":
-            positions[start : start + length] = first
-            continue
-        offsets = torch.arange(length)
-        positions[start : start + length, 0] = first + offsets // stride
-        positions[start : start + length, 1] = first + offsets % stride
-    return positions
