@@ -22,19 +22,21 @@ ATTENTION_BACKEND_NAMES = (
     "varlen_emulated",
     "auto",
 )
-ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger")
+ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle")
 NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
+TILINGS = ("none", "idefics3")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl")
+VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3")
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
 PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
+_MAX_TILED_SIDE = 4096  # Idefics3's MAX_IMAGE_SIZE: no side of a tiled image beyond it
 
 
 @dataclass
@@ -44,8 +46,9 @@ class VisionConfig:
     # tiny preset, so nothing is downloaded).
     pretrained: str = ""
     # Of a random build: "siglip", "clip" (its CLS token is dropped), "pixtral" (Pixtral's ViT:
-    # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side)
-    # or "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2).
+    # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side),
+    # "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2) or "idefics3"
+    # (Idefics3's SigLIP: its own position ids; square tiles).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -74,6 +77,14 @@ class VisionConfig:
     # 2): the adaptor reads their features side by side. Grids are counted in tokens of
     # `token_size` = patch_size × spatial_merge pixels.
     spatial_merge: int = 1
+    # "idefics3": Idefics3's (and SmolVLM's) image splitting, with square images. The image is
+    # scaled, up or down, until its longer side is tile_longest_edge pixels (0: 4 × image_size),
+    # then each side rounded up to whole image_size tiles (`tile_grid`). An image of several
+    # tiles becomes each tile (row-major), every one its own image of the sequence, then the
+    # whole image at image_size (the global view); an image of one tile is the global view
+    # alone. The text between them is the design's (trainer/data/decode.py `TILE_TEXTS`).
+    tiling: str = "none"
+    tile_longest_edge: int = 0
 
     @property
     def token_size(self) -> int:
@@ -119,6 +130,40 @@ class VisionConfig:
             width, height = max(1, int(width / ratio)), max(1, int(height / ratio))
         unit = self.token_size
         return -(-height // unit), -(-width // unit)
+
+    def tile_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of image_size tiles of a `width` × `height` image, (0, 0) for a single
+        tile: Idefics3's image processor's sizes (its `resize` to the longest edge, even sides,
+        at most 4096 pixels, then `resize_for_vision_encoder`)."""
+        tile, longest = self.image_size, self.tile_longest_edge or 4 * self.image_size
+        aspect = width / height
+        if width >= height:
+            width, height = longest, int(longest / aspect)
+            height += height % 2
+        else:
+            width, height = int(longest * aspect), longest
+            width += width % 2
+        width, height = max(width, 1), max(height, 1)
+        aspect = width / height
+        if width >= height and width > _MAX_TILED_SIDE:
+            width, height = _MAX_TILED_SIDE, max(int(_MAX_TILED_SIDE / aspect), 1)
+        elif height > width and height > _MAX_TILED_SIDE:
+            width, height = max(int(_MAX_TILED_SIDE * aspect), 1), _MAX_TILED_SIDE
+        aspect = width / height
+        if width >= height:
+            width = math.ceil(width / tile) * tile
+            height = math.ceil(int(width / aspect) / tile) * tile
+        else:
+            height = math.ceil(height / tile) * tile
+            width = math.ceil(int(height * aspect) / tile) * tile
+        if height > tile or width > tile:
+            return height // tile, width // tile
+        return 0, 0
+
+    @property
+    def max_tiles_per_side(self) -> int:
+        longest = min(self.tile_longest_edge or 4 * self.image_size, _MAX_TILED_SIDE)
+        return math.ceil(longest / self.image_size)
 
     @property
     def pixel_budget(self) -> tuple[int, int]:
@@ -179,8 +224,16 @@ class VisionConfig:
                 f"model.vision.normalization={self.normalization!r}; "
                 f"valid: {', '.join(PIXEL_NORMALIZATION_NAMES)}"
             )
-        if self.tower == "clip" and self.native and not self.pretrained:
-            raise ValueError("model.vision.tower=clip takes square images only (resize: square)")
+        if self.tiling not in TILINGS:
+            raise ValueError(f"model.vision.tiling={self.tiling!r}; valid: {', '.join(TILINGS)}")
+        if self.tiling != "none" and self.native:
+            raise ValueError("model.vision.tiling splits images into square tiles (resize: square)")
+        if self.tile_longest_edge < 0:
+            raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
+        if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
+            raise ValueError(
+                f"model.vision.tower={self.tower} takes square images only (resize: square)"
+            )
         if not -self.num_layers <= self.feature_layer <= self.num_layers and not self.pretrained:
             raise ValueError(
                 f"model.vision.feature_layer={self.feature_layer} is outside the tower's "

@@ -31,6 +31,7 @@ from models.split_vlm import SplitVLM
 from models.vision import (
     PIXEL_NORMALIZATIONS,
     CLIPTower,
+    Idefics3Tower,
     PackedPixtralVisionModel,
     PackedQwen2VisionModel,
     PackedSiglipVisionModel,
@@ -354,31 +355,49 @@ _LLAVA_TOWER_CLASSES = {
 }
 
 
+# What every classic design is in our config: one decoder (every per-modality depth 0), one
+# span per image, untiled unless the design tiles.
+_DECODER_SHAPE = {
+    "num_text_in_blocks": 0,
+    "num_image_in_blocks": 0,
+    "num_text_head_blocks": 0,
+    "num_image_head_blocks": 0,
+    "image_scales": [],
+    "dual_input": False,
+    "vision.tiling": "none",
+}
+# A LLaVA-like design with a Llama-layout language model (Llama, Mistral).
+_LLAVA_SHAPE = {
+    **_DECODER_SHAPE,
+    "image_attention": "causal",
+    "image_positions": "sequential",
+    "norm_style": "default",
+    "post_norms": False,
+    "scale_embeddings": False,
+    "mlp_activation": "silu",
+    "attention_scale": 0.0,
+    "qk_norm": False,
+    "attention_bias": False,
+    "layer_types": [],
+}
+
+
+def _shape_mismatch(cfg: ModelConfig, design: str, shape: dict) -> str | None:
+    """The first field of `shape` ("vision.*" for the vision config's) `cfg` differs in."""
+    for key, value in shape.items():
+        owner, _, name = key.rpartition(".")
+        have = getattr(cfg.vision if owner else cfg, name)
+        if have != value:
+            return f"model.{key}={have!r}, {design} has {value!r}"
+    return None
+
+
 def _llava_like_mismatch(model: SplitVLM, design: str, adaptor: str, towers: dict) -> str | None:
     """Why `model` is not a LLaVA-shaped `design` with this adaptor and one of these towers."""
     cfg = model.cfg
-    wanted = {
-        "num_text_in_blocks": 0,
-        "num_image_in_blocks": 0,
-        "num_text_head_blocks": 0,
-        "num_image_head_blocks": 0,
-        "image_attention": "causal",
-        "image_positions": "sequential",
-        "image_scales": [],
-        "dual_input": False,
-        "adaptor": adaptor,
-        "norm_style": "default",
-        "post_norms": False,
-        "scale_embeddings": False,
-        "mlp_activation": "silu",
-        "attention_scale": 0.0,
-        "qk_norm": False,
-        "attention_bias": False,
-        "layer_types": [],
-    }
-    for key, value in wanted.items():
-        if getattr(cfg, key) != value:
-            return f"model.{key}={getattr(cfg, key)!r}, {design} has {value!r}"
+    reason = _shape_mismatch(cfg, design, {**_LLAVA_SHAPE, "adaptor": adaptor})
+    if reason:
+        return reason
     if type(model.vision) not in towers:
         names = ", ".join(towers.values())
         return f"{design}'s vision tower is one of: {names}"
@@ -465,10 +484,12 @@ def _llama_layout_text_config(model: SplitVLM, base: dict | None):
     return AutoConfig.for_model(text.pop("model_type", "llama"), **text)
 
 
-def _image_token(base: dict | None, image_id: int | None, design: str) -> int:
-    """The id transformers finds image positions by: the imported config's, else the
-    tokenizer's (`export_hf`)."""
-    image_token = (base or {}).get("image_token_index", image_id)
+def _image_token(
+    base: dict | None, image_id: int | None, design: str, key: str = "image_token_index"
+) -> int:
+    """The id transformers finds image positions by: the imported config's (its field `key`),
+    else the tokenizer's (`export_hf`)."""
+    image_token = (base or {}).get(key, image_id)
     if image_token is None:
         raise ValueError(
             f"no image token id: the export has neither the original {design} config "
@@ -584,16 +605,11 @@ def _import_paligemma(path: Path, seed: int) -> SplitVLM:
 
 # What a model needs to be a PaliGemma: one decoder, prefix-LM, a linear projector, Gemma (1).
 _PALIGEMMA_SHAPE = {
-    "num_text_in_blocks": 0,
-    "num_image_in_blocks": 0,
-    "num_text_head_blocks": 0,
-    "num_image_head_blocks": 0,
+    **_DECODER_SHAPE,
     "image_attention": "prefix",
     "image_markers": False,
     "image_row_break": False,
     "image_positions": "sequential",
-    "image_scales": [],
-    "dual_input": False,
     "adaptor": "linear",
     "norm_style": "gemma",
     "post_norms": False,
@@ -608,9 +624,9 @@ _PALIGEMMA_SHAPE = {
 
 def _paligemma_mismatch(model: SplitVLM) -> str | None:
     cfg = model.cfg
-    for key, value in _PALIGEMMA_SHAPE.items():
-        if getattr(cfg, key) != value:
-            return f"model.{key}={getattr(cfg, key)!r}, PaliGemma has {value!r}"
+    reason = _shape_mismatch(cfg, "PaliGemma", _PALIGEMMA_SHAPE)
+    if reason:
+        return reason
     if type(model.vision) is not PackedSiglipVisionModel or cfg.vision.resize != "square":
         return "PaliGemma's vision tower is a SigLIP one on square images"
     if cfg.vision.feature_layer != 0:
@@ -728,16 +744,11 @@ def _import_qwen2_vl(path: Path, seed: int) -> SplitVLM:
 
 
 _QWEN2_VL_SHAPE = {
-    "num_text_in_blocks": 0,
-    "num_image_in_blocks": 0,
-    "num_text_head_blocks": 0,
-    "num_image_head_blocks": 0,
+    **_DECODER_SHAPE,
     "image_attention": "causal",
     "image_markers": True,
     "image_row_break": False,
     "image_positions": "mrope",
-    "image_scales": [],
-    "dual_input": False,
     "adaptor": "qwen2_merger",
     "norm_style": "default",
     "post_norms": False,
@@ -751,9 +762,9 @@ _QWEN2_VL_SHAPE = {
 
 def _qwen2_vl_mismatch(model: SplitVLM) -> str | None:
     cfg = model.cfg
-    for key, value in _QWEN2_VL_SHAPE.items():
-        if getattr(cfg, key) != value:
-            return f"model.{key}={getattr(cfg, key)!r}, Qwen2-VL has {value!r}"
+    reason = _shape_mismatch(cfg, "Qwen2-VL", _QWEN2_VL_SHAPE)
+    if reason:
+        return reason
     if type(model.vision) is not PackedQwen2VisionModel:
         return "Qwen2-VL's vision tower is its own ViT"
     if cfg.vision.feature_layer not in (0, -1):
@@ -807,6 +818,104 @@ def _qwen2_vl_export(model: SplitVLM, out: Path, base: dict | None, image_id: in
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
 
+# -- Idefics3 ---------------------------------------------------------------------------------
+
+
+def idefics3_model_config(hf, path: Path | None = None) -> ModelConfig:
+    """Our ModelConfig of a transformers Idefics3Config: its SigLIP over square tiles
+    (`model.vision.tiling: idefics3`, at the processor's longest edge), the pixel shuffle of
+    `scale_factor` × `scale_factor` patches into one bias-free linear (`model.adaptor:
+    pixel_shuffle`), Llama."""
+    vision = hf.vision_config
+    cfg = decoder_vlm_config("causal", "pixel_shuffle", vision, "idefics3", feature_layer=0)
+    cfg.vision.normalization = "siglip"  # its processor's default mean and std, 0.5
+    cfg.vision.spatial_merge = hf.scale_factor
+    cfg.vision.tiling = "idefics3"
+    processor = path / "preprocessor_config.json" if path else None
+    if processor is not None and processor.is_file():
+        config = json.loads(processor.read_text())
+        tile = (config.get("max_image_size") or {}).get("longest_edge", vision.image_size)
+        if tile != vision.image_size or not config.get("do_image_splitting", True):
+            raise ValueError(
+                f"{processor}: only image splitting into tiles of the tower's image_size "
+                f"({vision.image_size}), not max_image_size {tile} or do_image_splitting false"
+            )
+        cfg.vision.tile_longest_edge = (config.get("size") or {}).get("longest_edge", 0)
+    return cfg
+
+
+def _idefics3_prefixes(files: dict) -> tuple[str, str]:
+    return "model.vision_model.", "model.connector."
+
+
+# Our bias-free linear is the connector's `modality_projection.proj`.
+_IDEFICS3_PROJECTOR = {"": "modality_projection.proj"}
+
+
+def _import_idefics3(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "idefics3",
+        lambda hf: idefics3_model_config(hf, path),
+        _IDEFICS3_PROJECTOR,
+        _idefics3_prefixes,
+    )
+
+
+_IDEFICS3_SHAPE = {
+    **_LLAVA_SHAPE,
+    "image_markers": False,
+    "image_row_break": False,
+    "adaptor": "pixel_shuffle",
+    "vision.tiling": "idefics3",
+    "vision.resize": "square",
+    "vision.feature_layer": 0,
+}
+
+
+def _idefics3_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_mismatch(model.cfg, "Idefics3", _IDEFICS3_SHAPE)
+    if reason is None and type(model.vision) is not Idefics3Tower:
+        return "Idefics3's vision tower is its own SigLIP (model.vision.tower: idefics3)"
+    return reason
+
+
+def _idefics3_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import Idefics3Config  # seconds; only when exporting
+
+    cfg = model.cfg
+    hf = Idefics3Config(
+        vision_config=model.vision.config.to_dict(),
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        scale_factor=cfg.vision.spatial_merge,
+        image_token_id=_image_token(base, image_id, "Idefics3", key="image_token_id"),
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["Idefics3ForConditionalGeneration"]
+    _save_vlm(model, out, "idefics3", _IDEFICS3_PROJECTOR, hf, prefixes=_idefics3_prefixes({}))
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    size = cfg.vision.image_size
+    processor = {
+        "image_processor_type": "Idefics3ImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_resize": True,
+        "size": {"longest_edge": cfg.vision.tile_longest_edge or 4 * size},
+        "do_image_splitting": True,
+        "max_image_size": {"longest_edge": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_pad": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    rows, cols = cfg.square_grid
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Idefics3Processor", "image_seq_len": rows * cols})
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -831,5 +940,11 @@ HF_DESIGNS = {
         import_checkpoint=_import_qwen2_vl,
         export_checkpoint=_qwen2_vl_export,
         mismatch=_qwen2_vl_mismatch,
+    ),
+    "idefics3": HFDesign(
+        transformers_class="Idefics3ForConditionalGeneration",
+        import_checkpoint=_import_idefics3,
+        export_checkpoint=_idefics3_export,
+        mismatch=_idefics3_mismatch,
     ),
 }

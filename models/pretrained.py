@@ -258,6 +258,23 @@ def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -
     )
 
 
+def _idefics3(hf, cfg: ModelConfig) -> None:
+    """Idefics3's language model: Llama (Idefics3-8B: Llama 3; SmolVLM: SmolLM2)."""
+    if hf.model_type != "llama":
+        raise ValueError(f"a {hf.model_type!r} language model; supported: llama")
+    _llama(hf, cfg)
+
+
+# Idefics3ForConditionalGeneration's language model (always under these names).
+_IDEFICS3_LLM = LLMFamily(
+    _idefics3,
+    layer_prefix="model.text_model.layers.{}.",
+    embed="model.text_model.embed_tokens.weight",
+    final_norm="model.text_model.norm.weight",
+    text_config=True,
+    other_parts=("model.vision_model.", "model.connector."),
+)
+
 SUPPORTED_LLMS = {
     "llama": LLMFamily(_llama),
     "mistral": LLMFamily(_mistral),
@@ -276,6 +293,8 @@ SUPPORTED_LLMS = {
     "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
     # Qwen2VLForConditionalGeneration: its language model (the whole model: hf_designs).
     "qwen2_vl": _qwen2_vl("legacy"),
+    # Idefics3ForConditionalGeneration: its language model (the whole model: hf_designs).
+    "idefics3": _IDEFICS3_LLM,
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {

@@ -32,6 +32,8 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -327,6 +329,12 @@ class CLIPTower(BatchedFeatures, CLIPVisionModel):
     num_prefix_tokens = 1
 
 
+class Idefics3Tower(BatchedFeatures, Idefics3VisionTransformer):
+    """Idefics3's (and SmolVLM's) SigLIP: transformers' own model, square tiles batched. Its
+    position ids are its own (bucketed fractions of the grid, which repeat the first row and
+    column's), so it is not SigLIP's class with other names."""
+
+
 # model_type in a checkpoint's config.json → (config class, tower class)
 VISION_TOWERS = {
     "siglip_vision_model": (SiglipVisionConfig, PackedSiglipVisionModel),
@@ -334,6 +342,7 @@ VISION_TOWERS = {
     "clip_vision_model": (CLIPVisionConfig, CLIPTower),
     "pixtral": (PixtralVisionConfig, PackedPixtralVisionModel),
     "qwen2_vl": (Qwen2VLVisionConfig, PackedQwen2VisionModel),
+    "idefics3_vision": (Idefics3VisionConfig, Idefics3Tower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -380,12 +389,17 @@ def _random_qwen2_vl(cfg: VisionConfig):
     return config, PackedQwen2VisionModel
 
 
+def _random_idefics3(cfg: VisionConfig):
+    return Idefics3VisionConfig(**_random_size(cfg)), Idefics3Tower
+
+
 # `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig
 RANDOM_TOWERS = {
     "siglip": _random_siglip,
     "clip": _random_clip,
     "pixtral": _random_pixtral,
     "qwen2_vl": _random_qwen2_vl,
+    "idefics3": _random_idefics3,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
@@ -528,11 +542,18 @@ def _qwen2_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float)
     return Qwen2MergerAdaptor(vision_dim, d_model, merge, eps)
 
 
+def _pixel_shuffle_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+    """Idefics3's connector: its pixel shuffle puts each token's merge × merge patches side by
+    side in `merge_patches`' order, then one bias-free linear."""
+    return nn.Linear(vision_dim * merge**2, d_model, bias=False)
+
+
 ADAPTORS = {
     "linear": _linear_adaptor,
     "mlp": _mlp_adaptor,
     "patch_merger": _patch_merger_adaptor,
     "qwen2_merger": _qwen2_merger_adaptor,
+    "pixel_shuffle": _pixel_shuffle_adaptor,
 }
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 

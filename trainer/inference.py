@@ -220,6 +220,8 @@ def generate_image(
     cfg = model.cfg
     if cfg.image_target != "pixels":
         raise ValueError("image generation needs model.image_target=pixels")
+    if cfg.vision.tiling != "none":
+        raise ValueError("image generation fills one image, not tiles (model.vision.tiling)")
     if size is not None and not cfg.vision.native:
         raise ValueError(
             "--size needs a native-resolution model (model.vision.resize=native); this one "

@@ -416,6 +416,7 @@ def _engine_worker(
         "yaml/pixtral.yaml",
         "yaml/mistral3.yaml",
         "yaml/qwen2_vl.yaml",
+        "yaml/idefics3.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):

@@ -15,7 +15,9 @@ Plain text is `<bos> text <eos>` with loss on every token. Each `<image>` placeh
 `ModelConfig.image_spans()` (coarse-to-fine scales, each optionally followed by its unmasked dual
 copy), back to back, so the first token of a finer scale is predicted from the coarser one. With
 `model.image_markers: false` the spans stand between the text tokens on their own (LLaVA); with
-`end` only `<image_end>` follows them (Pixtral's `[IMG_END]`).
+`end` only `<image_end>` follows them (Pixtral's `[IMG_END]`). With `model.vision.tiling` an image
+is several images of the sequence, its tiles and its global view, with the design's text around
+each (`TILE_TEXTS`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +93,53 @@ def tokenizer_dir(data_cfg) -> Path:
 
 
 def image_tokens_used(cfg: ModelConfig) -> list[str]:
-    """The tokenizer strings of the image markers and row break that `cfg` puts in sequences."""
+    """The tokenizer strings of the image markers, row break and tile tokens that `cfg` puts in
+    sequences."""
     used = (
         (cfg.image_start_marker, cfg.image_start_token),
         (cfg.image_end_marker, cfg.image_end_token),
         (cfg.image_row_break, cfg.image_row_break_token),
     )
-    return [token for is_used, token in used if is_used]
+    tiling = TILE_TEXTS.get(cfg.vision.tiling)
+    tile_tokens = tiling.tokens(cfg.vision.max_tiles_per_side) if tiling else []
+    return [token for is_used, token in used if is_used] + tile_tokens
+
+
+@dataclass(frozen=True)
+class TileText:
+    """The text a tiling puts around an image's tiles and global view (`model.vision.tiling`).
+
+    `pieces(rows, cols)`: rows · cols + 2 strings for a split image (before each tile, before
+    the global view, after it), 2 for a single tile (before and after the global view).
+    `tokens(side)`: the special tokens they use for up to side × side tiles."""
+
+    pieces: Callable[[int, int], list[str]]
+    tokens: Callable[[int], list[str]]
+
+
+_IDEFICS3_AROUND, _IDEFICS3_GLOBAL = "<fake_token_around_image>", "<global-img>"
+
+
+def _idefics3_pieces(rows: int, cols: int) -> list[str]:
+    """Idefics3's processor's prompt for an image (`get_image_prompt_string`): each tile opened
+    by the around-image token and its <row_r_col_c>, a newline after each row of tiles, a blank
+    line, then the global view between two around-image tokens."""
+    pieces = [
+        ("\n" if col == 0 and row > 0 else "") + f"{_IDEFICS3_AROUND}<row_{row + 1}_col_{col + 1}>"
+        for row in range(rows)
+        for col in range(cols)
+    ]
+    blank_line = "\n\n" if rows else ""
+    return [*pieces, f"{blank_line}{_IDEFICS3_AROUND}{_IDEFICS3_GLOBAL}", _IDEFICS3_AROUND]
+
+
+def _idefics3_tokens(side: int) -> list[str]:
+    tiles = [f"<row_{row}_col_{col}>" for row in range(1, side + 1) for col in range(1, side + 1)]
+    return [_IDEFICS3_AROUND, _IDEFICS3_GLOBAL, *tiles]
+
+
+# `model.vision.tiling` → its text ("none" has none)
+TILE_TEXTS = {"idefics3": TileText(_idefics3_pieces, _idefics3_tokens)}
 
 
 def load_tokenizer(path: str | Path, model_cfg: ModelConfig | None = None):
@@ -454,6 +497,7 @@ class SampleDecoder:
         if model_cfg.image_row_break:
             self.row_break_id = ids(model_cfg.image_row_break_token)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._tile_ids: dict[str, list[int]] = {}  # the tokens of each piece of tile text
 
     def __call__(
         self, sample: dict, sample_index: int, epoch: int = 0, prompt_only: bool = False
@@ -477,19 +521,23 @@ class SampleDecoder:
         cfg = self.model_cfg
         opened = [open_image(blob, self.max_image_pixels) for blob in blobs]
         try:
-            grids = [self._grid(image) for image in opened]
+            # Every image of the sequence: (its position in the text, the text ids before and
+            # after it, its pixels, its grid); a tiled image is several.
+            shown = []
+            for position, image in zip(text.image_positions, opened, strict=True):
+                shown += self._show(image, position)
+            grids = [grid for *_, grid in shown]
             spans = [cfg.image_spans(grid) for grid in grids]
             num_markers = cfg.num_image_markers
             num_tokens = len(text.ids) + sum(
-                cfg.num_image_tokens(grid) + num_markers for grid in grids
+                len(before) + cfg.num_image_tokens(grid) + num_markers + len(after)
+                for _, before, after, _, grid in shown
             )
             if num_tokens > self.max_tokens:
                 raise DecodeError(
                     "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
                 )
-            images = [
-                self._load_image(image, grid) for image, grid in zip(opened, grids, strict=True)
-            ]
+            images = [load() for *_, load, _ in shown]
         finally:
             for image in opened:
                 image.close()
@@ -498,12 +546,15 @@ class SampleDecoder:
         targets: list[bool] = []
         segments: list[tuple[str, int]] = []
         run_start = cursor = 0
-        for position, image_spans in zip(text.image_positions, spans, strict=True):
+        opens_document = False  # the first image's first token is the document's first
+        for (position, before, after, _, _), image_spans in zip(shown, spans, strict=True):
             ids.extend(text.ids[cursor:position])
             targets.extend(text.targets[cursor:position])
             cursor = position
+            ids.extend(before)
             if cfg.image_start_marker:
                 ids.append(self.image_start_id)
+            opens_document = opens_document or not ids
             if len(ids) > run_start:  # without markers an image can open the document
                 segments.append(("text", len(ids) - run_start))
             for (rows, cols), _ in image_spans:
@@ -514,11 +565,11 @@ class SampleDecoder:
                     span.pop()
                 ids.extend(span)
                 segments.append(("image", len(span)))
+            run_start = len(ids)  # <image_end> and the text after the image open the next segment
             if cfg.image_end_marker:
                 ids.append(self.image_end_id)
+            ids.extend(after)
             targets.extend([False] * (len(ids) - len(targets)))
-            # <image_end>, when there is one, opens the next text segment
-            run_start = len(ids) - 1 if cfg.image_end_marker else len(ids)
         ids.extend(text.ids[cursor:])
         targets.extend(text.targets[cursor:])
         if len(ids) > run_start:
@@ -528,7 +579,7 @@ class SampleDecoder:
             for image_spans in spans
             for (rows, cols), is_copy in image_spans
         ]
-        if masks and text.image_positions[0] == 0 and not cfg.image_start_marker:
+        if opens_document:
             # The first image token is predicted at the position before it, outside the document.
             masks[0][0] = False
         # Built in numpy, made tensors once at the end: a handful of torch calls per sample
@@ -557,12 +608,56 @@ class SampleDecoder:
             row_breaks=self.row_break_id is not None,
         )
 
-    def _grid(self, image: Image.Image) -> tuple[int, int]:
-        """The image's full token grid (`ModelConfig.image_grid` of its displayed size)."""
+    def _show(self, image: Image.Image, position: int) -> list[tuple]:
+        """The images of the sequence that `image`, placed before text token `position`, is:
+        (position, ids before, ids after, a function loading its pixels, grid) each."""
+        cfg = self.model_cfg
+        tiling = TILE_TEXTS.get(cfg.vision.tiling)
+        if tiling is None:
+            grid = self._grid(image)
+            return [(position, [], [], lambda: self._load_image(image, grid), grid)]
+        size = cfg.vision.image_size
+        rows, cols = cfg.vision.tile_grid(*self._displayed(image))
+        pieces = [self._tile_text_ids(piece) for piece in tiling.pieces(rows, cols)]
+        tiled: list[np.ndarray] = []  # (3, rows · size, cols · size), loaded by the first tile
+
+        def tile(row: int, col: int) -> np.ndarray:
+            if not tiled:
+                tiled.append(image_to_rgb(image, (cols * size, rows * size)).transpose(2, 0, 1))
+            return tiled[0][:, row * size : (row + 1) * size, col * size : (col + 1) * size]
+
+        def global_view() -> np.ndarray:
+            if not tiled:  # a single tile: the image itself at the tile size
+                return image_to_rgb(image, (size, size)).transpose(2, 0, 1)
+            # Resized from the tiled image, as Idefics3's processor does.
+            return _resize(tiled[0].transpose(1, 2, 0), (size, size)).transpose(2, 0, 1)
+
+        grid = cfg.square_grid
+        shown = [
+            (position, pieces[row * cols + col], [], lambda r=row, c=col: tile(r, c), grid)
+            for row in range(rows)
+            for col in range(cols)
+        ]
+        return [*shown, (position, pieces[-2], pieces[-1], global_view, grid)]
+
+    def _tile_text_ids(self, piece: str) -> list[int]:
+        if piece not in self._tile_ids:
+            self._tile_ids[piece] = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return self._tile_ids[piece]
+
+    def _displayed(self, image: Image.Image) -> tuple[int, int]:
         try:
-            return self.model_cfg.image_grid(*displayed_size(image))
+            return displayed_size(image)
         except Exception as err:  # a PNG's EXIF may sit behind truncated pixel data
             raise DecodeError("image_corrupt", f"{type(err).__name__}: {err}") from None
+
+    def _grid(self, image: Image.Image) -> tuple[int, int]:
+        """The image's full token grid (`ModelConfig.image_grid` of its displayed size)."""
+        size = self._displayed(image)
+        try:
+            return self.model_cfg.image_grid(*size)
+        except ValueError as err:  # an aspect ratio a grid rule refuses
+            raise DecodeError("image_corrupt", str(err)) from None
 
     def _sample_rng(self, epoch: int, sample_index: int) -> np.random.Generator:
         """The random stream of one sample in one epoch, whichever process decodes it.
