@@ -29,6 +29,9 @@ class PackedBatch:
     # resolution every image's (3, H, W) flattened and concatenated (models.split_vlm.split_images)
     pixel_values: torch.Tensor
     image_grids: list[tuple[int, int]]  # (rows, cols) of patches of each image's full grid
+    # (rows, cols) of image_size tiles of each LLaVA-NeXT tiled image (its grid: the kept rows ×
+    # kept cols + 1, the newline a column); (0, 0) for every other image
+    image_tiles: list[tuple[int, int]]
     image_mask: torch.Tensor  # bool (T_image,)
     image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
     sample_ids: list[str]

@@ -27,7 +27,7 @@ NORM_STYLES = ("default", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
-TILINGS = ("none", "idefics3")
+TILINGS = ("none", "idefics3", "llava_next")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
@@ -83,8 +83,16 @@ class VisionConfig:
     # tiles becomes each tile (row-major), every one its own image of the sequence, then the
     # whole image at image_size (the global view); an image of one tile is the global view
     # alone. The text between them is the design's (trainer/data/decode.py `TILE_TEXTS`).
+    # "llava_next": LLaVA-NeXT's any-res. The image is resized into the `grid_pinpoints`
+    # resolution that keeps most of it (aspect ratio kept, padded around the centre), encoded
+    # tile by tile, and shown after the whole image at image_size (the base): the tiles'
+    # features on one grid, the padding's rows or columns dropped, a learned newline embedding
+    # after every row (`llava_next_layout`).
     tiling: str = "none"
     tile_longest_edge: int = 0
+    # (height, width) pixel resolutions, multiples of image_size, for "llava_next"
+    # (LLaVA-NeXT's image_grid_pinpoints).
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
 
     @property
     def token_size(self) -> int:
@@ -160,6 +168,42 @@ class VisionConfig:
             return height // tile, width // tile
         return 0, 0
 
+    def llava_next_layout(self, width: int, height: int) -> tuple:
+        """LLaVA-NeXT's any-res layout of a `width` × `height` image: ((tile rows, tile cols) of
+        its best pinpoint, (width, height) it is resized to inside it, (left, top) of that in the
+        padded pinpoint, (rows, cols) of tokens its unpadding keeps). transformers'
+        `select_best_resolution`, its processor's resize and centred padding, and its model's
+        `unpad_image` on the feature grid, which works from the original size."""
+        best = None
+        for pin_height, pin_width in self.grid_pinpoints:
+            scale = min(pin_width / width, pin_height / height)
+            effective = min(int(width * scale) * int(height * scale), width * height)
+            wasted = pin_width * pin_height - effective
+            if best is None or (effective, -wasted) > best[0]:
+                best = ((effective, -wasted), pin_height, pin_width)
+        _, pin_height, pin_width = best
+        scale_w, scale_h = pin_width / width, pin_height / height
+        if scale_w < scale_h:
+            new_width, new_height = pin_width, min(math.ceil(height * scale_w), pin_height)
+        else:
+            new_width, new_height = min(math.ceil(width * scale_h), pin_width), pin_height
+        offset = ((pin_width - new_width) // 2, (pin_height - new_height) // 2)
+        rows, cols = pin_height // self.token_size, pin_width // self.token_size
+        if width / height > cols / rows:
+            kept = int(round(height * (cols / width), 7))
+            kept_rows, kept_cols = rows - 2 * ((rows - kept) // 2), cols
+        else:
+            kept = int(round(width * (rows / height), 7))
+            kept_rows, kept_cols = rows, cols - 2 * ((cols - kept) // 2)
+        tiles = (pin_height // self.image_size, pin_width // self.image_size)
+        return tiles, (new_width, new_height), offset, (kept_rows, kept_cols)
+
+    @property
+    def flat_pixels(self) -> bool:
+        """Whether a batch's images differ in size, so that each one's pixels travel flattened
+        (native resolution, and LLaVA-NeXT's padded tiles beside its base images)."""
+        return self.native or self.tiling == "llava_next"
+
     @property
     def max_tiles_per_side(self) -> int:
         longest = min(self.tile_longest_edge or 4 * self.image_size, _MAX_TILED_SIDE)
@@ -228,6 +272,14 @@ class VisionConfig:
             raise ValueError(f"model.vision.tiling={self.tiling!r}; valid: {', '.join(TILINGS)}")
         if self.tiling != "none" and self.native:
             raise ValueError("model.vision.tiling splits images into square tiles (resize: square)")
+        if (self.tiling == "llava_next") != bool(self.grid_pinpoints) or any(
+            len(pin) != 2 or min(pin) <= 0 or pin[0] % self.image_size or pin[1] % self.image_size
+            for pin in self.grid_pinpoints
+        ):
+            raise ValueError(
+                "model.vision.grid_pinpoints: (height, width) pairs, multiples of image_size, "
+                "with tiling: llava_next (and only with it)"
+            )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
         if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
@@ -523,6 +575,13 @@ class ModelConfig:
         if self.image_blocks_init not in ("fresh", "copy"):
             raise ValueError(
                 f"model.image_blocks_init={self.image_blocks_init!r}; valid: fresh, copy"
+            )
+        if self.vision.tiling == "llava_next" and (
+            self.mask_rate_max or self.full_mask_prob or self.image_scales or self.dual_input
+        ):
+            raise ValueError(
+                "model.vision.tiling=llava_next: its images are shown whole, once (mask_rate_max "
+                "and full_mask_prob 0, no image_scales, no dual_input)"
             )
         full = self.image_tokens_per_side
         if any(not 0 < side < full for side in self.image_scales) or self.image_scales != sorted(

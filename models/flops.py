@@ -105,16 +105,17 @@ class ModelFlops:
 
         Images of one grid are encoded together: clean once (targets, and the inputs of unmasked
         spans) and once more per span that has a masked token in any of them, with that span's
-        masked regions blanked.
+        masked regions blanked. All of it is one tower call, so a trainable tower's backward runs
+        through every pass, a clean pass that only gives targets included (zero gradients).
         """
         cfg = self.cfg
         starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in batch.image_grids])
-        by_grid: dict[tuple[int, int], list[int]] = {}
-        for index, grid in enumerate(batch.image_grids):
-            by_grid.setdefault(grid, []).append(index)
+        by_grid: dict[tuple, list[int]] = {}
+        for index, key in enumerate(zip(batch.image_grids, batch.image_tiles, strict=True)):
+            by_grid.setdefault(key, []).append(index)
         patches, pairs = [0, 0], [0, 0]
-        for grid, indices in by_grid.items():
-            blanked, clean_is_input, offset = 0, False, 0
+        for (grid, tiles), indices in by_grid.items():
+            blanked, offset = 0, 0
             for (rows, cols), is_copy in cfg.image_spans(grid):
                 span_has_mask = any(
                     bool(
@@ -125,18 +126,16 @@ class ModelFlops:
                     for i in indices
                 )
                 offset += rows * cols
-                if is_copy or not span_has_mask:
-                    clean_is_input = True
-                else:
-                    blanked += 1
-            if self.vision_trainable:
-                passes = (blanked + int(clean_is_input), int(not clean_is_input))
-            else:
-                passes = (0, blanked + 1)
-            num_patches = grid[0] * grid[1] * cfg.vision.spatial_merge**2
+                blanked += not is_copy and span_has_mask
+            passes = (blanked + 1, 0) if self.vision_trainable else (0, blanked + 1)
+            # A LLaVA-NeXT tiled image: its pinpoint's tiles, each attended alone.
+            num_tiles, per_tile = (
+                (1, grid) if tiles == (0, 0) else (tiles[0] * tiles[1], cfg.square_grid)
+            )
+            num_patches = per_tile[0] * per_tile[1] * cfg.vision.spatial_merge**2
             for k in (0, 1):
-                patches[k] += len(indices) * num_patches * passes[k]
-                pairs[k] += len(indices) * num_patches**2 * passes[k]
+                patches[k] += len(indices) * num_tiles * num_patches * passes[k]
+                pairs[k] += len(indices) * num_tiles * num_patches**2 * passes[k]
         return (patches[0], patches[1]), (pairs[0], pairs[1])
 
     def dense(self, batch) -> int:

@@ -35,6 +35,7 @@ from models.vision import (
     PackedPixtralVisionModel,
     PackedQwen2VisionModel,
     PackedSiglipVisionModel,
+    SmolVLMTower,
 )
 
 # Files of a transformers tokenizer that an import copies into OUT/tokenizer.
@@ -164,7 +165,8 @@ _PIXTRAL_TOKEN_NAMES = {"image_end_token": "[IMG_END]", "image_row_break_token":
 
 def llava_model_config(hf) -> ModelConfig:
     """Our ModelConfig of a transformers LlavaConfig (the LLM's fields come from the checkpoint
-    later, `PretrainedLLM.apply_config`). ValueError for what our model cannot be exactly."""
+    later, `PretrainedLLM.apply_config`); LLaVA-NeXT's too, before its tiling. ValueError for
+    what our model cannot be exactly."""
     vision = hf.vision_config
     if vision.model_type not in _LLAVA_TOWERS:
         raise ValueError(
@@ -243,12 +245,20 @@ _PALIGEMMA_PROJECTOR = {"": "linear"}
 
 
 def _import_vlm(
-    path: Path, seed: int, design: str, model_config, projector: dict[str, str], prefixes=None
+    path: Path,
+    seed: int,
+    design: str,
+    model_config,
+    projector: dict[str, str],
+    prefixes=None,
+    extra=None,
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
     `projector` maps our adaptor's submodules to the projector's (`_projector_names`);
-    `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's)."""
+    `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's), and
+    `extra(tensor names)` our other parameters' tensors ({ours: theirs}; LLaVA-NeXT's
+    newline)."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -270,6 +280,7 @@ def _import_vlm(
     }
     for ours, theirs in _projector_names(model, projector).items():
         sources[ours] = projector_prefix + theirs
+    sources |= extra(checkpoint.tensor_files) if extra else {}
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in sources.items():
@@ -304,11 +315,12 @@ def _save_vlm(
     projector: dict[str, str],
     hf,
     prefixes=("vision_tower.", "multi_modal_projector."),
+    extra: dict[str, str] | None = None,
 ) -> None:
     """A LLaVA-like transformers checkpoint: the language model under transformers' saved names
     (what save_pretrained writes and every version loads), the tower and projector under
-    `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), and `hf` (its config) as
-    config.json."""
+    `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), our parameters `extra`
+    names ({ours: theirs}), and `hf` (its config) as config.json."""
     state = model.state_dict()
     plan = plan_sources(SUPPORTED_LLMS[family], model.cfg)
     tensors = {source.tensor: state[name] for name, source in plan.items()}
@@ -317,6 +329,8 @@ def _save_vlm(
             tensors[prefixes[0] + name.removeprefix("vision.")] = value
     for ours, theirs in _projector_names(model, projector).items():
         tensors[prefixes[1] + theirs] = state[ours]
+    for ours, theirs in (extra or {}).items():
+        tensors[theirs] = state[ours]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -392,10 +406,14 @@ def _shape_mismatch(cfg: ModelConfig, design: str, shape: dict) -> str | None:
     return None
 
 
-def _llava_like_mismatch(model: SplitVLM, design: str, adaptor: str, towers: dict) -> str | None:
-    """Why `model` is not a LLaVA-shaped `design` with this adaptor and one of these towers."""
+def _llava_like_mismatch(
+    model: SplitVLM, design: str, adaptor: str, towers: dict, tiling: str = "none"
+) -> str | None:
+    """Why `model` is not a LLaVA-shaped `design` with this adaptor, one of these towers and
+    this `model.vision.tiling`."""
     cfg = model.cfg
-    reason = _shape_mismatch(cfg, design, {**_LLAVA_SHAPE, "adaptor": adaptor})
+    shape = {**_LLAVA_SHAPE, "adaptor": adaptor, "vision.tiling": tiling}
+    reason = _shape_mismatch(cfg, design, shape)
     if reason:
         return reason
     if type(model.vision) not in towers:
@@ -446,22 +464,28 @@ def _rope_scaling(cfg: ModelConfig) -> dict | None:
     return None
 
 
+def _llava_fields(model: SplitVLM, base: dict | None, image_id: int | None, design: str) -> dict:
+    """The transformers config fields LLaVA and LLaVA-NeXT share."""
+    cfg = model.cfg
+    rows, cols = cfg.square_grid
+    return {
+        "vision_config": model.vision.config.to_dict(),
+        "text_config": _llama_layout_text_config(model, base),
+        "image_token_index": _image_token(base, image_id, design),
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "default" if model.vision.num_prefix_tokens else "full",
+        "vision_feature_layer": cfg.vision.feature_layer,
+        "image_seq_length": rows * cols,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
 def _llava_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
     from transformers import LlavaConfig  # seconds; only when exporting
 
     cfg = model.cfg
-    rows, cols = cfg.square_grid
-    hf = LlavaConfig(
-        vision_config=model.vision.config.to_dict(),
-        text_config=_llama_layout_text_config(model, base),
-        image_token_index=_image_token(base, image_id, "LLaVA"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if model.vision.num_prefix_tokens else "full",
-        vision_feature_layer=cfg.vision.feature_layer,
-        image_seq_length=rows * cols,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    hf = LlavaConfig(**_llava_fields(model, base, image_id, "LLaVA"))
     hf.architectures = ["LlavaForConditionalGeneration"]
     _save_vlm(model, out, "llava", _LLAVA_PROJECTOR, hf)
     _write_image_processor(cfg, out)
@@ -524,6 +548,76 @@ def _write_image_processor(cfg: ModelConfig, out: Path) -> None:
             "crop_size": {"height": size, "width": size},
             "do_center_crop": True,
         }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
+# -- LLaVA-NeXT -------------------------------------------------------------------------------
+
+
+def llava_next_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers LlavaNextConfig: LLaVA-1.5's (a CLIP or SigLIP tower on
+    square tiles, the MLP projector, a Llama-layout LLM) with its any-res tiling
+    (`model.vision.tiling: llava_next` over `image_grid_pinpoints`) and the newline embedding."""
+    if hf.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        raise ValueError(
+            f"a {hf.vision_config.model_type!r} vision tower; supported: clip_vision_model, "
+            "siglip_vision_model"
+        )
+    cfg = llava_model_config(hf)
+    cfg.vision.tiling = "llava_next"
+    cfg.vision.grid_pinpoints = [list(pin) for pin in hf.image_grid_pinpoints]
+    return cfg
+
+
+def _llava_next_newline(files: dict) -> dict[str, str]:
+    nested = "model.image_newline" in files
+    return {"image_newline": "model.image_newline" if nested else "image_newline"}
+
+
+def _import_llava_next(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "llava_next",
+        llava_next_model_config,
+        _LLAVA_PROJECTOR,
+        extra=_llava_next_newline,
+    )
+
+
+def _llava_next_mismatch(model: SplitVLM) -> str | None:
+    towers = {CLIPTower: "clip", PackedSiglipVisionModel: "siglip"}
+    return _llava_like_mismatch(
+        model, "LLaVA-NeXT", adaptor="mlp", towers=towers, tiling="llava_next"
+    )
+
+
+def _llava_next_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import LlavaNextConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    hf = LlavaNextConfig(
+        **_llava_fields(model, base, image_id, "LLaVA-NeXT"),
+        image_grid_pinpoints=[list(pin) for pin in cfg.vision.grid_pinpoints],
+    )
+    hf.architectures = ["LlavaNextForConditionalGeneration"]
+    newline = {"image_newline": "image_newline"}
+    _save_vlm(model, out, "llava_next", _LLAVA_PROJECTOR, hf, extra=newline)
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    size = cfg.vision.image_size
+    processor = {
+        "image_processor_type": "LlavaNextImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "image_grid_pinpoints": [list(pin) for pin in cfg.vision.grid_pinpoints],
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_pad": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
 
@@ -822,7 +916,7 @@ def _qwen2_vl_export(model: SplitVLM, out: Path, base: dict | None, image_id: in
 
 
 def idefics3_model_config(hf, path: Path | None = None) -> ModelConfig:
-    """Our ModelConfig of a transformers Idefics3Config: its SigLIP over square tiles
+    """Our ModelConfig of a transformers Idefics3Config or SmolVLMConfig: its SigLIP over square tiles
     (`model.vision.tiling: idefics3`, at the processor's longest edge), the pixel shuffle of
     `scale_factor` × `scale_factor` patches into one bias-free linear (`model.adaptor:
     pixel_shuffle`), Llama."""
@@ -852,15 +946,18 @@ def _idefics3_prefixes(files: dict) -> tuple[str, str]:
 _IDEFICS3_PROJECTOR = {"": "modality_projection.proj"}
 
 
-def _import_idefics3(path: Path, seed: int) -> SplitVLM:
-    return _import_vlm(
-        path,
-        seed,
-        "idefics3",
-        lambda hf: idefics3_model_config(hf, path),
-        _IDEFICS3_PROJECTOR,
-        _idefics3_prefixes,
-    )
+def _import_idefics3(model_type: str):
+    def read(path: Path, seed: int) -> SplitVLM:
+        return _import_vlm(
+            path,
+            seed,
+            model_type,
+            lambda hf: idefics3_model_config(hf, path),
+            _IDEFICS3_PROJECTOR,
+            _idefics3_prefixes,
+        )
+
+    return read
 
 
 _IDEFICS3_SHAPE = {
@@ -872,48 +969,62 @@ _IDEFICS3_SHAPE = {
     "vision.resize": "square",
     "vision.feature_layer": 0,
 }
+# Idefics3's design under its two transformers classes: model_type → (the name transformers
+# gives its classes, our tower class). SmolVLM is Idefics3 with its own names.
+_IDEFICS3_CLASSES = {"idefics3": ("Idefics3", Idefics3Tower), "smolvlm": ("SmolVLM", SmolVLMTower)}
 
 
-def _idefics3_mismatch(model: SplitVLM) -> str | None:
-    reason = _shape_mismatch(model.cfg, "Idefics3", _IDEFICS3_SHAPE)
-    if reason is None and type(model.vision) is not Idefics3Tower:
-        return "Idefics3's vision tower is its own SigLIP (model.vision.tower: idefics3)"
-    return reason
+def _idefics3_mismatch(model_type: str):
+    name, tower = _IDEFICS3_CLASSES[model_type]
+
+    def mismatch(model: SplitVLM) -> str | None:
+        reason = _shape_mismatch(model.cfg, name, _IDEFICS3_SHAPE)
+        if reason is None and type(model.vision) is not tower:
+            return f"{name}'s vision tower is its own SigLIP ({tower.__name__})"
+        return reason
+
+    return mismatch
 
 
-def _idefics3_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
-    from transformers import Idefics3Config  # seconds; only when exporting
+def _idefics3_export(model_type: str):
+    name, _ = _IDEFICS3_CLASSES[model_type]
 
-    cfg = model.cfg
-    hf = Idefics3Config(
-        vision_config=model.vision.config.to_dict(),
-        text_config=_llama_layout_text_config(model, base).to_dict(),
-        scale_factor=cfg.vision.spatial_merge,
-        image_token_id=_image_token(base, image_id, "Idefics3", key="image_token_id"),
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
-    hf.architectures = ["Idefics3ForConditionalGeneration"]
-    _save_vlm(model, out, "idefics3", _IDEFICS3_PROJECTOR, hf, prefixes=_idefics3_prefixes({}))
-    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
-    size = cfg.vision.image_size
-    processor = {
-        "image_processor_type": "Idefics3ImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "do_resize": True,
-        "size": {"longest_edge": cfg.vision.tile_longest_edge or 4 * size},
-        "do_image_splitting": True,
-        "max_image_size": {"longest_edge": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_pad": True,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
-    rows, cols = cfg.square_grid
-    (out / "processor_config.json").write_text(
-        json.dumps({"processor_class": "Idefics3Processor", "image_seq_len": rows * cols})
-    )
+    def write(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+        import transformers  # seconds; only when exporting
+
+        cfg = model.cfg
+        hf = getattr(transformers, f"{name}Config")(
+            vision_config=model.vision.config.to_dict(),
+            text_config=_llama_layout_text_config(model, base).to_dict(),
+            scale_factor=cfg.vision.spatial_merge,
+            image_token_id=_image_token(base, image_id, name, key="image_token_id"),
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+        hf.architectures = [f"{name}ForConditionalGeneration"]
+        prefixes = _idefics3_prefixes({})
+        _save_vlm(model, out, model_type, _IDEFICS3_PROJECTOR, hf, prefixes=prefixes)
+        mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+        size = cfg.vision.image_size
+        processor = {
+            "image_processor_type": f"{name}ImageProcessor",
+            "image_mean": list(mean),
+            "image_std": list(std),
+            "do_resize": True,
+            "size": {"longest_edge": cfg.vision.tile_longest_edge or 4 * size},
+            "do_image_splitting": True,
+            "max_image_size": {"longest_edge": size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_pad": True,
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+        rows, cols = cfg.square_grid
+        (out / "processor_config.json").write_text(
+            json.dumps({"processor_class": f"{name}Processor", "image_seq_len": rows * cols})
+        )
+
+    return write
 
 
 HF_DESIGNS = {
@@ -922,6 +1033,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_llava,
         export_checkpoint=_llava_export,
         mismatch=_llava_mismatch,
+    ),
+    "llava_next": HFDesign(
+        transformers_class="LlavaNextForConditionalGeneration",
+        import_checkpoint=_import_llava_next,
+        export_checkpoint=_llava_next_export,
+        mismatch=_llava_next_mismatch,
     ),
     "paligemma": HFDesign(
         transformers_class="PaliGemmaForConditionalGeneration",
@@ -941,10 +1058,13 @@ HF_DESIGNS = {
         export_checkpoint=_qwen2_vl_export,
         mismatch=_qwen2_vl_mismatch,
     ),
-    "idefics3": HFDesign(
-        transformers_class="Idefics3ForConditionalGeneration",
-        import_checkpoint=_import_idefics3,
-        export_checkpoint=_idefics3_export,
-        mismatch=_idefics3_mismatch,
-    ),
+    **{
+        model_type: HFDesign(
+            transformers_class=f"{name}ForConditionalGeneration",
+            import_checkpoint=_import_idefics3(model_type),
+            export_checkpoint=_idefics3_export(model_type),
+            mismatch=_idefics3_mismatch(model_type),
+        )
+        for model_type, (name, _) in _IDEFICS3_CLASSES.items()
+    },
 }

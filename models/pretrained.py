@@ -238,10 +238,13 @@ def _qwen2_vl(layout: str) -> LLMFamily:
     )
 
 
-def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -> LLMFamily:
+def _language_model_of_vlm(
+    translate, layer_keys: dict[str, str], layout: str, extra_parts: tuple[str, ...] = ()
+) -> LLMFamily:
     """The LLM of a transformers vision-language checkpoint saved in `layout`: "legacy"
     (language_model.model.*, what transformers writes, and the published checkpoints) or
-    "nested" (model.language_model.*, transformers' in-memory names since 4.52)."""
+    "nested" (model.language_model.*, transformers' in-memory names since 4.52). Tensors under
+    the tower's, the projector's and `extra_parts` names are the rest of the model."""
     model, head, others = {
         "legacy": ("language_model.model.", "language_model.lm_head.weight", ""),
         "nested": ("model.language_model.", "lm_head.weight", "model."),
@@ -254,12 +257,16 @@ def _language_model_of_vlm(translate, layer_keys: dict[str, str], layout: str) -
         final_norm=model + "norm.weight",
         lm_head=head,
         text_config=True,
-        other_parts=(others + "vision_tower.", others + "multi_modal_projector."),
+        other_parts=(
+            others + "vision_tower.",
+            others + "multi_modal_projector.",
+            *(others + part for part in extra_parts),
+        ),
     )
 
 
 def _idefics3(hf, cfg: ModelConfig) -> None:
-    """Idefics3's language model: Llama (Idefics3-8B: Llama 3; SmolVLM: SmolLM2)."""
+    """Idefics3's and SmolVLM's language model: Llama (Idefics3-8B: Llama 3; SmolVLM: SmolLM2)."""
     if hf.model_type != "llama":
         raise ValueError(f"a {hf.model_type!r} language model; supported: llama")
     _llama(hf, cfg)
@@ -291,10 +298,16 @@ SUPPORTED_LLMS = {
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "legacy"),
     # Mistral3ForConditionalGeneration: its language model (the whole model: hf_designs).
     "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "legacy"),
+    # LlavaNextForConditionalGeneration: its language model (the whole model: hf_designs).
+    "llava_next": _language_model_of_vlm(
+        _text_model, _LLAMA_LAYER_KEYS, "legacy", extra_parts=("image_newline",)
+    ),
     # Qwen2VLForConditionalGeneration: its language model (the whole model: hf_designs).
     "qwen2_vl": _qwen2_vl("legacy"),
-    # Idefics3ForConditionalGeneration: its language model (the whole model: hf_designs).
+    # Idefics3ForConditionalGeneration and SmolVLMForConditionalGeneration (the same names):
+    # their language model (the whole model: hf_designs).
     "idefics3": _IDEFICS3_LLM,
+    "smolvlm": _IDEFICS3_LLM,
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
@@ -302,6 +315,9 @@ _NESTED_LAYOUTS = {
     "llava": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
     "paligemma": _language_model_of_vlm(_paligemma_text, _LLAMA_LAYER_KEYS, "nested"),
     "mistral3": _language_model_of_vlm(_text_model, _LLAMA_LAYER_KEYS, "nested"),
+    "llava_next": _language_model_of_vlm(
+        _text_model, _LLAMA_LAYER_KEYS, "nested", extra_parts=("image_newline",)
+    ),
     "qwen2_vl": _qwen2_vl("nested"),
 }
 

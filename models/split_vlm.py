@@ -97,7 +97,12 @@ class SplitVLM(nn.Module):
     }
     # The component a top-level module's (or parameter's) weights belong to, for per-component
     # learning rates; everything else is the language model ("llm").
-    COMPONENTS = {"vision": "vision", "adaptor": "adaptor", "mask_embedding": "adaptor"}
+    COMPONENTS = {
+        "vision": "vision",
+        "adaptor": "adaptor",
+        "mask_embedding": "adaptor",
+        "image_newline": "adaptor",
+    }
 
     def __init__(self, cfg: ModelConfig, vision_config: dict | None = None):
         """`vision_config`: a transformers SiglipVisionConfig as a dict, to rebuild an exported
@@ -124,6 +129,10 @@ class SplitVLM(nn.Module):
             cfg.adaptor, vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps
         )
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
+        # LLaVA-NeXT's learned embedding after every row of a tiled image's grid.
+        self.image_newline = None
+        if cfg.vision.tiling == "llava_next":
+            self.image_newline = nn.Parameter(torch.zeros(cfg.d_model))
 
         def blocks(group: str, n: int) -> nn.ModuleList:
             return nn.ModuleList(Block(cfg, cfg.is_sliding(group, i)) for i in range(n))
@@ -156,13 +165,16 @@ class SplitVLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.mask_embedding, std=self.cfg.init_std)
+        if self.image_newline is not None:
+            nn.init.normal_(self.image_newline, std=self.cfg.init_std)
 
     # -- initialization unit by unit (the same values on one device and sharded) ----------------
 
     def init_units(self) -> list[str]:
         """The model's parameters as units that are initialized one at a time: every transformer
         block, the vision tower, each other top-level module, and "" for the root's own
-        parameters (the mask embedding). Every parameter is in exactly one unit."""
+        parameters (the mask embedding, LLaVA-NeXT's newline). Every parameter is in exactly one
+        unit."""
         blocks = [
             f"{group}.{i}" for group in BLOCK_GROUPS for i in range(len(getattr(self, group)))
         ]
@@ -178,7 +190,10 @@ class SplitVLM(nn.Module):
         generator = torch.Generator().manual_seed(unit_seed)
         std = self.cfg.init_std
         if unit == "":
-            return {"mask_embedding": torch.randn(self.cfg.d_model, generator=generator) * std}
+            values = {"mask_embedding": torch.randn(self.cfg.d_model, generator=generator) * std}
+            if self.image_newline is not None:
+                values["image_newline"] = torch.randn(self.cfg.d_model, generator=generator) * std
+            return values
         if unit == "vision" and self.cfg.vision.pretrained:
             return {
                 f"vision.{k}": v
@@ -262,8 +277,10 @@ class SplitVLM(nn.Module):
     @property
     def packs_images(self) -> bool:
         """Whether images go through the tower packed (`PackedImages`): always at native
-        resolution and for SigLIP2; square SigLIP and CLIP keep transformers' batched forward."""
-        return self.cfg.vision.native or self.vision.packs_square_images
+        resolution and for SigLIP2; square SigLIP and CLIP keep transformers' batched forward, and
+        so does every tower under a tiling (each tile is one square image)."""
+        vision = self.cfg.vision
+        return vision.tiling == "none" and (vision.native or self.vision.packs_square_images)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, rows · cols, vision_dim) encoder features."""
@@ -271,12 +288,20 @@ class SplitVLM(nn.Module):
 
     def encode_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder features (n, rows · cols, vision_dim) of each batch (n, 3, H, W) of equally
-        sized images: one packed tower call for all of them, or (square SigLIP) one batched call
-        each. No graph when the tower is frozen."""
+        sized images: one tower call for all of them, packed, or (square SigLIP, CLIP, tiles)
+        batched, image_size tile by tile. Sharded engines need the same tower calls on every
+        rank, which one call whatever the micro-batch holds gives. No graph when the tower is
+        frozen."""
         with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
             if not self.packs_images:
-                layer = self.cfg.vision.feature_layer
-                return [self.vision.image_features(batch, layer) for batch in batches]
+                tiles = [self._tiles(batch) for batch in batches]
+                features = self.vision.image_features(
+                    torch.cat(tiles), self.cfg.vision.feature_layer
+                ).split([len(batch_tiles) for batch_tiles in tiles])
+                return [
+                    self._stitched(batch_features, batch.shape)
+                    for batch_features, batch in zip(features, batches, strict=True)
+                ]
             images = [image for batch in batches for image in batch]
             packed = PackedImages.from_images(
                 images, self.cfg.vision.patch_size, packing_backend(images[0].device)
@@ -285,9 +310,53 @@ class SplitVLM(nn.Module):
             per_image = iter(packed.split(features))
             return [torch.stack([next(per_image) for _ in batch]) for batch in batches]
 
-    def image_inputs_and_targets(self, pixel_values, image_mask, grids: list[tuple[int, int]]):
+    def _tiles(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) images of whole image_size tiles (one for a square image; LLaVA-NeXT's
+        padded pinpoints: several) → (n · tiles, 3, image_size, image_size), row-major."""
+        size = self.cfg.vision.image_size
+        n, channels, height, width = batch.shape
+        if (height, width) == (size, size):
+            return batch
+        tiles = batch.view(n, channels, height // size, size, width // size, size)
+        return tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, size, size)
+
+    def _stitched(self, features: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The tiles' features (n · tiles, patches a tile, C) of images of `shape` → (n, patches,
+        C), row-major over each image's whole grid of patches."""
+        size = self.cfg.vision.image_size
+        n, _, height, width = shape
+        rows, cols = height // size, width // size
+        if (rows, cols) == (1, 1):
+            return features
+        side = size // self.cfg.vision.patch_size
+        features = features.view(n, rows, cols, side, side, -1).permute(0, 1, 3, 2, 4, 5)
+        return features.reshape(n, rows * side * cols * side, -1)
+
+    def canvas(self, grid: tuple[int, int], tiles: tuple[int, int]) -> tuple[int, int]:
+        """The token grid an image's pixels cover: its own, or for a tiled LLaVA-NeXT image
+        (`tiles` rows × cols of image_size, not (0, 0)) the whole padded pinpoint."""
+        if tiles == (0, 0):
+            return grid
+        side = self.cfg.image_tokens_per_side
+        return tiles[0] * side, tiles[1] * side
+
+    def _tiled_tokens(self, features, canvas, grid) -> torch.Tensor:
+        """LLaVA-NeXT's tokens of tiled images: the features of the whole padded `canvas`
+        adapted, the padding's rows or columns dropped (the kept grid centred in it), the
+        newline embedding after every row: `grid` is (kept rows, kept cols + 1)."""
+        cfg = self.cfg
+        tokens = self.adaptor(merge_patches(features, canvas, cfg.vision.spatial_merge))
+        n, rows, cols = tokens.shape[0], grid[0], grid[1] - 1
+        top, left = (canvas[0] - rows) // 2, (canvas[1] - cols) // 2
+        kept = tokens.view(n, *canvas, -1)[:, top : top + rows, left : left + cols]
+        newline = self.image_newline.to(kept.dtype).expand(n, rows, 1, kept.shape[-1])
+        return torch.cat([kept, newline], dim=2).reshape(n, rows * (cols + 1), -1)
+
+    def image_inputs_and_targets(self, pixel_values, image_mask, grids, tiles=None):
         """Adapted tokens (T_image, C) and targets (T_image, target_dim) of every span of every
-        image, image after image, each in the order `cfg.image_spans(grid)` lays them out.
+        image, image after image, each in the order `cfg.image_spans(grid)` lays them out;
+        `tiles` (default none) says which images are LLaVA-NeXT's tiled ones (`canvas`), whose
+        targets are zeros (their tokens are never masked).
 
         No target leaks into the inputs: the encoder attends across the whole image, so the
         inputs of a span are encoded from the image with that span's masked regions blanked,
@@ -296,18 +365,20 @@ class SplitVLM(nn.Module):
         tower packs images.
         """
         cfg = self.cfg
+        tiles = tiles or [(0, 0)] * len(grids)
+        canvases = [self.canvas(grid, tile) for grid, tile in zip(grids, tiles, strict=True)]
         images = [
             normalize_pixels(image, cfg.vision.normalization)
-            for image in split_images(pixel_values, grids, cfg.vision.token_size)
+            for image in split_images(pixel_values, canvases, cfg.vision.token_size)
         ]
         starts = np.cumsum([0] + [cfg.num_image_tokens(grid) for grid in grids])
-        by_grid: dict[tuple[int, int], list[int]] = {}
-        for index, grid in enumerate(grids):
-            by_grid.setdefault(grid, []).append(index)
+        by_grid: dict[tuple, list[int]] = {}
+        for index, key in enumerate(zip(grids, tiles, strict=True)):
+            by_grid.setdefault(key, []).append(index)
         # Every encoder pass first (one packed call), then pooling, adaptor and targets.
         passes: list[torch.Tensor] = []
         groups = []
-        for grid, indices in by_grid.items():
+        for (grid, tile), indices in by_grid.items():
             pixels = torch.stack([images[i] for i in indices])
             mask = torch.stack(
                 [image_mask[starts[i] : starts[i] + cfg.num_image_tokens(grid)] for i in indices]
@@ -317,20 +388,22 @@ class SplitVLM(nn.Module):
             for (rows, cols), is_copy in cfg.image_spans(grid):
                 span_mask = mask[:, offset : offset + rows * cols]
                 offset += rows * cols
-                # Sharded engines need the same number of tower calls on every rank, so with
-                # run_every_branch each span takes its blanked pass even when nothing is
-                # masked (a packed tower makes one call whatever it encodes).
-                blank = self.run_every_branch and not self.packs_images
-                if is_copy or not (blank or bool(span_mask.any())):
+                if is_copy or not bool(span_mask.any()):
                     span_passes.append(clean)
                 else:
                     span_passes.append(len(passes))
                     passes.append(blank_regions(pixels, span_mask, (rows, cols)))
-            groups.append((grid, indices, pixels, clean, span_passes))
+            groups.append((grid, tile, indices, pixels, clean, span_passes))
         features = self.encode_batches(passes)
         merge = cfg.vision.spatial_merge
         inputs, targets = [None] * len(grids), [None] * len(grids)
-        for grid, indices, pixels, clean, span_passes in groups:
+        for grid, tile, indices, pixels, clean, span_passes in groups:
+            if tile != (0, 0):
+                tokens = self._tiled_tokens(features[clean], self.canvas(grid, tile), grid)
+                for row, index in enumerate(indices):
+                    inputs[index] = tokens[row]
+                    targets[index] = tokens.new_zeros(tokens.shape[1], self.target_dim)
+                continue
             group_inputs, group_targets = [], []
             for ((rows, cols), _), encoded in zip(cfg.image_spans(grid), span_passes, strict=True):
                 span_grid = (rows, cols)
@@ -373,7 +446,7 @@ class SplitVLM(nn.Module):
         targets = None
         if batch.image_layout is not None:
             adapted, targets = self.image_inputs_and_targets(
-                batch.pixel_values, batch.image_mask, batch.image_grids
+                batch.pixel_values, batch.image_mask, batch.image_grids, batch.image_tiles
             )
             adapted = adapted if image_tokens is None else image_tokens
             image_TC = self.image_in_blocks(
@@ -393,16 +466,18 @@ class SplitVLM(nn.Module):
         cfg = self.cfg
         kind = "image" if cfg.image_attention == "bidirectional" else "text"
         size, patch = cfg.vision.image_size, cfg.vision.token_size
-        grid = cfg.image_grid(size, size)
+        grid, tiles = cfg.image_grid(size, size), (0, 0)
+        if self.image_newline is not None:  # a tiled image of one tile: the newline runs too
+            grid, tiles = (grid[0], grid[1] + 1), (1, 1)
         spans = [[(kind, rows * cols)] for (rows, cols), _ in cfg.image_spans(grid)]
         layout = PackedLayout.from_docs(spans, cfg.attention_backend).to(x_TC.device)
         positions = layout.position_ids[:, None].repeat(1, 2)
         rope = rope_tables(positions, cfg)
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
-        pixels = x_TC.new_zeros(1, 3, grid[0] * patch, grid[1] * patch)
-        if cfg.vision.native:
+        pixels = x_TC.new_zeros(1, 3, *(side * patch for side in self.canvas(grid, tiles)))
+        if cfg.vision.flat_pixels:
             pixels = pixels.flatten()
-        adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid])
+        adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid], [tiles])
         return self.image_in_blocks(adapted, no_mask, layout, rope)
 
     def image_in_blocks(self, adapted_TC, image_mask, layout, rope) -> torch.Tensor:

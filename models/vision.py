@@ -36,6 +36,8 @@ from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionCo
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
 
 from models.attention import PackedLayout, packed_attention
 from models.config import (
@@ -335,6 +337,10 @@ class Idefics3Tower(BatchedFeatures, Idefics3VisionTransformer):
     column's), so it is not SigLIP's class with other names."""
 
 
+class SmolVLMTower(BatchedFeatures, SmolVLMVisionTransformer):
+    """SmolVLM's SigLIP: Idefics3's under SmolVLM's names (`Idefics3Tower`)."""
+
+
 # model_type in a checkpoint's config.json → (config class, tower class)
 VISION_TOWERS = {
     "siglip_vision_model": (SiglipVisionConfig, PackedSiglipVisionModel),
@@ -343,6 +349,7 @@ VISION_TOWERS = {
     "pixtral": (PixtralVisionConfig, PackedPixtralVisionModel),
     "qwen2_vl": (Qwen2VLVisionConfig, PackedQwen2VisionModel),
     "idefics3_vision": (Idefics3VisionConfig, Idefics3Tower),
+    "smolvlm_vision": (SmolVLMVisionConfig, SmolVLMTower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {

@@ -54,15 +54,7 @@ def tiny_llava(tower: str = "clip") -> LlavaForConditionalGeneration:
             image_size=16,
             patch_size=4,
         ).to_dict(),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_theta=5000.0,
-        ),
+        text_config=tiny_llama(),
         image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default" if tower == "clip" else "full",
@@ -70,6 +62,19 @@ def tiny_llava(tower: str = "clip") -> LlavaForConditionalGeneration:
         image_seq_length=NUM_PATCHES,
     )
     return with_random_vectors(LlavaForConditionalGeneration(config))
+
+
+def tiny_llama() -> LlamaConfig:
+    """The language model of the tiny LLaVA-like checkpoints."""
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=5000.0,
+    )
 
 
 def with_random_vectors(model):
@@ -417,6 +422,7 @@ def _engine_worker(
         "yaml/mistral3.yaml",
         "yaml/qwen2_vl.yaml",
         "yaml/idefics3.yaml",
+        "yaml/llava_next.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):

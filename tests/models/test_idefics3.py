@@ -1,4 +1,5 @@
-"""Idefics3 (docs/designs.md) against transformers' Idefics3ForConditionalGeneration: its SigLIP
+"""Idefics3 (docs/designs.md) against transformers' Idefics3ForConditionalGeneration and
+SmolVLMForConditionalGeneration (the same design under other names): its SigLIP
 over square tiles plus a global view of each image, the pixel shuffle into one bias-free
 linear, Llama.
 
@@ -6,21 +7,24 @@ Each test builds and saves its own tiny random checkpoint; nothing is downloaded
 split into tiles as Idefics3's processor splits it (`model.vision.tiling: idefics3`); every tile
 and the global view are images of the sequence, with the processor's text around each."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_classic_designs import imported_into, png, saved, with_random_vectors
+from test_classic_designs import imported_into, png, saved, tiny_llama, with_random_vectors
 from test_pixtral import _merged, trained_and_exported
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
-    LlamaConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.processing_idefics3 import get_image_prompt_string
+from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
 from cluster.cli import main
 from models.config import VisionConfig
@@ -40,10 +44,18 @@ AROUND, GLOBAL, NEWLINE, BLANK_LINE = 62, 61, 60, 59
 ROW_COL = {(r, c): 50 + 2 * r + c for r in range(2) for c in range(2)}
 
 
-def tiny_idefics3() -> Idefics3ForConditionalGeneration:
+# Idefics3's design under its two transformers classes: (config, vision config, model).
+CLASSES = {
+    "idefics3": (Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration),
+    "smolvlm": (SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration),
+}
+
+
+def tiny_idefics3(model_type: str = "idefics3"):
+    config_class, vision_class, model_class = CLASSES[model_type]
     torch.manual_seed(0)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(
+    config = config_class(
+        vision_config=vision_class(
             hidden_size=24,
             intermediate_size=48,
             num_hidden_layers=2,
@@ -52,29 +64,26 @@ def tiny_idefics3() -> Idefics3ForConditionalGeneration:
             patch_size=4,
             initializer_range=0.25,  # peaked attention: a wrong position or tile shows
         ).to_dict(),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_theta=5000.0,
-        ).to_dict(),
+        text_config=tiny_llama().to_dict(),
         scale_factor=2,
         image_token_id=IMAGE_TOKEN,
     )
-    return with_random_vectors(Idefics3ForConditionalGeneration(config))
+    return with_random_vectors(model_class(config))
+
+
+@pytest.fixture(scope="module", params=list(CLASSES))
+def model_type(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def idefics3_dir(tmp_path_factory) -> Path:
-    return saved(tiny_idefics3(), tmp_path_factory, "idefics3")
+def idefics3_dir(model_type, tmp_path_factory) -> Path:
+    return saved(tiny_idefics3(model_type), tmp_path_factory, model_type)
 
 
 @pytest.fixture(scope="module")
-def imported(idefics3_dir, tmp_path_factory) -> Path:
-    return imported_into(idefics3_dir, tmp_path_factory, "Idefics3ForConditionalGeneration")
+def imported(model_type, idefics3_dir, tmp_path_factory) -> Path:
+    return imported_into(idefics3_dir, tmp_path_factory, CLASSES[model_type][2].__name__)
 
 
 def image_ids(tiles: tuple[int, int], image_id: int) -> list[int]:
@@ -152,9 +161,9 @@ def transformers_logits(model, pieces, views: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_images", [1, 3])
 def test_idefics3_parity_packed_documents_match_transformers_alone(
-    imported, idefics3_dir, num_images
+    model_type, imported, idefics3_dir, num_images
 ):
-    reference = Idefics3ForConditionalGeneration.from_pretrained(idefics3_dir).eval()
+    reference = CLASSES[model_type][2].from_pretrained(idefics3_dir).eval()
     ours = SplitVLM.from_pretrained(imported).eval()
     assert ours.cfg.vision.tiling == "idefics3" and ours.cfg.adaptor == "pixel_shuffle"
     docs, alone = [], []
@@ -166,17 +175,20 @@ def test_idefics3_parity_packed_documents_match_transformers_alone(
         batch = collate(docs, image_attention="causal", attention_backend="sdpa")
         packed = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
     worst = (packed - torch.cat(alone)).abs().max().item()
-    print(f"Idefics3 parity, {num_images} image(s) per document: max |diff| {worst:.2e}")
+    print(f"{model_type} parity, {num_images} image(s) per document: max |diff| {worst:.2e}")
     assert worst <= 1e-4
 
 
 def test_idefics3_round_trip_through_the_cli_gives_transformers_the_same_logits(
-    idefics3_dir, tmp_path
+    model_type, idefics3_dir, tmp_path
 ):
+    """Each class comes back as itself (a SmolVLM as a SmolVLM, not an Idefics3)."""
+    model_class = CLASSES[model_type][2]
     assert main(["import-hf", str(idefics3_dir), "--out", str(tmp_path / "ours")]) == 0
     assert main(["export", str(tmp_path / "ours"), "--to-hf", "--out", str(tmp_path / "hf")]) == 0
-    original = Idefics3ForConditionalGeneration.from_pretrained(idefics3_dir).eval()
-    again = Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == model_type
+    original = model_class.from_pretrained(idefics3_dir).eval()
+    again = model_class.from_pretrained(tmp_path / "hf").eval()
     assert again.config.scale_factor == 2 and again.config.image_token_id == IMAGE_TOKEN
     pieces = samples(3, seed=5)[0]
     views = views_of(pieces, seed=5)

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -447,6 +448,9 @@ class Document:
     # Image segments hold a row-break token after every row but the last (rows · cols +
     # rows - 1 tokens); the breaks are text tokens inside the span's bidirectional block.
     row_breaks: bool = False
+    # (rows, cols) of image_size tiles of each LLaVA-NeXT tiled image, (0, 0) for the others;
+    # None: none is tiled (`PackedBatch.image_tiles`)
+    image_tiles: list[tuple[int, int]] | None = None
 
     def __post_init__(self):
         if self.span_grids is None:
@@ -459,10 +463,25 @@ class Document:
             full = max(self.span_grids, default=(0, 0))
             num_images = self.pixel_values.shape[0] if self.pixel_values.dim() == 4 else 0
             self.image_grids = [full] * num_images
+        if self.image_tiles is None:
+            self.image_tiles = [(0, 0)] * len(self.image_grids)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+
+class Shown(NamedTuple):
+    """One image of the sequence: before text token `position`, after the text ids `before` and
+    followed by `after`; `load()` gives its uint8 (3, H, W) pixels; `tiles`: LLaVA-NeXT's tile
+    rows and cols of a tiled image, (0, 0) for any other."""
+
+    position: int
+    before: list[int]
+    after: list[int]
+    load: Callable[[], np.ndarray]
+    grid: tuple[int, int]
+    tiles: tuple[int, int] = (0, 0)
 
 
 class SampleDecoder:
@@ -521,23 +540,22 @@ class SampleDecoder:
         cfg = self.model_cfg
         opened = [open_image(blob, self.max_image_pixels) for blob in blobs]
         try:
-            # Every image of the sequence: (its position in the text, the text ids before and
-            # after it, its pixels, its grid); a tiled image is several.
-            shown = []
+            # Every image of the sequence (`Shown`); a tiled image is several.
+            shown: list[Shown] = []
             for position, image in zip(text.image_positions, opened, strict=True):
                 shown += self._show(image, position)
-            grids = [grid for *_, grid in shown]
+            grids = [view.grid for view in shown]
             spans = [cfg.image_spans(grid) for grid in grids]
             num_markers = cfg.num_image_markers
             num_tokens = len(text.ids) + sum(
-                len(before) + cfg.num_image_tokens(grid) + num_markers + len(after)
-                for _, before, after, _, grid in shown
+                len(view.before) + cfg.num_image_tokens(view.grid) + num_markers + len(view.after)
+                for view in shown
             )
             if num_tokens > self.max_tokens:
                 raise DecodeError(
                     "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
                 )
-            images = [load() for *_, load, _ in shown]
+            images = [view.load() for view in shown]
         finally:
             for image in opened:
                 image.close()
@@ -547,11 +565,11 @@ class SampleDecoder:
         segments: list[tuple[str, int]] = []
         run_start = cursor = 0
         opens_document = False  # the first image's first token is the document's first
-        for (position, before, after, _, _), image_spans in zip(shown, spans, strict=True):
-            ids.extend(text.ids[cursor:position])
-            targets.extend(text.targets[cursor:position])
-            cursor = position
-            ids.extend(before)
+        for view, image_spans in zip(shown, spans, strict=True):
+            ids.extend(text.ids[cursor : view.position])
+            targets.extend(text.targets[cursor : view.position])
+            cursor = view.position
+            ids.extend(view.before)
             if cfg.image_start_marker:
                 ids.append(self.image_start_id)
             opens_document = opens_document or not ids
@@ -568,7 +586,7 @@ class SampleDecoder:
             run_start = len(ids)  # <image_end> and the text after the image open the next segment
             if cfg.image_end_marker:
                 ids.append(self.image_end_id)
-            ids.extend(after)
+            ids.extend(view.after)
             targets.extend([False] * (len(ids) - len(targets)))
         ids.extend(text.ids[cursor:])
         targets.extend(text.targets[cursor:])
@@ -584,7 +602,7 @@ class SampleDecoder:
             masks[0][0] = False
         # Built in numpy, made tensors once at the end: a handful of torch calls per sample
         # instead of a few per span (each costs microseconds; this runs for every sample).
-        if cfg.vision.native:
+        if cfg.vision.flat_pixels:
             pixels = np.concatenate([image.ravel() for image in images] or [np.zeros(0, np.uint8)])
         else:
             size = cfg.vision.image_size
@@ -606,16 +624,18 @@ class SampleDecoder:
             image_grids=grids,
             span_grids=[grid for image_spans in spans for grid, _ in image_spans],
             row_breaks=self.row_break_id is not None,
+            image_tiles=[view.tiles for view in shown],
         )
 
-    def _show(self, image: Image.Image, position: int) -> list[tuple]:
-        """The images of the sequence that `image`, placed before text token `position`, is:
-        (position, ids before, ids after, a function loading its pixels, grid) each."""
+    def _show(self, image: Image.Image, position: int) -> list[Shown]:
+        """The images of the sequence that `image`, placed before text token `position`, is."""
         cfg = self.model_cfg
+        if cfg.vision.tiling == "llava_next":
+            return self._show_llava_next(image, position)
         tiling = TILE_TEXTS.get(cfg.vision.tiling)
         if tiling is None:
             grid = self._grid(image)
-            return [(position, [], [], lambda: self._load_image(image, grid), grid)]
+            return [Shown(position, [], [], lambda: self._load_image(image, grid), grid)]
         size = cfg.vision.image_size
         rows, cols = cfg.vision.tile_grid(*self._displayed(image))
         pieces = [self._tile_text_ids(piece) for piece in tiling.pieces(rows, cols)]
@@ -634,11 +654,44 @@ class SampleDecoder:
 
         grid = cfg.square_grid
         shown = [
-            (position, pieces[row * cols + col], [], lambda r=row, c=col: tile(r, c), grid)
+            Shown(position, pieces[row * cols + col], [], lambda r=row, c=col: tile(r, c), grid)
             for row in range(rows)
             for col in range(cols)
         ]
-        return [*shown, (position, pieces[-2], pieces[-1], global_view, grid)]
+        return [*shown, Shown(position, pieces[-2], pieces[-1], global_view, grid)]
+
+    def _show_llava_next(self, image: Image.Image, position: int) -> list[Shown]:
+        """LLaVA-NeXT's any-res (`VisionConfig.llava_next_layout`): the whole image at image_size
+        (the base), then the image resized into its best pinpoint, padded with black around the
+        centre, as one tiled image whose grid is the kept tokens plus the newline column."""
+        cfg = self.model_cfg
+        size = cfg.vision.image_size
+        tiles, resized, (left, top), (rows, cols) = cfg.vision.llava_next_layout(
+            *self._displayed(image)
+        )
+        full: list[np.ndarray] = []  # decoded once at full size: both views resize from it
+
+        def decoded() -> np.ndarray:
+            if not full:
+                full.append(image_to_rgb(image, self._displayed(image)))
+            return full[0]
+
+        def padded() -> np.ndarray:
+            canvas = np.zeros((3, tiles[0] * size, tiles[1] * size), dtype=np.uint8)
+            width, height = resized
+            pixels = (
+                _resize(decoded(), resized) if decoded().shape[:2] != (height, width) else decoded()
+            )
+            canvas[:, top : top + height, left : left + width] = pixels.transpose(2, 0, 1)
+            return canvas
+
+        def base() -> np.ndarray:
+            return _resize(decoded(), (size, size)).transpose(2, 0, 1)
+
+        return [
+            Shown(position, [], [], base, cfg.square_grid),
+            Shown(position, [], [], padded, (rows, cols + 1), tiles),
+        ]
 
     def _tile_text_ids(self, piece: str) -> list[int]:
         if piece not in self._tile_ids:

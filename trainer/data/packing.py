@@ -219,6 +219,7 @@ def collate(
         image_layout=PackedLayout.from_docs(image_docs, attention_backend) if image_docs else None,
         pixel_values=torch.cat([d.pixel_values for d in docs]),
         image_grids=[grid for d in docs for grid in d.image_grids],
+        image_tiles=[tiles for d in docs for tiles in d.image_tiles],
         image_mask=torch.cat([d.image_mask for d in docs]),
         image_span_full=torch.cat([d.image_span_full for d in docs]),
         sample_ids=[d.sample_id for d in docs],

@@ -162,7 +162,14 @@ def _keep_list(batch):
     return batch
 
 
-_LIST_FIELDS = ("sample_id", "segments", "image_grids", "span_grids", "row_breaks")
+_LIST_FIELDS = (
+    "sample_id",
+    "segments",
+    "image_grids",
+    "span_grids",
+    "row_breaks",
+    "image_tiles",
+)
 _TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in _LIST_FIELDS)
 
 

@@ -76,7 +76,7 @@ class InitialWeights:
             own = (
                 [f"{unit}.{name}" for name, _ in module.named_parameters()]
                 if module is not None
-                else ["mask_embedding"]
+                else [name for name, _ in self.template.named_parameters(recurse=False)]
             )
             own = [name for name in own if name in names]
             sources = {
