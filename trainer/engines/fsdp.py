@@ -72,8 +72,11 @@ class FSDPEngine(Engine):
             # whole gradients, through the entire forward and backward. Tied, they are one
             # parameter, which must stay in one unit: the root's.
             if not model.cfg.tie_embeddings:
-                fully_shard(model.embed, **units)
-                fully_shard(model.lm_head, **units)
+                for vocabulary_matrix in (model.embed, model.lm_head):
+                    fully_shard(vocabulary_matrix, **units)
+                    # Neither backward reads its weight (a lookup; the LM head's gradients are
+                    # made in its forward, models/lm_head.py): no second gather of the matrix.
+                    vocabulary_matrix.set_unshard_in_backward(False)
             fully_shard(model, **units)
 
         parallelize(model, engine_cfg, shard)
