@@ -1027,6 +1027,88 @@ def _idefics3_export(model_type: str):
     return write
 
 
+# -- DeepSeek-VL ------------------------------------------------------------------------------
+
+
+def deepseek_vl_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers DeepseekVLConfig (DeepSeek-VL 1.3B's design): a SigLIP
+    read at its last_hidden_state, the aligner (Linear-GELU-Linear: our `mlp` adaptor), Llama.
+    Its processor's default pixel normalization is OpenAI CLIP's."""
+    vision = hf.vision_config
+    if vision.model_type != "siglip_vision_model":
+        raise ValueError(f"a {vision.model_type!r} vision tower; supported: siglip_vision_model")
+    cfg = decoder_vlm_config("causal", "mlp", vision, "siglip", feature_layer=0)
+    cfg.vision.normalization = "clip"
+    return cfg
+
+
+# Our MLP adaptor's layers → the aligner's.
+_DEEPSEEK_VL_ALIGNER = {"0": "linear1", "2": "linear2"}
+
+
+def _deepseek_vl_prefixes(files: dict) -> tuple[str, str]:
+    return "model.vision_model.", "model.aligner."
+
+
+def _import_deepseek_vl(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "deepseek_vl",
+        deepseek_vl_model_config,
+        _DEEPSEEK_VL_ALIGNER,
+        _deepseek_vl_prefixes,
+    )
+
+
+_DEEPSEEK_VL_SHAPE = {
+    **_LLAVA_SHAPE,
+    "image_markers": False,
+    "image_row_break": False,
+    "adaptor": "mlp",
+    "vision.resize": "square",
+    "vision.feature_layer": 0,
+}
+
+
+def _deepseek_vl_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_mismatch(model.cfg, "DeepSeek-VL", _DEEPSEEK_VL_SHAPE)
+    if reason is None and type(model.vision) is not PackedSiglipVisionModel:
+        return "DeepSeek-VL's vision tower is a SigLIP one"
+    return reason
+
+
+def _deepseek_vl_export(
+    model: SplitVLM, out: Path, base: dict | None, image_id: int | None
+) -> None:
+    from transformers import DeepseekVLConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    hf = DeepseekVLConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        image_token_id=_image_token(base, image_id, "DeepSeek-VL", key="image_token_id"),
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["DeepseekVLForConditionalGeneration"]
+    prefixes = _deepseek_vl_prefixes({})
+    _save_vlm(model, out, "deepseek_vl", _DEEPSEEK_VL_ALIGNER, hf, prefixes=prefixes)
+    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
+    size = cfg.vision.image_size
+    processor = {
+        "image_processor_type": "DeepseekVLImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "size": {"height": size, "width": size},
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_pad": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1057,6 +1139,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_qwen2_vl,
         export_checkpoint=_qwen2_vl_export,
         mismatch=_qwen2_vl_mismatch,
+    ),
+    "deepseek_vl": HFDesign(
+        transformers_class="DeepseekVLForConditionalGeneration",
+        import_checkpoint=_import_deepseek_vl,
+        export_checkpoint=_deepseek_vl_export,
+        mismatch=_deepseek_vl_mismatch,
     ),
     **{
         model_type: HFDesign(

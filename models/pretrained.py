@@ -266,7 +266,8 @@ def _language_model_of_vlm(
 
 
 def _idefics3(hf, cfg: ModelConfig) -> None:
-    """Idefics3's and SmolVLM's language model: Llama (Idefics3-8B: Llama 3; SmolVLM: SmolLM2)."""
+    """Idefics3's, SmolVLM's and DeepSeek-VL's language model: Llama (Idefics3-8B: Llama 3;
+    SmolVLM: SmolLM2; DeepSeek-VL: DeepSeek LLM, Llama's architecture)."""
     if hf.model_type != "llama":
         raise ValueError(f"a {hf.model_type!r} language model; supported: llama")
     _llama(hf, cfg)
@@ -280,6 +281,16 @@ _IDEFICS3_LLM = LLMFamily(
     final_norm="model.text_model.norm.weight",
     text_config=True,
     other_parts=("model.vision_model.", "model.connector."),
+)
+
+# DeepseekVLForConditionalGeneration's language model (saved under its nested names).
+_DEEPSEEK_VL_LLM = LLMFamily(
+    _idefics3,
+    layer_prefix="model.language_model.layers.{}.",
+    embed="model.language_model.embed_tokens.weight",
+    final_norm="model.language_model.norm.weight",
+    text_config=True,
+    other_parts=("model.vision_model.", "model.aligner."),
 )
 
 SUPPORTED_LLMS = {
@@ -308,6 +319,8 @@ SUPPORTED_LLMS = {
     # their language model (the whole model: hf_designs).
     "idefics3": _IDEFICS3_LLM,
     "smolvlm": _IDEFICS3_LLM,
+    # DeepseekVLForConditionalGeneration: its language model (the whole model: hf_designs).
+    "deepseek_vl": _DEEPSEEK_VL_LLM,
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {

@@ -1,0 +1,129 @@
+"""DeepSeek-VL (docs/designs.md) against transformers' DeepseekVLForConditionalGeneration
+(DeepSeek-VL 1.3B's design): SigLIP read at its last_hidden_state, the aligner
+(Linear-GELU-Linear), Llama. Square images in the sequence as LLaVA lays them out
+(test_classic_designs' documents).
+
+Each test builds and saves its own tiny random checkpoint; nothing is downloaded."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_classic_designs import (
+    IMAGE_TOKEN,
+    as_document,
+    documents,
+    imported_into,
+    saved,
+    tiny_llama,
+    transformers_ids,
+    with_random_vectors,
+)
+from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, SiglipVisionConfig
+
+from cluster.cli import main
+from models.split_vlm import SplitVLM
+from trainer.data.packing import collate
+
+
+def tiny_deepseek_vl() -> DeepseekVLForConditionalGeneration:
+    torch.manual_seed(0)
+    config = DeepseekVLConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ).to_dict(),
+        text_config=tiny_llama().to_dict(),
+        image_token_id=IMAGE_TOKEN,
+    )
+    return with_random_vectors(DeepseekVLForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="module")
+def deepseek_vl_dir(tmp_path_factory) -> Path:
+    return saved(tiny_deepseek_vl(), tmp_path_factory, "deepseek_vl")
+
+
+@pytest.fixture(scope="module")
+def imported(deepseek_vl_dir, tmp_path_factory) -> Path:
+    return imported_into(deepseek_vl_dir, tmp_path_factory, "DeepseekVLForConditionalGeneration")
+
+
+def parity(ours: SplitVLM, reference, num_images: int, seed: int) -> float:
+    """Max |diff| of our logits of three documents packed against each alone in `reference`."""
+    generator = torch.Generator().manual_seed(seed)
+    pieces = documents(num_images, seed=seed)
+    pixels = [torch.randn(num_images, 3, 16, 16, generator=generator) for _ in pieces]
+    docs = [as_document(p, x, str(i)) for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))]
+    batch = collate(docs, image_attention="causal", attention_backend="sdpa")
+    with torch.no_grad():
+        packed = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
+        alone = [
+            reference(input_ids=transformers_ids(p), pixel_values=x).logits[0]
+            for p, x in zip(pieces, pixels, strict=True)
+        ]
+    return (packed - torch.cat(alone)).abs().max().item()
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_deepseek_vl_parity_packed_documents_match_transformers_alone(
+    imported, deepseek_vl_dir, num_images
+):
+    reference = DeepseekVLForConditionalGeneration.from_pretrained(deepseek_vl_dir).eval()
+    ours = SplitVLM.from_pretrained(imported).eval()
+    assert ours.cfg.vision.feature_layer == 0 and ours.cfg.adaptor == "mlp"
+    worst = parity(ours, reference, num_images, seed=num_images)
+    print(f"DeepSeek-VL parity, {num_images} image(s) per document: max |diff| {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_deepseek_vl_round_trip_through_the_cli_gives_transformers_the_same_logits(
+    deepseek_vl_dir, tmp_path
+):
+    assert main(["import-hf", str(deepseek_vl_dir), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["export", str(tmp_path / "ours"), "--to-hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_vl"  # not taken for a LLaVA with a SigLIP tower
+    original = DeepseekVLForConditionalGeneration.from_pretrained(deepseek_vl_dir).eval()
+    again = DeepseekVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    pieces = documents(2, seed=5)[0]
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = original(input_ids=transformers_ids(pieces), pixel_values=pixels).logits
+        got = again(input_ids=transformers_ids(pieces), pixel_values=pixels).logits
+    assert (want - got).abs().max() <= 1e-5
+
+
+def test_deepseek_vl_preset_trains_on_the_demo_data_and_exports_to_transformers(
+    demo_data, tmp_path
+):
+    from test_pixtral import trained_and_exported
+
+    from trainer.data.decode import Document
+
+    ours, hf, decoder = trained_and_exported(
+        "yaml/deepseek_vl.yaml", DeepseekVLForConditionalGeneration, demo_data, tmp_path
+    )
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    text, num_tokens = [[2, 5, 9], [11, 12, 3]], 16
+    doc = Document(
+        sample_id="probe",
+        input_ids=torch.tensor(text[0] + [decoder.pad_id] * num_tokens + text[1]),
+        target_mask=torch.ones(22, dtype=torch.bool),
+        segments=[("text", 3), ("image", num_tokens), ("text", 3)],
+        pixel_values=pixels,
+        image_mask=torch.zeros(num_tokens, dtype=torch.bool),
+        image_span_full=torch.zeros(num_tokens, dtype=torch.bool),
+    )
+    batch = collate([doc], image_attention="causal", attention_backend="sdpa")
+    image_id = hf.config.image_token_id
+    with torch.no_grad():
+        want = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
+        hf_ids = torch.tensor(text[0] + [image_id] * num_tokens + text[1])
+        got = hf(input_ids=hf_ids[None], pixel_values=pixels).logits[0]
+    assert (want - got).abs().max() <= 1e-5
