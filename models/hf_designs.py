@@ -522,33 +522,44 @@ def _image_token(
     return image_token
 
 
-def _write_image_processor(cfg: ModelConfig, out: Path) -> None:
-    """preprocessor_config.json: Pixtral's processor for longest-side grids (its patch size
-    the image token's side, as Mistral 3's processor passes it), else CLIP's."""
+def _save_image_processor(out: Path, cfg: ModelConfig, processor_type: str, **fields) -> None:
+    """preprocessor_config.json of a transformers `processor_type`: uint8 pixels rescaled to
+    [0, 1] and normalized as `model.vision.normalization`, plus the design's own `fields`."""
     mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
-    size, token = cfg.vision.image_size, cfg.vision.token_size
     processor = {
+        "image_processor_type": processor_type,
         "image_mean": list(mean),
         "image_std": list(std),
         "do_normalize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
+        **fields,
     }
-    if cfg.vision.resize == "longest_side":  # Pixtral's processor: the same grid rule
-        processor |= {
-            "image_processor_type": "PixtralImageProcessor",
-            "size": {"longest_edge": size},
-            "patch_size": {"height": token, "width": token},
-            "do_resize": True,
-        }
-    else:
-        processor |= {
-            "image_processor_type": "CLIPImageProcessor",
-            "size": {"shortest_edge": size},
-            "crop_size": {"height": size, "width": size},
-            "do_center_crop": True,
-        }
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+
+
+def _write_image_processor(cfg: ModelConfig, out: Path) -> None:
+    """preprocessor_config.json: Pixtral's processor for longest-side grids (its patch size
+    the image token's side, as Mistral 3's processor passes it), else CLIP's."""
+    size, token = cfg.vision.image_size, cfg.vision.token_size
+    if cfg.vision.resize == "longest_side":  # Pixtral's processor: the same grid rule
+        _save_image_processor(
+            out,
+            cfg,
+            "PixtralImageProcessor",
+            size={"longest_edge": size},
+            patch_size={"height": token, "width": token},
+            do_resize=True,
+        )
+    else:
+        _save_image_processor(
+            out,
+            cfg,
+            "CLIPImageProcessor",
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            do_center_crop=True,
+        )
 
 
 # -- LLaVA-NeXT -------------------------------------------------------------------------------
@@ -603,22 +614,17 @@ def _llava_next_export(model: SplitVLM, out: Path, base: dict | None, image_id: 
     hf.architectures = ["LlavaNextForConditionalGeneration"]
     newline = {"image_newline": "image_newline"}
     _save_vlm(model, out, "llava_next", _LLAVA_PROJECTOR, hf, extra=newline)
-    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
     size = cfg.vision.image_size
-    processor = {
-        "image_processor_type": "LlavaNextImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "image_grid_pinpoints": [list(pin) for pin in cfg.vision.grid_pinpoints],
-        "size": {"shortest_edge": size},
-        "crop_size": {"height": size, "width": size},
-        "do_center_crop": True,
-        "do_pad": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    _save_image_processor(
+        out,
+        cfg,
+        "LlavaNextImageProcessor",
+        image_grid_pinpoints=[list(pin) for pin in cfg.vision.grid_pinpoints],
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
+        do_pad=True,
+    )
 
 
 # -- Mistral 3 --------------------------------------------------------------------------------
@@ -752,19 +758,14 @@ def _paligemma_export(model: SplitVLM, out: Path, base: dict | None, image_id: i
     )
     hf.architectures = ["PaliGemmaForConditionalGeneration"]
     _save_vlm(model, out, "paligemma", _PALIGEMMA_PROJECTOR, hf)
-    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
     size = cfg.vision.image_size
-    processor = {
-        "image_processor_type": "SiglipImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "size": {"height": size, "width": size},
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "image_seq_length": cfg.square_grid[0] * cfg.square_grid[1],
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    _save_image_processor(
+        out,
+        cfg,
+        "SiglipImageProcessor",
+        size={"height": size, "width": size},
+        image_seq_length=cfg.square_grid[0] * cfg.square_grid[1],
+    )
 
 
 # -- Qwen2-VL ---------------------------------------------------------------------------------
@@ -894,22 +895,17 @@ def _qwen2_vl_export(model: SplitVLM, out: Path, base: dict | None, image_id: in
     hf = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     hf.architectures = ["Qwen2VLForConditionalGeneration"]
     _save_vlm(model, out, "qwen2_vl", {}, hf, prefixes=("visual.", "visual.merger."))
-    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
     min_pixels, max_pixels = cfg.vision.pixel_budget
-    processor = {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "patch_size": cfg.vision.patch_size,
-        "merge_size": cfg.vision.spatial_merge,
-        "temporal_patch_size": model.vision.config.temporal_patch_size,
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    _save_image_processor(
+        out,
+        cfg,
+        "Qwen2VLImageProcessor",
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.vision.spatial_merge,
+        temporal_patch_size=model.vision.config.temporal_patch_size,
+    )
 
 
 # -- Idefics3 ---------------------------------------------------------------------------------
@@ -938,8 +934,12 @@ def idefics3_model_config(hf, path: Path | None = None) -> ModelConfig:
     return cfg
 
 
-def _idefics3_prefixes(files: dict) -> tuple[str, str]:
-    return "model.vision_model.", "model.connector."
+def _fixed_prefixes(tower: str, projector: str):
+    """`_import_vlm`'s `prefixes` for a class that saves under one set of names."""
+    return lambda files: (tower, projector)
+
+
+_idefics3_prefixes = _fixed_prefixes("model.vision_model.", "model.connector.")
 
 
 # Our bias-free linear is the connector's `modality_projection.proj`.
@@ -1003,22 +1003,17 @@ def _idefics3_export(model_type: str):
         hf.architectures = [f"{name}ForConditionalGeneration"]
         prefixes = _idefics3_prefixes({})
         _save_vlm(model, out, model_type, _IDEFICS3_PROJECTOR, hf, prefixes=prefixes)
-        mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
         size = cfg.vision.image_size
-        processor = {
-            "image_processor_type": f"{name}ImageProcessor",
-            "image_mean": list(mean),
-            "image_std": list(std),
-            "do_resize": True,
-            "size": {"longest_edge": cfg.vision.tile_longest_edge or 4 * size},
-            "do_image_splitting": True,
-            "max_image_size": {"longest_edge": size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "do_pad": True,
-        }
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+        _save_image_processor(
+            out,
+            cfg,
+            f"{name}ImageProcessor",
+            do_resize=True,
+            size={"longest_edge": cfg.vision.tile_longest_edge or 4 * size},
+            do_image_splitting=True,
+            max_image_size={"longest_edge": size},
+            do_pad=True,
+        )
         rows, cols = cfg.square_grid
         (out / "processor_config.json").write_text(
             json.dumps({"processor_class": f"{name}Processor", "image_seq_len": rows * cols})
@@ -1046,8 +1041,7 @@ def deepseek_vl_model_config(hf) -> ModelConfig:
 _DEEPSEEK_VL_ALIGNER = {"0": "linear1", "2": "linear2"}
 
 
-def _deepseek_vl_prefixes(files: dict) -> tuple[str, str]:
-    return "model.vision_model.", "model.aligner."
+_deepseek_vl_prefixes = _fixed_prefixes("model.vision_model.", "model.aligner.")
 
 
 def _import_deepseek_vl(path: Path, seed: int) -> SplitVLM:
@@ -1093,20 +1087,15 @@ def _deepseek_vl_export(
     hf.architectures = ["DeepseekVLForConditionalGeneration"]
     prefixes = _deepseek_vl_prefixes({})
     _save_vlm(model, out, "deepseek_vl", _DEEPSEEK_VL_ALIGNER, hf, prefixes=prefixes)
-    mean, std = PIXEL_NORMALIZATIONS[cfg.vision.normalization]
     size = cfg.vision.image_size
-    processor = {
-        "image_processor_type": "DeepseekVLImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "size": {"height": size, "width": size},
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_pad": True,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    _save_image_processor(
+        out,
+        cfg,
+        "DeepseekVLImageProcessor",
+        size={"height": size, "width": size},
+        do_resize=True,
+        do_pad=True,
+    )
 
 
 HF_DESIGNS = {

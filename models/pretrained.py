@@ -265,7 +265,7 @@ def _language_model_of_vlm(
     )
 
 
-def _idefics3(hf, cfg: ModelConfig) -> None:
+def _llama_only(hf, cfg: ModelConfig) -> None:
     """Idefics3's, SmolVLM's and DeepSeek-VL's language model: Llama (Idefics3-8B: Llama 3;
     SmolVLM: SmolLM2; DeepSeek-VL: DeepSeek LLM, Llama's architecture)."""
     if hf.model_type != "llama":
@@ -273,25 +273,23 @@ def _idefics3(hf, cfg: ModelConfig) -> None:
     _llama(hf, cfg)
 
 
-# Idefics3ForConditionalGeneration's language model (always under these names).
-_IDEFICS3_LLM = LLMFamily(
-    _idefics3,
-    layer_prefix="model.text_model.layers.{}.",
-    embed="model.text_model.embed_tokens.weight",
-    final_norm="model.text_model.norm.weight",
-    text_config=True,
-    other_parts=("model.vision_model.", "model.connector."),
-)
+def _llama_under(model: str, other_parts: tuple[str, ...]) -> LLMFamily:
+    """The Llama of a vision-language checkpoint whose language model is saved under `model`
+    (`model.layers.*`, `model.embed_tokens`, `model.norm`), the rest under `other_parts`."""
+    return LLMFamily(
+        _llama_only,
+        layer_prefix=model + "layers.{}.",
+        embed=model + "embed_tokens.weight",
+        final_norm=model + "norm.weight",
+        text_config=True,
+        other_parts=other_parts,
+    )
 
-# DeepseekVLForConditionalGeneration's language model (saved under its nested names).
-_DEEPSEEK_VL_LLM = LLMFamily(
-    _idefics3,
-    layer_prefix="model.language_model.layers.{}.",
-    embed="model.language_model.embed_tokens.weight",
-    final_norm="model.language_model.norm.weight",
-    text_config=True,
-    other_parts=("model.vision_model.", "model.aligner."),
-)
+
+# Idefics3ForConditionalGeneration's and SmolVLM's (always under these names).
+_IDEFICS3_LLM = _llama_under("model.text_model.", ("model.vision_model.", "model.connector."))
+# DeepseekVLForConditionalGeneration's (saved under its nested names).
+_DEEPSEEK_VL_LLM = _llama_under("model.language_model.", ("model.vision_model.", "model.aligner."))
 
 SUPPORTED_LLMS = {
     "llama": LLMFamily(_llama),

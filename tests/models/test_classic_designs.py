@@ -155,16 +155,13 @@ def transformers_ids(pieces) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-@pytest.mark.parametrize("num_images", [1, 3])
-def test_llava_parity_packed_documents_match_transformers_alone(imported, llava_dir, num_images):
-    reference = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
-    ours = SplitVLM.from_pretrained(imported).eval()
-    generator = torch.Generator().manual_seed(num_images)
-    pieces = documents(num_images, seed=num_images)
+def parity(ours: SplitVLM, reference, num_images: int, seed: int) -> float:
+    """Max |diff| of our logits of three documents (`documents`, 16 × 16 images) packed into one
+    micro-batch against each document alone in the transformers `reference`."""
+    generator = torch.Generator().manual_seed(seed)
+    pieces = documents(num_images, seed=seed)
     pixels = [torch.randn(num_images, 3, 16, 16, generator=generator) for _ in pieces]
-    docs = [
-        as_document(p, x, f"doc{i}") for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))
-    ]
+    docs = [as_document(p, x, str(i)) for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))]
     batch = collate(docs, image_attention="causal", attention_backend="sdpa")
     with torch.no_grad():
         packed = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
@@ -172,7 +169,14 @@ def test_llava_parity_packed_documents_match_transformers_alone(imported, llava_
             reference(input_ids=transformers_ids(p), pixel_values=x).logits[0]
             for p, x in zip(pieces, pixels, strict=True)
         ]
-    worst = (packed - torch.cat(alone)).abs().max().item()
+    return (packed - torch.cat(alone)).abs().max().item()
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_llava_parity_packed_documents_match_transformers_alone(imported, llava_dir, num_images):
+    reference = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    ours = SplitVLM.from_pretrained(imported).eval()
+    worst = parity(ours, reference, num_images, seed=num_images)
     print(f"LLaVA parity, {num_images} image(s) per document: max |diff| {worst:.2e}")
     assert worst <= 1e-4
 
@@ -183,18 +187,7 @@ def test_llava_parity_with_a_siglip_tower(tmp_path):
     import_hf(tmp_path / "hf", tmp_path / "ours")
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     ours = SplitVLM.from_pretrained(tmp_path / "ours").eval()
-    pieces = documents(2, seed=7)
-    generator = torch.Generator().manual_seed(7)
-    pixels = [torch.randn(2, 3, 16, 16, generator=generator) for _ in pieces]
-    docs = [as_document(p, x, str(i)) for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))]
-    batch = collate(docs, image_attention="causal", attention_backend="sdpa")
-    with torch.no_grad():
-        packed = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
-        alone = [
-            reference(input_ids=transformers_ids(p), pixel_values=x).logits[0]
-            for p, x in zip(pieces, pixels, strict=True)
-        ]
-    assert (packed - torch.cat(alone)).abs().max() <= 1e-4
+    assert parity(ours, reference, num_images=2, seed=7) <= 1e-4
 
 
 def test_llava_import_reads_transformers_nested_tensor_names_too(llava_dir, imported, tmp_path):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_classic_designs import (
     IMAGE_TOKEN,
-    as_document,
     documents,
     imported_into,
+    parity,
     saved,
     tiny_llama,
     transformers_ids,
@@ -52,22 +52,6 @@ def deepseek_vl_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def imported(deepseek_vl_dir, tmp_path_factory) -> Path:
     return imported_into(deepseek_vl_dir, tmp_path_factory, "DeepseekVLForConditionalGeneration")
-
-
-def parity(ours: SplitVLM, reference, num_images: int, seed: int) -> float:
-    """Max |diff| of our logits of three documents packed against each alone in `reference`."""
-    generator = torch.Generator().manual_seed(seed)
-    pieces = documents(num_images, seed=seed)
-    pixels = [torch.randn(num_images, 3, 16, 16, generator=generator) for _ in pieces]
-    docs = [as_document(p, x, str(i)) for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))]
-    batch = collate(docs, image_attention="causal", attention_backend="sdpa")
-    with torch.no_grad():
-        packed = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
-        alone = [
-            reference(input_ids=transformers_ids(p), pixel_values=x).logits[0]
-            for p, x in zip(pieces, pixels, strict=True)
-        ]
-    return (packed - torch.cat(alone)).abs().max().item()
 
 
 @pytest.mark.parametrize("num_images", [1, 3])

@@ -665,23 +665,21 @@ class SampleDecoder:
         (the base), then the image resized into its best pinpoint, padded with black around the
         centre, as one tiled image whose grid is the kept tokens plus the newline column."""
         cfg = self.model_cfg
-        size = cfg.vision.image_size
-        tiles, resized, (left, top), (rows, cols) = cfg.vision.llava_next_layout(
-            *self._displayed(image)
-        )
+        size, displayed = cfg.vision.image_size, self._displayed(image)
+        tiles, resized, (left, top), (rows, cols) = cfg.vision.llava_next_layout(*displayed)
         full: list[np.ndarray] = []  # decoded once at full size: both views resize from it
 
         def decoded() -> np.ndarray:
             if not full:
-                full.append(image_to_rgb(image, self._displayed(image)))
+                full.append(image_to_rgb(image, displayed))
             return full[0]
 
         def padded() -> np.ndarray:
             canvas = np.zeros((3, tiles[0] * size, tiles[1] * size), dtype=np.uint8)
             width, height = resized
-            pixels = (
-                _resize(decoded(), resized) if decoded().shape[:2] != (height, width) else decoded()
-            )
+            pixels = decoded()
+            if pixels.shape[:2] != (height, width):
+                pixels = _resize(pixels, resized)
             canvas[:, top : top + height, left : left + width] = pixels.transpose(2, 0, 1)
             return canvas
 
