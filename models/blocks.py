@@ -2,7 +2,9 @@
 
 The Llama block by default; Gemma's is the same with config switches: (1 + w) norms, sandwich
 norms around each sublayer, a GELU-gated MLP, its own softmax scale and sliding-window layers
-with a RoPE base of their own (`models.config.ModelConfig`).
+with a RoPE base of their own; so is Persimmon's (Fuyu's LLM): LayerNorms with biases, RoPE on
+half of each head, an un-gated squared-ReLU MLP and biases on every linear
+(`models.config.ModelConfig`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm_style == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
     return RMSNorm(dim, cfg.norm_eps, offset_weight=cfg.norm_style == "gemma")
 
 
@@ -67,7 +71,7 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class RopeTables:
-    """RoPE (cos, sin) tables of one micro-batch, each (T, head_dim // 2): one for full-attention
+    """RoPE (cos, sin) tables of one micro-batch, each (T, rotary_dim // 2): one for full-attention
     layers and one for sliding layers (the same tensors unless `sliding_rope_theta` is set)."""
 
     full: tuple[torch.Tensor, torch.Tensor]
@@ -98,8 +102,8 @@ def rope_tables(positions_TA: torch.Tensor, cfg: ModelConfig) -> RopeTables:
 
 
 def frequency_axes(cfg: ModelConfig, num_axes: int, device=None) -> torch.Tensor:
-    """(head_dim // 2,) the position axis each RoPE frequency rotates by."""
-    num_freqs = cfg.head_dim // 2
+    """(rotary_dim // 2,) the position axis each RoPE frequency rotates by."""
+    num_freqs = cfg.rotary_dim // 2
     if num_axes == 3:  # M-RoPE: time, row, column, in frequency order (Qwen2-VL's sections)
         sizes = torch.tensor(cfg.mrope_section, device=device)
         return torch.arange(3, device=device).repeat_interleave(sizes)
@@ -112,12 +116,12 @@ def _rope_table(positions_TA: torch.Tensor, inv_freq: torch.Tensor, axes: torch.
 
 
 def rope_inverse_frequencies(cfg: ModelConfig, device=None, sliding: bool = False) -> torch.Tensor:
-    """(head_dim // 2,) fp32, in the order and with the operations of transformers'
+    """(rotary_dim // 2,) fp32, in the order and with the operations of transformers'
     `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters` and
     `_compute_llama3_parameters`, so tables match exactly. `sliding`: the sliding layers' own
     base, unscaled (Gemma 3's local RoPE)."""
-    head_dim = cfg.head_dim
-    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    rotary_dim = cfg.rotary_dim
+    exponents = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim
     inv_freq = 1.0 / (cfg.sliding_rope_theta if sliding else cfg.rope_theta) ** exponents
     if sliding:
         return inv_freq
@@ -137,10 +141,13 @@ def rope_inverse_frequencies(cfg: ModelConfig, device=None, sliding: bool = Fals
 
 
 def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    # Half-split rotation, the convention of Llama/Qwen2 checkpoints in transformers.
-    first, second = x_THD.chunk(2, dim=-1)
+    """Half-split rotation, the convention of Llama/Qwen2 checkpoints in transformers, of a head's
+    first 2F dimensions (all of them but with partial RoPE); the rest pass unrotated."""
+    rotary_dim = 2 * cos_TF.shape[-1]
+    rotated, passed = x_THD[..., :rotary_dim], x_THD[..., rotary_dim:]
+    first, second = rotated.chunk(2, dim=-1)
     cos, sin = cos_TF[:, None, :].to(x_THD.dtype), sin_TF[:, None, :].to(x_THD.dtype)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin, passed), dim=-1)
 
 
 class Attention(nn.Module):
@@ -158,7 +165,9 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wo = nn.Linear(
+            cfg.num_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_output_bias
+        )
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
@@ -174,23 +183,43 @@ class Attention(nn.Module):
         return self.wo(out_THD.reshape(num_tokens, -1))
 
 
+def _squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+# `model.mlp_activation` → the function
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu2": _squared_relu,
+}
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with "silu", Gemma's GeGLU with "gelu_tanh"."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "silu"):
+    def __init__(self, dim: int, hidden: int, activation: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-        self.activation = activation
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate(x)
-        if self.activation == "silu":
-            gate = F.silu(gate)
-        else:
-            gate = F.gelu(gate, approximate="tanh")
-        return self.down(gate * self.up(x))
+        return self.down(self.activation(self.gate(x)) * self.up(x))
+
+
+class MLP(nn.Module):
+    """down(act(up(x))): the un-gated MLP (Persimmon's, with squared ReLU and biases)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "relu2", bias: bool = True):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.activation(self.up(x)))
 
 
 class Block(nn.Module):
@@ -205,7 +234,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, window=cfg.sliding_window if sliding else None)
         self.attn_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = GatedMLP(cfg.d_model, hidden, cfg.mlp_activation)
+        mlp_class = GatedMLP if cfg.mlp_gated else MLP
+        self.mlp = mlp_class(cfg.d_model, hidden, cfg.mlp_activation, cfg.mlp_bias)
         self.mlp_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
 
     def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables) -> torch.Tensor:

@@ -23,8 +23,8 @@ ATTENTION_BACKEND_NAMES = (
     "auto",
 )
 ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle")
-NORM_STYLES = ("default", "gemma")
-MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+NORM_STYLES = ("default", "gemma", "layernorm")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
 TILINGS = ("none", "idefics3", "llava_next")
@@ -32,9 +32,11 @@ IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3")
+VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3", "none")
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
+# `model.image_row_break`: none, after every row but the last (Pixtral), after every row (Fuyu).
+IMAGE_ROW_BREAKS = (False, True, "all")
 PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
 _MAX_TILED_SIDE = 4096  # Idefics3's MAX_IMAGE_SIZE: no side of a tiled image beyond it
 
@@ -47,8 +49,10 @@ class VisionConfig:
     pretrained: str = ""
     # Of a random build: "siglip", "clip" (its CLS token is dropped), "pixtral" (Pixtral's ViT:
     # 2-D RoPE, one bidirectional block per image, any grid up to image_size / patch_size a side),
-    # "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2) or "idefics3"
-    # (Idefics3's SigLIP: its own position ids; square tiles).
+    # "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2), "idefics3"
+    # (Idefics3's SigLIP: its own position ids; square tiles) or "none" (Fuyu's: no encoder, the
+    # features are each patch's normalized pixels, 3 · patch_size² values, for the adaptor to
+    # embed).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -316,8 +320,12 @@ class ModelConfig:
     attention_head_dim: int = 0
     mlp_hidden: int = 0  # 0: mlp_ratio × d_model, rounded up to a multiple of 8
     attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    attention_output_bias: bool = False  # the attention output projection's bias (Persimmon)
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    # The share of each head's dimensions RoPE rotates (transformers' partial_rotary_factor;
+    # Persimmon: 0.5): the first `rotary_dim` dimensions, the rest pass unrotated.
+    rope_fraction: float = 1.0
     # Llama-3 RoPE scaling (transformers `rope_scaling: {rope_type: llama3}`), 0: off. Wavelengths
     # above original_max_positions / low_freq_factor are slowed by the factor, those below
     # original_max_positions / high_freq_factor kept, the ones between interpolated.
@@ -331,12 +339,17 @@ class ModelConfig:
     qk_norm: bool = False
     norm_eps: float = 1e-5
     # "default": RMSNorm scales by its weight; "gemma": by (1 + weight), computed in fp32, so the
-    # weights are offsets from 1 and start at 0.
+    # weights are offsets from 1 and start at 0; "layernorm": LayerNorm with a bias (Persimmon).
     norm_style: str = "default"
     # A second norm on each sublayer's output, before the residual add (Gemma's sandwich norms).
     post_norms: bool = False
     scale_embeddings: bool = False  # token embeddings × sqrt(d_model) (Gemma)
-    mlp_activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma)
+    # The MLP: gated, down(act(gate(x)) * up(x)), or not (Persimmon), down(act(up(x))); its
+    # activation "silu" (SwiGLU), "gelu_tanh" (Gemma) or "relu2" (squared ReLU, Persimmon); with
+    # mlp_bias its linears have biases.
+    mlp_gated: bool = True
+    mlp_activation: str = "silu"
+    mlp_bias: bool = False
     # Softmax scale of the attention scores; 0: 1 / sqrt(head width). (Gemma: its
     # query_pre_attn_scalar ** -0.5.)
     attention_scale: float = 0.0
@@ -360,9 +373,10 @@ class ModelConfig:
     # (its images and the user turn before the first answer) one bidirectional block, the rest
     # causal (trainer/data/packing.py `attention_segments`).
     image_attention: str = "bidirectional"
-    # A <image_row_break> token after every row of an image span but the last (Pixtral's
-    # [IMG_BREAK]): a text token inside the span's block, so the LLM sees where rows end.
-    image_row_break: bool = False
+    # A <image_row_break> token after every row of an image span but the last (true: Pixtral's
+    # [IMG_BREAK]) or after every row ("all": Fuyu's |NEWLINE|): a text token inside the span's
+    # block, so the LLM sees where rows end.
+    image_row_break: bool | str = False
     # <image_start> and <image_end> around every image; false: the image's spans sit directly
     # between the text tokens (LLaVA: the processor expands <image> into its image tokens only);
     # "end": only <image_end> after the image (Pixtral's [IMG_END]).
@@ -410,6 +424,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention_head_dim or self.d_model // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dimensions of a head RoPE rotates (the first ones)."""
+        return int(self.head_dim * self.rope_fraction)
+
+    def num_row_breaks(self, rows: int) -> int:
+        """Row-break tokens inside an image span of `rows` rows."""
+        return row_breaks_in_span(rows, self.image_row_break)
 
     @property
     def num_text_layers(self) -> int:
@@ -516,6 +539,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.mlp_activation={self.mlp_activation!r}; valid: {', '.join(MLP_ACTIVATIONS)}"
             )
+        if not 0 < self.rope_fraction <= 1 or self.rotary_dim % 2:
+            raise ValueError(
+                "model.rope_fraction must be in (0, 1] and rotate an even number of a head's "
+                f"dimensions (head_dim {self.head_dim} × {self.rope_fraction} = {self.rotary_dim})"
+            )
         if self.attention_scale < 0:
             raise ValueError("model.attention_scale must be >= 0 (0: 1 / sqrt(head width))")
         if self.sliding_window < 0 or self.sliding_rope_theta < 0:
@@ -552,6 +580,12 @@ class ModelConfig:
             )
         if not any(self.image_markers is m or self.image_markers == m for m in IMAGE_MARKERS):
             raise ValueError(f"model.image_markers={self.image_markers!r}; valid: true, false, end")
+        if not any(
+            self.image_row_break is m or self.image_row_break == m for m in IMAGE_ROW_BREAKS
+        ):
+            raise ValueError(
+                f"model.image_row_break={self.image_row_break!r}; valid: false, true, all"
+            )
         names = (self.image_start_token, self.image_end_token, self.image_row_break_token)
         if not all(names) or len(set(names)) < 3:
             raise ValueError(
@@ -565,11 +599,11 @@ class ModelConfig:
             )
         if (self.image_positions == "mrope") != bool(self.mrope_section) or (
             self.mrope_section
-            and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2)
+            and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.rotary_dim // 2)
         ):
             raise ValueError(
                 "model.image_positions=mrope needs model.mrope_section: three frequency counts "
-                f"(time, row, column) summing to head_dim / 2 = {self.head_dim // 2}, and "
+                f"(time, row, column) summing to rotary_dim / 2 = {self.rotary_dim // 2}, and "
                 f"mrope_section needs mrope; got {self.mrope_section}"
             )
         if self.image_blocks_init not in ("fresh", "copy"):
@@ -590,8 +624,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.image_scales must be increasing grid sides below the full grid ({full})"
             )
-        if self.image_positions == "2d" and self.head_dim % 4:
-            raise ValueError("model.image_positions=2d needs a head dim divisible by 4")
+        if self.image_positions == "2d" and self.rotary_dim % 4:
+            raise ValueError("model.image_positions=2d needs a rotary dim divisible by 4")
         if not 0.0 <= self.full_mask_prob <= 1.0:
             raise ValueError("model.full_mask_prob must be in [0, 1]")
         if self.diffusion_head and self.diffusion_steps < 2:
@@ -611,6 +645,13 @@ class ModelConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0")
+
+
+def row_breaks_in_span(rows: int, row_break: bool | str) -> int:
+    """Row-break tokens in an image span of `rows` rows under `model.image_row_break`."""
+    if row_break == "all":
+        return rows
+    return rows - 1 if row_break else 0
 
 
 def model_config_from_dict(raw: dict) -> ModelConfig:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import yaml
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import SUPPORTED_LLMS, PretrainedLLM, plan_sources
+from models.pretrained import SUPPORTED_LLMS, PretrainedLLM, checkpoint_tensors
 from models.safetensors_dir import SafetensorsDir
 from models.split_vlm import SplitVLM
 from models.vision import (
@@ -202,8 +202,26 @@ def _set_image_tokens(cfg: ModelConfig, tower: str) -> None:
 def decoder_vlm_config(
     image_attention: str, adaptor: str, vision, tower: str, feature_layer: int
 ) -> ModelConfig:
+    """`decoder_config` with the transformers vision config's tower."""
+    return decoder_config(
+        image_attention,
+        adaptor,
+        VisionConfig(
+            tower=tower,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.hidden_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            feature_layer=feature_layer,
+            normalization="siglip" if tower == "siglip" else "clip",
+        ),
+    )
+
+
+def decoder_config(image_attention: str, adaptor: str, vision: VisionConfig) -> ModelConfig:
     """A classic design's shape in our config: one decoder (every per-modality depth 0), no
-    image markers, no masked image loss, and the transformers vision config's tower."""
+    image markers, no masked image loss."""
     return ModelConfig(
         num_text_in_blocks=0,
         num_image_in_blocks=0,
@@ -214,16 +232,7 @@ def decoder_vlm_config(
         adaptor=adaptor,
         mask_rate_min=0.0,
         mask_rate_max=0.0,
-        vision=VisionConfig(
-            tower=tower,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            num_layers=vision.num_hidden_layers,
-            num_heads=vision.num_attention_heads,
-            feature_layer=feature_layer,
-            normalization="siglip" if tower == "siglip" else "clip",
-        ),
+        vision=vision,
     )
 
 
@@ -270,7 +279,8 @@ def _import_vlm(
     if normalization is not None:
         cfg.vision.normalization = normalization
     cfg.pretrained_llm = ""  # the export holds the weights
-    model = SplitVLM(cfg, vision_config=llm.hf_config.vision_config.to_dict())
+    vision = getattr(llm.hf_config, "vision_config", None)  # Fuyu has no tower
+    model = SplitVLM(cfg, vision_config=vision.to_dict() if vision is not None else None)
     model.reset_parameters(seed)  # what the checkpoint lacks (image head, mask embedding)
     llm.load_into(model)
     checkpoint = SafetensorsDir(path, what="our model")
@@ -322,8 +332,7 @@ def _save_vlm(
     `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), our parameters `extra`
     names ({ours: theirs}), and `hf` (its config) as config.json."""
     state = model.state_dict()
-    plan = plan_sources(SUPPORTED_LLMS[family], model.cfg)
-    tensors = {source.tensor: state[name] for name, source in plan.items()}
+    tensors = checkpoint_tensors(SUPPORTED_LLMS[family], model.cfg, state)
     for name, value in state.items():
         if name.startswith("vision."):
             tensors[prefixes[0] + name.removeprefix("vision.")] = value
@@ -380,9 +389,18 @@ _DECODER_SHAPE = {
     "dual_input": False,
     "vision.tiling": "none",
 }
+# The block of every design's LLM but Fuyu's Persimmon: a gated MLP, no output biases, RoPE on
+# whole heads.
+_GATED_BLOCK = {
+    "mlp_gated": True,
+    "mlp_bias": False,
+    "attention_output_bias": False,
+    "rope_fraction": 1.0,
+}
 # A LLaVA-like design with a Llama-layout language model (Llama, Mistral).
 _LLAVA_SHAPE = {
     **_DECODER_SHAPE,
+    **_GATED_BLOCK,
     "image_attention": "causal",
     "image_positions": "sequential",
     "norm_style": "default",
@@ -439,7 +457,7 @@ def _text_config(model: SplitVLM, base: dict | None) -> dict:
         **((base or {}).get("text_config") or {}),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "intermediate_size": model.core[0].mlp.gate.out_features if cfg.num_core_blocks else 0,
+        "intermediate_size": model.core[0].mlp.up.out_features if cfg.num_core_blocks else 0,
         "num_hidden_layers": cfg.num_core_blocks,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
@@ -706,6 +724,7 @@ def _import_paligemma(path: Path, seed: int) -> SplitVLM:
 # What a model needs to be a PaliGemma: one decoder, prefix-LM, a linear projector, Gemma (1).
 _PALIGEMMA_SHAPE = {
     **_DECODER_SHAPE,
+    **_GATED_BLOCK,
     "image_attention": "prefix",
     "image_markers": False,
     "image_row_break": False,
@@ -840,6 +859,7 @@ def _import_qwen2_vl(path: Path, seed: int) -> SplitVLM:
 
 _QWEN2_VL_SHAPE = {
     **_DECODER_SHAPE,
+    **_GATED_BLOCK,
     "image_attention": "causal",
     "image_markers": True,
     "image_row_break": False,
@@ -1098,6 +1118,139 @@ def _deepseek_vl_export(
     )
 
 
+# -- Fuyu -------------------------------------------------------------------------------------
+
+# Fuyu's image processor fits images into this box (height, width) unless its config says other.
+_FUYU_BOX = (1080, 1920)
+
+
+def fuyu_model_config(hf, path: Path | None = None) -> ModelConfig:
+    """Our ModelConfig of a transformers FuyuConfig: no encoder (`model.vision.tower: none`), each
+    patch's (p, p, 3) pixels embedded by one linear with a bias (Fuyu's vision_embed_tokens as
+    `model.adaptor: linear`), images at their own aspect ratio in whole patches with its
+    |NEWLINE| token after every row (`model.image_row_break: all`), causal attention and 1-D
+    positions over everything, a Persimmon LLM. The longest side is the processor's box's longer
+    side (`path`'s preprocessor_config.json, else 1920)."""
+    if hf.num_channels != 3:
+        raise ValueError(f"num_channels={hf.num_channels}; only RGB (3) is supported")
+    if hf.hidden_size != hf.text_config.hidden_size:
+        raise ValueError(
+            f"hidden_size={hf.hidden_size} (the patch embedding's) differs from the language "
+            f"model's {hf.text_config.hidden_size}"
+        )
+    box = _FUYU_BOX
+    processor = (path / "preprocessor_config.json") if path else None
+    if processor is not None and processor.is_file():
+        size = json.loads(processor.read_text()).get("size") or {}
+        box = (size.get("height", box[0]), size.get("width", box[1]))
+    longest = max(box)
+    longest -= longest % hf.patch_size  # whole patches (1920 is 64 of Fuyu's 30 pixels)
+    vision = VisionConfig(
+        tower="none", image_size=longest, patch_size=hf.patch_size, resize="longest_side"
+    )
+    cfg = decoder_config("causal", "linear", vision)
+    cfg.image_row_break, cfg.image_row_break_token = "all", "|NEWLINE|"
+    return cfg
+
+
+def _fuyu_prefixes(files: dict) -> tuple[str, str]:
+    """(no tower, patch embedding) prefixes: transformers' saved names or its nested ones."""
+    nested = "model.vision_embed_tokens.weight" in files
+    patches = "model.vision_embed_tokens." if nested else "vision_embed_tokens."
+    return patches, patches
+
+
+def _import_fuyu(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "fuyu",
+        lambda hf: fuyu_model_config(hf, path),
+        projector={},  # our linear adaptor is the patch embedding, weight and bias
+        prefixes=_fuyu_prefixes,
+    )
+
+
+_FUYU_SHAPE = {
+    **_DECODER_SHAPE,
+    "image_attention": "causal",
+    "image_positions": "sequential",
+    "image_markers": False,
+    "image_row_break": "all",
+    "adaptor": "linear",
+    "vision.tower": "none",
+    "vision.resize": "longest_side",
+    "vision.spatial_merge": 1,
+    "norm_style": "layernorm",
+    "post_norms": False,
+    "scale_embeddings": False,
+    "mlp_gated": False,
+    "mlp_activation": "relu2",
+    "mlp_bias": True,
+    "attention_bias": True,
+    "attention_output_bias": True,
+    "attention_scale": 0.0,
+    "rope_llama3_factor": 0.0,
+    "layer_types": [],
+}
+
+
+def _fuyu_mismatch(model: SplitVLM) -> str | None:
+    cfg = model.cfg
+    reason = _shape_mismatch(cfg, "Fuyu", _FUYU_SHAPE)
+    if reason is None and cfg.num_kv_heads != cfg.num_heads:
+        reason = f"model.num_kv_heads={cfg.num_kv_heads}, Fuyu's Persimmon has no GQA"
+    return reason
+
+
+def _fuyu_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import FuyuConfig, PersimmonConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    text = PersimmonConfig(
+        **{
+            **((base or {}).get("text_config") or {}),
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": model.core[0].mlp.up.out_features if cfg.num_core_blocks else 0,
+            "num_hidden_layers": cfg.num_core_blocks,
+            "num_attention_heads": cfg.num_heads,
+            "hidden_act": "relu2",
+            "layer_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "rope_scaling": _rope_scaling(cfg),
+            "qk_layernorm": cfg.qk_norm,
+            "partial_rotary_factor": cfg.rope_fraction,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }
+    )
+    hf = FuyuConfig(
+        text_config=text.to_dict(),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        patch_size=cfg.vision.patch_size,
+        num_channels=3,
+        image_token_id=_image_token(base, image_id, "Fuyu", key="image_token_id"),
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["FuyuForCausalLM"]
+    _save_vlm(model, out, "fuyu", {}, hf, prefixes=("", "vision_embed_tokens."))
+    size, patch = cfg.vision.image_size, cfg.vision.patch_size
+    _save_image_processor(
+        out,
+        cfg,
+        "FuyuImageProcessor",
+        size={"height": size, "width": size},
+        patch_size={"height": patch, "width": patch},
+        do_resize=True,
+        do_pad=True,
+        padding_value=1.0,
+        padding_mode="constant",
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1134,6 +1287,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_deepseek_vl,
         export_checkpoint=_deepseek_vl_export,
         mismatch=_deepseek_vl_mismatch,
+    ),
+    "fuyu": HFDesign(
+        transformers_class="FuyuForCausalLM",
+        import_checkpoint=_import_fuyu,
+        export_checkpoint=_fuyu_export,
+        mismatch=_fuyu_mismatch,
     ),
     **{
         model_type: HFDesign(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.blocks import Block
+from models.blocks import Block, make_norm
 from models.config import ModelConfig
 from models.safetensors_dir import SafetensorsDir, one_line
 from models.split_vlm import SplitVLM
@@ -42,6 +42,17 @@ _LLAMA_LAYER_KEYS = {
     "mlp.gate": "mlp.gate_proj",
     "mlp.up": "mlp.up_proj",
     "mlp.down": "mlp.down_proj",
+}
+# Persimmon's (Fuyu's LLM): LayerNorms, q/k/v fused in one projection (`LLMFamily.fused_qkv`),
+# an un-gated MLP.
+_PERSIMMON_LAYER_KEYS = {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attn.wo": "self_attn.dense",
+    "attn.q_norm": "self_attn.q_layernorm",
+    "attn.k_norm": "self_attn.k_layernorm",
+    "mlp.up": "mlp.dense_h_to_4h",
+    "mlp.down": "mlp.dense_4h_to_h",
 }
 # Gemma 3's four norms a layer: before and after attention, before and after the MLP.
 _GEMMA3_LAYER_KEYS = {
@@ -62,18 +73,25 @@ class LLMFamily:
     layer_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_LAYER_KEYS))
     layer_prefix: str = "model.layers.{}."
     embed: str = "model.embed_tokens.weight"
-    final_norm: str = "model.norm.weight"
+    final_norm: str = "model.norm"  # the module: its weight (and a LayerNorm's bias)
     lm_head: str = "lm_head.weight"
+    # A layer's q, k and v projections as one module (under the layer prefix), its rows per
+    # head: q, k, v of head 0, then of head 1, … (Persimmon's query_key_value); "": separate.
+    fused_qkv: str = ""
     # A vision-language checkpoint: the language model's config is its `text_config`, and the
     # tensors under these prefixes (its vision tower and projector) are left unread.
     text_config: bool = False
     other_parts: tuple[str, ...] = ()
 
 
-def _decoder(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+def _decoder(
+    hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool, partial_rotary: bool = False
+) -> None:
     """What every family's translation shares: widths, depths, RoPE, norm eps, vocabulary; the
-    Llama block's settings for everything a family turns on itself (Gemma's norms, windows)."""
-    if getattr(hf, "partial_rotary_factor", 1.0) != 1.0:
+    Llama block's settings for everything a family turns on itself (Gemma's norms, windows,
+    Persimmon's MLP). `partial_rotary`: the family's modeling reads partial_rotary_factor."""
+    rope_fraction = float(getattr(hf, "partial_rotary_factor", 1.0))
+    if rope_fraction != 1.0 and not partial_rotary:
         raise ValueError("partial_rotary_factor != 1 (RoPE on part of a head) is not supported")
     scaling = getattr(hf, "rope_scaling", None) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -87,10 +105,11 @@ def _decoder(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
         )
     cfg.d_model = hf.hidden_size
     cfg.num_heads = hf.num_attention_heads
-    cfg.num_kv_heads = hf.num_key_value_heads
+    cfg.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     cfg.attention_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // cfg.num_heads
     cfg.mlp_hidden = hf.intermediate_size
     cfg.rope_theta = float(getattr(hf, "rope_theta", 10000.0))
+    cfg.rope_fraction = rope_fraction
     cfg.rope_linear_factor = float(scaling["factor"]) if rope_type == "linear" else 0.0
     cfg.rope_llama3_factor = 0.0
     if rope_type == "llama3":
@@ -98,14 +117,15 @@ def _decoder(hf, cfg: ModelConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
         cfg.rope_llama3_low_freq_factor = float(scaling["low_freq_factor"])
         cfg.rope_llama3_high_freq_factor = float(scaling["high_freq_factor"])
         cfg.rope_llama3_original_max_positions = int(scaling["original_max_position_embeddings"])
-    cfg.norm_eps = hf.rms_norm_eps
+    cfg.norm_eps = hf.rms_norm_eps if hasattr(hf, "rms_norm_eps") else hf.layer_norm_eps
     cfg.attention_bias = qkv_bias
     cfg.qk_norm = qk_norm
     cfg.tie_embeddings = bool(hf.tie_word_embeddings)
     cfg.num_core_blocks = num_core
     cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
     cfg.norm_style, cfg.post_norms, cfg.scale_embeddings = "default", False, False
-    cfg.mlp_activation, cfg.attention_scale = "silu", 0.0
+    cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = True, "silu", False
+    cfg.attention_output_bias, cfg.attention_scale = False, 0.0
     _set_windows(cfg, None, [])
 
 
@@ -193,6 +213,40 @@ def _gemma(hf, cfg: ModelConfig) -> None:
     cfg.norm_style, cfg.scale_embeddings, cfg.mlp_activation = "gemma", True, "gelu_tanh"
 
 
+def _persimmon(hf, cfg: ModelConfig) -> None:
+    """Persimmon (Fuyu's LLM): LayerNorms with biases (q/k LayerNorms per head with
+    qk_layernorm), RoPE on the first partial_rotary_factor of each head, biases on the fused
+    q/k/v and the output projection, an un-gated squared-ReLU MLP with biases."""
+    if hf.hidden_act != "relu2":
+        raise ValueError(f"hidden_act={hf.hidden_act!r}; only relu2 is supported")
+    _decoder(hf, cfg, qkv_bias=True, qk_norm=bool(hf.qk_layernorm), partial_rotary=True)
+    cfg.norm_style, cfg.attention_output_bias = "layernorm", True
+    cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = False, "relu2", True
+
+
+def _fuyu_text(hf, cfg: ModelConfig) -> None:
+    """Fuyu's language model: Persimmon only."""
+    if hf.model_type != "persimmon":
+        raise ValueError(f"a {hf.model_type!r} language model; supported: persimmon")
+    _persimmon(hf, cfg)
+
+
+def _persimmon_family(model: str, head: str, other_parts: tuple[str, ...] = ()) -> LLMFamily:
+    """A Persimmon saved under `model` (layers, embed_tokens, final_layernorm), its LM head
+    `head`; of a Fuyu checkpoint, its language model with the rest under `other_parts`."""
+    return LLMFamily(
+        _fuyu_text if other_parts else _persimmon,
+        layer_keys=dict(_PERSIMMON_LAYER_KEYS),
+        layer_prefix=model + "layers.{}.",
+        embed=model + "embed_tokens.weight",
+        final_norm=model + "final_layernorm",
+        lm_head=head,
+        fused_qkv="self_attn.query_key_value",
+        text_config=bool(other_parts),
+        other_parts=other_parts,
+    )
+
+
 def _text_model(hf, cfg: ModelConfig) -> None:
     """The language model of a vision-language checkpoint (LLaVA): its own family's translation,
     for the families with Llama's layer layout."""
@@ -232,7 +286,7 @@ def _qwen2_vl(layout: str) -> LLMFamily:
         _qwen2_vl_text,
         layer_prefix=model + "layers.{}.",
         embed=model + "embed_tokens.weight",
-        final_norm=model + "norm.weight",
+        final_norm=model + "norm",
         text_config=True,
         other_parts=(others + "visual.",),
     )
@@ -254,7 +308,7 @@ def _language_model_of_vlm(
         layer_keys=dict(layer_keys),
         layer_prefix=model + "layers.{}.",
         embed=model + "embed_tokens.weight",
-        final_norm=model + "norm.weight",
+        final_norm=model + "norm",
         lm_head=head,
         text_config=True,
         other_parts=(
@@ -280,7 +334,7 @@ def _llama_under(model: str, other_parts: tuple[str, ...]) -> LLMFamily:
         _llama_only,
         layer_prefix=model + "layers.{}.",
         embed=model + "embed_tokens.weight",
-        final_norm=model + "norm.weight",
+        final_norm=model + "norm",
         text_config=True,
         other_parts=other_parts,
     )
@@ -319,6 +373,12 @@ SUPPORTED_LLMS = {
     "smolvlm": _IDEFICS3_LLM,
     # DeepseekVLForConditionalGeneration: its language model (the whole model: hf_designs).
     "deepseek_vl": _DEEPSEEK_VL_LLM,
+    "persimmon": _persimmon_family("model.", "lm_head.weight"),
+    # FuyuForCausalLM: its language model (the whole model: hf_designs), as transformers saves
+    # it.
+    "fuyu": _persimmon_family(
+        "language_model.model.", "language_model.lm_head.weight", ("vision_embed_tokens.",)
+    ),
 }
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
@@ -330,6 +390,9 @@ _NESTED_LAYOUTS = {
         _text_model, _LLAMA_LAYER_KEYS, "nested", extra_parts=("image_newline",)
     ),
     "qwen2_vl": _qwen2_vl("nested"),
+    "fuyu": _persimmon_family(
+        "model.language_model.", "lm_head.weight", ("model.vision_embed_tokens.",)
+    ),
 }
 
 
@@ -340,6 +403,20 @@ class _Source:
     tensor: str  # the checkpoint's tensor name
     shape: tuple[int, ...]  # ours
     vocabulary: bool  # rows past the checkpoint's vocabulary are filled with its mean row
+    # Of a fused q/k/v tensor (`LLMFamily.fused_qkv`): which of the three, and a head's width.
+    part: int = -1
+    head_dim: int = 0
+
+    def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Our parameter's rows of the checkpoint's `tensor` (a fused one's part)."""
+        if self.part < 0:
+            return tensor
+        return tensor.unflatten(0, (-1, 3, self.head_dim))[:, self.part].flatten(0, 1)
+
+    @property
+    def checkpoint_shape(self) -> tuple[int, ...]:
+        """The shape the checkpoint's tensor must have (a vocabulary's rows: at most ours)."""
+        return (self.shape[0] * 3, *self.shape[1:]) if self.part >= 0 else self.shape
 
 
 def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
@@ -349,9 +426,12 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     sources = {"embed.weight": _Source(family.embed, vocab, True)}
     if not cfg.tie_embeddings:
         sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
-    sources["text_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
     with torch.device("meta"):
         block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
+        norm_leaves = [leaf for leaf, _ in make_norm(cfg, cfg.d_model).named_parameters()]
+    for leaf in norm_leaves:
+        sources[f"text_norm.{leaf}"] = _Source(f"{family.final_norm}.{leaf}", (cfg.d_model,), False)
+    fused = ("attn.wq", "attn.wk", "attn.wv") if family.fused_qkv else ()
     # Our block stacks; each block starts from the checkpoint layer `cfg.text_layer_of` says.
     stacks = {
         "text_in": cfg.num_text_in_blocks,
@@ -366,11 +446,35 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
             prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
             for name, shape in block_shapes.items():
                 module, _, leaf = name.rpartition(".")
+                if module in fused:
+                    tensor = f"{prefix}{family.fused_qkv}.{leaf}"
+                    part = _Source(tensor, shape, False, fused.index(module), cfg.head_dim)
+                    sources[f"{stack}.{index}.{name}"] = part
+                    continue
                 tensor = f"{prefix}{family.layer_keys[module]}.{leaf}"
                 sources[f"{stack}.{index}.{name}"] = _Source(tensor, shape, False)
     if cfg.image_blocks_init == "copy":
-        sources["image_norm.weight"] = _Source(family.final_norm, (cfg.d_model,), False)
+        for leaf in norm_leaves:
+            sources[f"image_norm.{leaf}"] = sources[f"text_norm.{leaf}"]
     return sources
+
+
+def checkpoint_tensors(
+    family: LLMFamily, cfg: ModelConfig, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Our LLM parameters (`state`) under the checkpoint names of `family`: the inverse of
+    `plan_sources` (a fused q/k/v tensor put together from our three)."""
+    tensors, parts = {}, {}
+    for name, source in plan_sources(family, cfg).items():
+        if source.part < 0:
+            tensors[source.tensor] = state[name]
+        else:
+            parts.setdefault(source.tensor, [None] * 3)[source.part] = (state[name], source)
+    for tensor, pieces in parts.items():
+        head_dim = pieces[0][1].head_dim
+        per_head = [value.unflatten(0, (-1, head_dim)) for value, _ in pieces]
+        tensors[tensor] = torch.stack(per_head, dim=1).flatten(0, 2)
+    return tensors
 
 
 class PretrainedLLM:
@@ -440,6 +544,8 @@ class PretrainedLLM:
         start, stop, step = (rows or slice(None)).indices(source.shape[0])
         assert step == 1, "row ranges are contiguous"
         with self._open(self._tensor_files[source.tensor]) as handle:
+            if source.part >= 0:  # a third of a fused matrix: read whole, one at a time
+                return source.rows_of(handle.get_tensor(source.tensor))[start:stop].float()
             if rows is None and not source.vocabulary:
                 return handle.get_tensor(source.tensor).float()
             tensor = handle.get_slice(source.tensor)
@@ -481,7 +587,7 @@ class PretrainedLLM:
                         )
                     shapes[tensor] = tuple(handle.get_slice(tensor).get_shape())
         for tensor, (name, source) in needed.items():
-            theirs, ours = shapes[tensor], source.shape
+            theirs, ours = shapes[tensor], source.checkpoint_shape
             fits = (
                 len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] <= ours[0]
                 if source.vocabulary

@@ -27,6 +27,7 @@ from transformers import (
     CLIPVisionModel,
     PixtralVisionConfig,
     PixtralVisionModel,
+    PretrainedConfig,
     Siglip2VisionConfig,
     Siglip2VisionModel,
     SiglipVisionConfig,
@@ -323,6 +324,51 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+class RawPatchesConfig(PretrainedConfig):
+    """The "config" of `RawPatches`: the patch size its features are made of."""
+
+    model_type = "raw_patches"
+
+    def __init__(self, image_size: int = 32, patch_size: int = 8, num_channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
+        self.hidden_size = num_channels * patch_size**2
+        self.num_hidden_layers = 0
+
+
+class RawPatches(nn.Module):
+    """No encoder (Fuyu, `model.vision.tower: none`): each patch's normalized pixels are its
+    features, (p, p, 3) flattened channel-last (Fuyu's image processor's `patchify_image`
+    order), for the adaptor to embed. No parameters, so nothing to train or shard."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+
+    def __init__(self, config: RawPatchesConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return 0
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # nothing to initialize
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        """(N, 3, H, W) → (N, rows · cols, p · p · 3)."""
+        p = self.config.patch_size
+        patches = pixel_values.unfold(2, p, p).unfold(3, p, p)  # (N, 3, rows, cols, p, p)
+        return patches.permute(0, 2, 3, 4, 5, 1).flatten(3).flatten(1, 2)
+
+    def forward(self, packed: PackedImages, feature_layer: int = 0) -> torch.Tensor:
+        return packed.patches_TCPP.permute(0, 2, 3, 1).flatten(1)
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -350,6 +396,7 @@ VISION_TOWERS = {
     "qwen2_vl": (Qwen2VLVisionConfig, PackedQwen2VisionModel),
     "idefics3_vision": (Idefics3VisionConfig, Idefics3Tower),
     "smolvlm_vision": (SmolVLMVisionConfig, SmolVLMTower),
+    "raw_patches": (RawPatchesConfig, RawPatches),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -400,6 +447,10 @@ def _random_idefics3(cfg: VisionConfig):
     return Idefics3VisionConfig(**_random_size(cfg)), Idefics3Tower
 
 
+def _no_tower(cfg: VisionConfig):
+    return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
+
+
 # `model.vision.tower` → the (transformers config, tower class) of a random build from VisionConfig
 RANDOM_TOWERS = {
     "siglip": _random_siglip,
@@ -407,6 +458,7 @@ RANDOM_TOWERS = {
     "pixtral": _random_pixtral,
     "qwen2_vl": _random_qwen2_vl,
     "idefics3": _random_idefics3,
+    "none": _no_tower,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 

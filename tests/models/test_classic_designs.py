@@ -241,11 +241,11 @@ def test_llava_round_trip_through_the_cli_gives_transformers_the_same_logits(
 
 
 def test_import_refuses_an_unsupported_checkpoint_in_one_line(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "fuyu"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
     assert main(["import-hf", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "'fuyu'" in err and "llava (LlavaForConditionalGeneration)" in err
+    assert "'blip-2'" in err and "fuyu (FuyuForCausalLM)" in err
 
 
 def test_export_to_hf_refuses_a_model_of_no_design_in_one_line(tmp_path, capsys):
@@ -416,11 +416,13 @@ def _engine_worker(
         "yaml/qwen2_vl.yaml",
         "yaml/idefics3.yaml",
         "yaml/llava_next.yaml",
+        "yaml/fuyu.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
     """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses
-    (PaliGemma too: tied embeddings, prefix-LM layouts, a trained tower)."""
+    (PaliGemma too: tied embeddings, prefix-LM layouts, a trained tower; Fuyu: no tower at
+    all, Persimmon's LayerNorms and biases)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

@@ -1,5 +1,5 @@
-"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3, Gemma, Gemma 3) tensor by
-tensor from their safetensors, through the path users use."""
+"""Loading transformers checkpoints (Llama, Llama 3, Mistral, Qwen2, Qwen3, Gemma, Gemma 3,
+Persimmon) tensor by tensor from their safetensors, through the path users use."""
 
 import dataclasses
 import json
@@ -17,6 +17,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    PersimmonConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
@@ -30,7 +31,7 @@ import models.safetensors_dir
 import yaml
 from models.blocks import rope_tables
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import PretrainedLLM, build_split_vlm
+from models.pretrained import PretrainedLLM, build_split_vlm, checkpoint_tensors
 from models.split_vlm import SplitVLM
 from trainer.data.decode import Document
 from trainer.data.packing import collate
@@ -38,7 +39,8 @@ from trainer.data.packing import collate
 # Tiny checkpoints of the same shape; they differ in RoPE (base, Llama-3 scaling), norm eps,
 # tied embeddings, q/k/v biases (Qwen2), per-head q/k norms with a head width of their own
 # (Qwen3: 4 heads × 16 != 32), sliding windows short enough to cut into the test documents
-# (Mistral: every layer; Qwen3: layers from max_window_layers on), and Gemma 3's block.
+# (Mistral: every layer; Qwen3: layers from max_window_layers on), Gemma 3's block, and
+# Persimmon's (LayerNorms, fused q/k/v, RoPE on half of each head, biases, squared ReLU).
 TINY = {
     "vocab_size": 96,
     "hidden_size": 32,
@@ -93,11 +95,23 @@ HF_CONFIGS = {
     # Gemma (1): (1 + w) norms, scaled embeddings, GELU, tied embeddings, its own head width.
     "gemma": GemmaConfig(**TINY, head_dim=16, rope_theta=2000.0),
     "gemma3_text": Gemma3TextConfig(**GEMMA3_TEXT),
+    # No GQA: Persimmon has no num_key_value_heads.
+    "persimmon": PersimmonConfig(
+        **{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
+        rope_theta=3000.0,
+        partial_rotary_factor=0.5,
+        qk_layernorm=True,
+    ),
     "gemma3": Gemma3Config(
         text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION.to_dict(), mm_tokens_per_image=4
     ),
 }
-SHARDED = {"llama3", "qwen3", "gemma3_text"}  # saved as an index and shards; the others as one file
+SHARDED = {
+    "llama3",
+    "qwen3",
+    "gemma3_text",
+    "persimmon",
+}  # saved as an index and shards; the others as one file
 TWO_LAYERS = {**TINY, "num_hidden_layers": 2}
 
 
@@ -117,9 +131,9 @@ def text_doc(ids: torch.Tensor) -> Document:
 def save_checkpoint(hf_config, path, sharded=False):
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():  # norms start at 1 (0 in Gemma): make each one tell in the logits
-        for name, parameter in hf_model.named_parameters():
-            if "norm" in name:
+    with torch.no_grad():  # norms start at 1 (0 in Gemma), biases at 0: make each one tell
+        for parameter in hf_model.parameters():
+            if parameter.dim() == 1:
                 parameter.add_(0.5 * torch.randn_like(parameter))
     hf_model.save_pretrained(path, max_shard_size="50KB" if sharded else "1GB")
     assert (path / "model.safetensors.index.json").is_file() == sharded
@@ -327,6 +341,29 @@ def test_sharded_engines_read_their_rows_of_any_llm_parameter(tmp_path, monkeypa
         recorder.reads.clear()
         assert torch.equal(llm.read(name, rows), full[name][rows]), (name, rows)
         assert recorder.reads == expected_reads, name
+
+
+@pytest.mark.parametrize("family", ["persimmon", "qwen2"])
+def test_what_is_read_writes_back_as_the_checkpoint_fused_qkv_included(tmp_path, family):
+    """Export's inverse of the reading plan gives every tensor of the checkpoint back, bit for
+    bit; Persimmon's fused q/k/v (rows per head: q, k, v) is read a third at a time."""
+    hf_model = save_checkpoint(HF_CONFIGS[family], tmp_path)
+    cfg = tiny_config(tmp_path)
+    llm = PretrainedLLM(tmp_path)
+    llm.apply_config(cfg)
+    ours = {name: llm.read(name) for name in llm.source_names()}
+    written = checkpoint_tensors(llm.family, cfg, ours)
+    theirs = hf_model.state_dict()
+    if cfg.tie_embeddings:
+        del theirs["lm_head.weight"]
+    assert written.keys() == theirs.keys()
+    assert all(torch.equal(written[name], theirs[name]) for name in theirs)
+    if family == "persimmon":
+        fused = theirs["model.layers.1.self_attn.query_key_value.weight"].view(4, 3, 8, 32)
+        assert torch.equal(ours["core.0.attn.wk.weight"], fused[:, 1].reshape(32, 32))
+        assert torch.equal(
+            llm.read("core.0.attn.wv.weight", slice(8, 20)), fused[:, 2].reshape(32, 32)[8:20]
+        )
 
 
 def write_checkpoint(path, hf_config=None) -> dict:

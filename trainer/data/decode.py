@@ -445,9 +445,10 @@ class Document:
     # read off the segments (each span a square, else one row; the largest the full grid)
     image_grids: list[tuple[int, int]] | None = None
     span_grids: list[tuple[int, int]] | None = None
-    # Image segments hold a row-break token after every row but the last (rows · cols +
-    # rows - 1 tokens); the breaks are text tokens inside the span's bidirectional block.
-    row_breaks: bool = False
+    # Image segments hold a row-break token after every row but the last (true: rows · cols +
+    # rows - 1 tokens) or after every row ("all": rows · cols + rows), `model.image_row_break`;
+    # the breaks are text tokens inside the span's bidirectional block.
+    row_breaks: bool | str = False
     # (rows, cols) of image_size tiles of each LLaVA-NeXT tiled image, (0, 0) for the others;
     # None: none is tiled (`PackedBatch.image_tiles`)
     image_tiles: list[tuple[int, int]] | None = None
@@ -551,6 +552,9 @@ class SampleDecoder:
                 len(view.before) + cfg.num_image_tokens(view.grid) + num_markers + len(view.after)
                 for view in shown
             )
+            num_tokens += sum(
+                cfg.num_row_breaks(rows) for image_spans in spans for (rows, _), _ in image_spans
+            )
             if num_tokens > self.max_tokens:
                 raise DecodeError(
                     "too_long", f"{num_tokens} tokens > data.max_tokens={self.max_tokens}"
@@ -578,9 +582,9 @@ class SampleDecoder:
             for (rows, cols), _ in image_spans:
                 if self.row_break_id is None:
                     span = [self.pad_id] * rows * cols
-                else:  # a break after every row but the last, inside the span
+                else:  # a break after every row (but the last, unless "all"), inside the span
                     span = ([self.pad_id] * cols + [self.row_break_id]) * rows
-                    span.pop()
+                    del span[len(span) - (rows - cfg.num_row_breaks(rows)) :]
                 ids.extend(span)
                 segments.append(("image", len(span)))
             run_start = len(ids)  # <image_end> and the text after the image open the next segment
@@ -623,7 +627,7 @@ class SampleDecoder:
             image_span_full=torch.from_numpy(span_full),
             image_grids=grids,
             span_grids=[grid for image_spans in spans for grid, _ in image_spans],
-            row_breaks=self.row_break_id is not None,
+            row_breaks=cfg.image_row_break,
             image_tiles=[view.tiles for view in shown],
         )
 

@@ -23,6 +23,7 @@ import torch
 
 from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX, PackedBatch
+from models.config import row_breaks_in_span
 from trainer.data.decode import Document
 
 
@@ -165,8 +166,8 @@ def collate(
     if len({doc.pixel_values.dtype for doc in docs}) > 1:
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     merged_docs, text_docs, image_docs = [], [], []
-    # (start in packed coordinates, grid, row breaks) of every image span
-    image_spans: list[tuple[int, tuple[int, int], bool]] = []
+    # (start in packed coordinates, grid, row breaks in it) of every image span
+    image_spans: list[tuple[int, tuple[int, int], int]] = []
     segment_is_image, segment_lengths, row_break_positions = [], [], []
     offset = 0
     for doc in docs:
@@ -181,9 +182,9 @@ def collate(
             start += length
             if kind == "image":
                 rows, cols = next(span_grids)
-                image_spans.append((offset, (rows, cols), doc.row_breaks))
                 # Row breaks sit inside the span's bidirectional block but are text tokens.
-                num_breaks = rows - 1 if doc.row_breaks else 0
+                num_breaks = row_breaks_in_span(rows, doc.row_breaks)
+                image_spans.append((offset, (rows, cols), num_breaks))
                 row_break_positions += [
                     offset + (r + 1) * (cols + 1) - 1 for r in range(num_breaks)
                 ]
@@ -249,11 +250,11 @@ def attention_segments(doc: Document, image_attention: str) -> list[tuple[str, i
 
 
 def rope_positions(
-    position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int], bool]], mode: str
+    position_ids: torch.Tensor, image_spans: list[tuple[int, tuple[int, int], int]], mode: str
 ) -> torch.Tensor:
     """RoPE positions: (T, 2), or (T, 3) for "mrope". Text uses its 1-D position on every axis
     (so a pretrained LLM sees exactly its own RoPE); image spans, given as (start, (rows, cols),
-    row breaks), follow `mode` ("2d": the span's first position plus each token's row on one
+    number of row breaks), follow `mode` ("2d": the span's first position plus each token's row on one
     axis and column on the other; a row break is one column past its row's end). Text after an
     image continues at its own sequential position, but for "mrope" (Qwen2-VL), whose axes are
     (time, row, column): the image's tokens are at (first, first + row, first + column) and the
@@ -263,9 +264,9 @@ def rope_positions(
         return positions
     if mode == "mrope":
         doc_starts = (position_ids == 0).nonzero().squeeze(1).tolist() + [len(position_ids)]
-    for start, (rows, cols), row_breaks in image_spans:
-        stride = cols + row_breaks  # tokens per row, its break included
-        first, length = int(positions[start, 0]), rows * stride - row_breaks
+    for start, (rows, cols), num_breaks in image_spans:
+        stride = cols + (num_breaks > 0)  # tokens per row, its break included
+        first, length = int(positions[start, 0]), rows * cols + num_breaks
         if mode == "shared":
             positions[start : start + length] = first
             continue
