@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.config import ModelConfig
+from models.config import TILINGS, ModelConfig
 from trainer.data.shards import IMAGE_PLACEHOLDER, unpack_blobs
 
 # Every reason a sample can be skipped for, at shard time or at decode time. A fixed list, so
@@ -632,14 +632,20 @@ class SampleDecoder:
         )
 
     def _show(self, image: Image.Image, position: int) -> list[Shown]:
-        """The images of the sequence that `image`, placed before text token `position`, is."""
+        """The images of the sequence that `image`, placed before text token `position`, is
+        (`SHOW_BY_TILING` by `model.vision.tiling`)."""
+        return SHOW_BY_TILING[self.model_cfg.vision.tiling](self, image, position)
+
+    def _show_whole(self, image: Image.Image, position: int) -> list[Shown]:
+        """Untiled: the image itself, on its grid."""
+        grid = self._grid(image)
+        return [Shown(position, [], [], lambda: self._load_image(image, grid), grid)]
+
+    def _show_idefics3(self, image: Image.Image, position: int) -> list[Shown]:
+        """Idefics3's splitting (`VisionConfig.tile_grid`): each tile, row-major, then the global
+        view, with the design's text around them (`TILE_TEXTS`)."""
         cfg = self.model_cfg
-        if cfg.vision.tiling == "llava_next":
-            return self._show_llava_next(image, position)
-        tiling = TILE_TEXTS.get(cfg.vision.tiling)
-        if tiling is None:
-            grid = self._grid(image)
-            return [Shown(position, [], [], lambda: self._load_image(image, grid), grid)]
+        tiling = TILE_TEXTS[cfg.vision.tiling]
         size = cfg.vision.image_size
         rows, cols = cfg.vision.tile_grid(*self._displayed(image))
         pieces = [self._tile_text_ids(piece) for piece in tiling.pieces(rows, cols)]
@@ -754,3 +760,12 @@ class SampleDecoder:
         patch = self.model_cfg.vision.token_size
         size = (grid[1] * patch, grid[0] * patch)
         return image_to_rgb(image, size).transpose(2, 0, 1)
+
+
+# `model.vision.tiling` → how the decoder shows an image (`SampleDecoder._show`).
+SHOW_BY_TILING = {
+    "none": SampleDecoder._show_whole,
+    "idefics3": SampleDecoder._show_idefics3,
+    "llava_next": SampleDecoder._show_llava_next,
+}
+assert tuple(SHOW_BY_TILING) == TILINGS, "update models.config as well"
