@@ -4,7 +4,8 @@ The Llama block by default; Gemma's is the same with config switches: (1 + w) no
 norms around each sublayer, a GELU-gated MLP, its own softmax scale and sliding-window layers
 with a RoPE base of their own; so is Persimmon's (Fuyu's LLM): LayerNorms with biases, RoPE on
 half of each head, an un-gated squared-ReLU MLP and biases on every linear
-(`models.config.ModelConfig`).
+(`models.config.ModelConfig`). A block may carry CogVLM's visual expert: q/k/v, output and MLP
+weights of its own for the image tokens (`VisualExpert`, routed by `ExpertRoute`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,34 @@ def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) 
     return torch.cat((first * cos - second * sin, second * cos + first * sin, passed), dim=-1)
 
 
+class ExpertRoute(NamedTuple):
+    """Which tokens of a sequence take a block's text weights and which its visual expert's
+    (indices; together every token once)."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+
+
+def _routed(text: nn.Module, expert: nn.Module | None, x_TC: torch.Tensor, route) -> torch.Tensor:
+    """`text(x_TC)`, or with a `route`, `text` on its text tokens and `expert` on its image ones."""
+    if route is None:
+        return text(x_TC)
+    text_out, image_out = text(x_TC[route.text]), expert(x_TC[route.image])
+    out = text_out.new_empty(x_TC.shape[0], text_out.shape[-1])
+    return out.index_copy(0, route.text, text_out).index_copy(0, route.image, image_out)
+
+
+def _projections(cfg: ModelConfig) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """Attention's q, k, v and output projections."""
+    bias = cfg.attention_bias
+    return (
+        nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias),
+        nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias),
+        nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias),
+        nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_output_bias),
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
@@ -161,26 +191,28 @@ class Attention(nn.Module):
         self.backend = cfg.attention_backend
         self.scale = cfg.attention_scale or None
         self.window = window  # None: full attention
-        bias = cfg.attention_bias
-        self.wq = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(
-            cfg.num_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_output_bias
-        )
+        self.wq, self.wk, self.wv, self.wo = _projections(cfg)
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope) -> torch.Tensor:
+    def forward(
+        self, x_TC: torch.Tensor, layout: PackedLayout, rope, expert=None, route=None
+    ) -> torch.Tensor:
+        """`expert` (a `VisualExpert`) projects the image tokens of `route`."""
         num_tokens = x_TC.shape[0]
-        q_THD = self.q_norm(self.wq(x_TC).view(num_tokens, self.num_heads, self.head_dim))
-        k_THD = self.k_norm(self.wk(x_TC).view(num_tokens, self.num_kv_heads, self.head_dim))
-        v_THD = self.wv(x_TC).view(num_tokens, self.num_kv_heads, self.head_dim)
+
+        def project(name: str) -> torch.Tensor:
+            return _routed(getattr(self, name), getattr(expert, name, None), x_TC, route)
+
+        q_THD = self.q_norm(project("wq").view(num_tokens, self.num_heads, self.head_dim))
+        k_THD = self.k_norm(project("wk").view(num_tokens, self.num_kv_heads, self.head_dim))
+        v_THD = project("wv").view(num_tokens, self.num_kv_heads, self.head_dim)
         q_THD, k_THD = apply_rope(q_THD, *rope), apply_rope(k_THD, *rope)
         out_THD = packed_attention(
             q_THD, k_THD, v_THD, layout, self.backend, scale=self.scale, window=self.window
         )
-        return self.wo(out_THD.reshape(num_tokens, -1))
+        wo = getattr(expert, "wo", None)
+        return _routed(self.wo, wo, out_THD.reshape(num_tokens, -1), route)
 
 
 def _squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -222,29 +254,62 @@ class MLP(nn.Module):
         return self.down(self.activation(self.up(x)))
 
 
+def _make_mlp(cfg: ModelConfig) -> nn.Module:
+    hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.d_model + 7) // 8 * 8
+    mlp_class = GatedMLP if cfg.mlp_gated else MLP
+    return mlp_class(cfg.d_model, hidden, cfg.mlp_activation, cfg.mlp_bias)
+
+
+class VisualExpert(nn.Module):
+    """CogVLM's visual expert of one block: q/k/v, output and MLP weights of its own, which the
+    block's image tokens take instead of its text weights (its norms are shared). Each module
+    starts as a copy of its text twin (`TEXT_TWIN`), which a pretrained LLM fills too."""
+
+    # Our module → the block's module it copies.
+    TEXT_TWIN = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "mlp": "mlp"}
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = _projections(cfg)
+        self.mlp = _make_mlp(cfg)
+
+
 class Block(nn.Module):
     """A pre-norm block; `sliding`: its attention has the sliding window (`cfg.sliding_window`)
-    and its RoPE is the sliding layers' table."""
+    and its RoPE is the sliding layers' table; `expert`: it carries a `VisualExpert`."""
 
-    def __init__(self, cfg: ModelConfig, sliding: bool = False):
+    def __init__(self, cfg: ModelConfig, sliding: bool = False, expert: bool = False):
         super().__init__()
-        hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.d_model + 7) // 8 * 8
         self.sliding = sliding
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, window=cfg.sliding_window if sliding else None)
         self.attn_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        mlp_class = GatedMLP if cfg.mlp_gated else MLP
-        self.mlp = mlp_class(cfg.d_model, hidden, cfg.mlp_activation, cfg.mlp_bias)
+        self.mlp = _make_mlp(cfg)
         self.mlp_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
+        self.expert = VisualExpert(cfg) if expert else None
 
-    def forward(self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables) -> torch.Tensor:
+    def forward(
+        self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables, route=None
+    ) -> torch.Tensor:
+        """`route` (`ExpertRoute`): which tokens take the visual expert, when there is one."""
         table = rope.sliding if self.sliding else rope.full
-        x_TC = x_TC + self.attn_post_norm(self.attn(self.attn_norm(x_TC), layout, table))
-        return x_TC + self.mlp_post_norm(self.mlp(self.mlp_norm(x_TC)))
+        route = route if self.expert is not None else None
+        attended = self.attn(self.attn_norm(x_TC), layout, table, self.expert, route)
+        x_TC = x_TC + self.attn_post_norm(attended)
+        expert_mlp = self.expert.mlp if route is not None else None
+        return x_TC + self.mlp_post_norm(_routed(self.mlp, expert_mlp, self.mlp_norm(x_TC), route))
+
+    @torch.no_grad()
+    def copy_text_weights_into_expert(self) -> None:
+        """The visual expert's start: its text twins' values."""
+        for name, twin in VisualExpert.TEXT_TWIN.items():
+            source = dict(self.get_submodule(twin).named_parameters())
+            for leaf, parameter in self.expert.get_submodule(name).named_parameters():
+                parameter.copy_(source[leaf])
 
 
-def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables):
+def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables, route=None):
     for block in blocks:
-        x_TC = block(x_TC, layout, rope)
+        x_TC = block(x_TC, layout, rope, route)
     return x_TC

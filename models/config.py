@@ -29,7 +29,9 @@ LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
 TILINGS = ("none", "idefics3", "llava_next")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
-IMAGE_POSITIONS = ("sequential", "shared", "2d", "mrope")
+IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
+# The block stacks over the merged sequence: the ones a visual expert (`model.visual_expert`) is in.
+MERGED_BLOCK_GROUPS = ("core", "text_head_blocks", "image_head_blocks")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
 VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3", "none")
@@ -388,7 +390,9 @@ class ModelConfig:
     image_end_token: str = "<image_end>"
     image_row_break_token: str = "<image_row_break>"
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
-    # a span at the span's first position), "2d" (half the frequencies by row, half by column),
+    # a span at the span's first position), "collapsed" (as "shared", and the rest of the
+    # document continues one past it: a span takes one position, CogVLM's), "2d" (half the
+    # frequencies by row, half by column),
     # "mrope" (Qwen2-VL's M-RoPE: three axes, time, row and column, over `mrope_section`
     # frequencies each; the text after an image continues one past its largest position).
     image_positions: str = "sequential"
@@ -397,6 +401,11 @@ class ModelConfig:
     mrope_section: list[int] = field(default_factory=list)
     # New image-in / image-head blocks: "fresh" init, or "copy" the neighbouring text blocks.
     image_blocks_init: str = "fresh"
+    # CogVLM's visual expert: every block over the merged sequence (core, text-head, image-head)
+    # carries q/k/v, output and MLP weights of its own that its image tokens take (text tokens
+    # and row breaks keep the text weights; the norms are shared). They start as copies of the
+    # block's text weights, a pretrained LLM's layer included.
+    visual_expert: bool = False
     attention_backend: str = "auto"  # varlen on CUDA (fp16/bf16), sdpa otherwise; per call
     vision: VisionConfig = field(default_factory=VisionConfig)
     adaptor: str = "mlp"
@@ -454,6 +463,10 @@ class ModelConfig:
             "text_head_blocks": num_layers - self.num_text_head_blocks,
         }
         return first[group] + index
+
+    def has_expert(self, group: str) -> bool:
+        """Whether the blocks of `group` carry a visual expert."""
+        return self.visual_expert and group in MERGED_BLOCK_GROUPS
 
     def is_sliding(self, group: str, index: int) -> bool:
         """Whether block `index` of `group` attends through the sliding window."""

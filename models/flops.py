@@ -67,10 +67,20 @@ class ModelFlops:
         assert not undeclared, f"{type(model).__name__}.TOKENS_THROUGH lacks {sorted(undeclared)}"
         vision = model.vision
         self.vision_trainable = any(p.requires_grad for p in vision.parameters())
-        # Per token: FLOPs of the dense weights of each module, forward + backward.
+        # Per token: FLOPs of the dense weights of each module, forward + backward. A block
+        # stack's visual experts are counted apart: their weights see the image tokens only, the
+        # stack's text weights the rest.
         self.dense_per_token: dict[str, int] = {}
+        self.expert_per_token: dict[str, int] = {}
         for name, module in model.named_children():
             trainable, frozen = dense_weights(module)
+            experts = [m.expert for m in module.modules() if getattr(m, "expert", None) is not None]
+            if experts:
+                counts = [dense_weights(expert) for expert in experts]
+                expert_trainable = sum(count[0] for count in counts)
+                expert_frozen = sum(count[1] for count in counts)
+                trainable, frozen = trainable - expert_trainable, frozen - expert_frozen
+                self.expert_per_token[name] = 6 * expert_trainable + 4 * expert_frozen
             if name == "vision" and not self.vision_trainable:
                 self.dense_per_token[name] = 2 * frozen  # no autograd: forward only
             else:
@@ -154,8 +164,14 @@ class ModelFlops:
         flops = 0
         for name, per_token in self.dense_per_token.items():
             kind = self.tokens_through[name]
-            if kind is not None:
-                flops += per_token * tokens[kind]
+            if kind is None:
+                continue
+            count = tokens[kind]
+            if name in self.expert_per_token:  # a stack over the merged sequence: all or none
+                image = tokens["image"] if count else 0
+                flops += per_token * (count - image) + self.expert_per_token[name] * image
+            else:
+                flops += per_token * count
         if self.vision_trainable:
             flops += self.vision_forward_per_token * patches_forward_only
         return flops

@@ -387,6 +387,7 @@ _DECODER_SHAPE = {
     "num_image_head_blocks": 0,
     "image_scales": [],
     "dual_input": False,
+    "visual_expert": False,
     "vision.tiling": "none",
 }
 # The block of every design's LLM but Fuyu's Persimmon: a gated MLP, no output biases, RoPE on

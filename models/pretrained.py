@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.blocks import Block, make_norm
+from models.blocks import Block, VisualExpert, make_norm
 from models.config import ModelConfig
 from models.safetensors_dir import SafetensorsDir, one_line
 from models.split_vlm import SplitVLM
@@ -427,7 +427,8 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     if not cfg.tie_embeddings:
         sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
     with torch.device("meta"):
-        block_shapes = {name: tuple(p.shape) for name, p in Block(cfg).named_parameters()}
+        block = Block(cfg, expert=cfg.visual_expert)
+        block_shapes = {name: tuple(p.shape) for name, p in block.named_parameters()}
         norm_leaves = [leaf for leaf, _ in make_norm(cfg, cfg.d_model).named_parameters()]
     for leaf in norm_leaves:
         sources[f"text_norm.{leaf}"] = _Source(f"{family.final_norm}.{leaf}", (cfg.d_model,), False)
@@ -446,6 +447,10 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
             prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
             for name, shape in block_shapes.items():
                 module, _, leaf = name.rpartition(".")
+                if module.startswith("expert."):  # a visual expert starts as its text twin
+                    if not cfg.has_expert(stack):
+                        continue
+                    module = _text_twin(module.removeprefix("expert."))
                 if module in fused:
                     tensor = f"{prefix}{family.fused_qkv}.{leaf}"
                     part = _Source(tensor, shape, False, fused.index(module), cfg.head_dim)
@@ -459,6 +464,12 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     return sources
 
 
+def _text_twin(expert_module: str) -> str:
+    """The block module a visual expert's module (`wq`, `mlp.gate`, …) copies."""
+    head, dot, rest = expert_module.partition(".")
+    return VisualExpert.TEXT_TWIN[head] + dot + rest
+
+
 def checkpoint_tensors(
     family: LLMFamily, cfg: ModelConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -466,6 +477,8 @@ def checkpoint_tensors(
     `plan_sources` (a fused q/k/v tensor put together from our three)."""
     tensors, parts = {}, {}
     for name, source in plan_sources(family, cfg).items():
+        if ".expert." in name:  # a visual expert has no place in the language model's checkpoint
+            continue
         if source.part < 0:
             tensors[source.tensor] = state[name]
         else:

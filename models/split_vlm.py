@@ -30,6 +30,7 @@ from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX
 from models.blocks import (
     Block,
+    ExpertRoute,
     RMSNorm,
     RopeTables,
     TokenEmbedding,
@@ -135,7 +136,9 @@ class SplitVLM(nn.Module):
             self.image_newline = nn.Parameter(torch.zeros(cfg.d_model))
 
         def blocks(group: str, n: int) -> nn.ModuleList:
-            return nn.ModuleList(Block(cfg, cfg.is_sliding(group, i)) for i in range(n))
+            return nn.ModuleList(
+                Block(cfg, cfg.is_sliding(group, i), cfg.has_expert(group)) for i in range(n)
+            )
 
         self.text_in = blocks("text_in", cfg.num_text_in_blocks)
         self.image_in = blocks("image_in", cfg.num_image_in_blocks)
@@ -167,6 +170,9 @@ class SplitVLM(nn.Module):
         nn.init.normal_(self.mask_embedding, std=self.cfg.init_std)
         if self.image_newline is not None:
             nn.init.normal_(self.image_newline, std=self.cfg.init_std)
+        for block in self.transformer_blocks():
+            if block.expert is not None:
+                block.copy_text_weights_into_expert()
 
     # -- initialization unit by unit (the same values on one device and sharded) ----------------
 
@@ -233,6 +239,8 @@ class SplitVLM(nn.Module):
                         f"{unit}.{left[0]}: no initialization for this kind of module "
                         "(SplitVLM.unit_initial_values)"
                     )
+                if getattr(module, "expert", None) is not None:
+                    module.copy_text_weights_into_expert()
         return {f"{unit}.{name}": value.detach() for name, value in module.named_parameters()}
 
     @torch.no_grad()
@@ -459,8 +467,14 @@ class SplitVLM(nn.Module):
             # ranks reach their backward collectives in the same order) and every parameter on
             # the path gets an exact zero gradient.
             x_TC = x_TC.index_copy(0, batch.image_index, self._blank_image_tokens(x_TC)[:0])
-        hidden = run_blocks(self.core, x_TC, batch.layout, rope)
+        hidden = run_blocks(self.core, x_TC, batch.layout, rope, self.expert_route(batch))
         return Trunk(hidden, rope, targets)
+
+    def expert_route(self, batch) -> ExpertRoute | None:
+        """Which tokens of the merged sequence take the visual expert (its image tokens)."""
+        if not self.cfg.visual_expert:
+            return None
+        return ExpertRoute(batch.text_index, batch.image_index)
 
     def _blank_image_tokens(self, x_TC: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -489,7 +503,8 @@ class SplitVLM(nn.Module):
     def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor, labels=None):
         """Logits at `positions`; with `labels` (one per position), their summed cross-entropy
         instead, without materializing all the logits at once (models/lm_head.py)."""
-        hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
+        route = self.expert_route(batch)
+        hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope, route)
         return self.lm_head(self.text_norm(hidden[positions]), labels)
 
     def image_condition(self, batch, trunk: Trunk, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -499,7 +514,10 @@ class SplitVLM(nn.Module):
         the text token before the image; the decoder never masks an image's first token when it
         opens its document, so nothing is read from outside the document)."""
         read_at = batch.image_index[image_tokens] - 1
-        hidden = run_blocks(self.image_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope)
+        route = self.expert_route(batch)
+        hidden = run_blocks(
+            self.image_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope, route
+        )
         return self.image_norm(hidden[read_at])
 
     def forward(self, batch) -> dict[str, torch.Tensor]:

@@ -417,12 +417,14 @@ def _engine_worker(
         "yaml/idefics3.yaml",
         "yaml/llava_next.yaml",
         "yaml/fuyu.yaml",
+        "yaml/cogvlm.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
     """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses
     (PaliGemma too: tied embeddings, prefix-LM layouts, a trained tower; Fuyu: no tower at
-    all, Persimmon's LayerNorms and biases)."""
+    all, Persimmon's LayerNorms and biases; CogVLM: a frozen LLM, only the adaptor and the
+    visual experts trained)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

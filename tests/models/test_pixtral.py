@@ -154,12 +154,12 @@ def as_document(pieces, images, name: str, patch=PATCH, marks=(IMAGE_BREAK, IMAG
 
 
 def _merged(segments):
-    """Adjacent text segments as one (the decoder's layout)."""
+    """Adjacent text segments as one, empty ones left out (the decoder's layout)."""
     out = []
     for kind, length in segments:
         if out and kind == "text" and out[-1][0] == "text":
             out[-1] = ("text", out[-1][1] + length)
-        else:
+        elif length:
             out.append((kind, length))
     return out
 

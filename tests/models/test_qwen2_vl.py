@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_classic_designs import imported_into, saved, with_random_vectors
-from test_pixtral import pixels_of, samples, trained_and_exported
+from test_pixtral import _merged, pixels_of, samples, trained_and_exported
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
@@ -84,12 +84,7 @@ def as_document(pieces, images, name: str, marks=(VISION_START, VISION_END)) -> 
         segments += [("text", len(text) + 1), ("image", rows * cols)]
         segments.append(("text", 1))
         grids.append((rows, cols))
-    merged = []
-    for kind, length in segments:
-        if merged and kind == "text" and merged[-1][0] == "text":
-            merged[-1] = ("text", merged[-1][1] + length)
-        elif length:
-            merged.append((kind, length))
+    merged = _merged(segments)
     num_tokens = sum(r * c for r, c in grids)
     return Document(
         sample_id=name,

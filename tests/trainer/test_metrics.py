@@ -152,13 +152,14 @@ def test_a_short_run_reports_every_metric_to_jsonl_console_wandb_and_a_png(
     assert FAKE_KEY not in out.out + out.err
 
 
-def micro_batch(demo_data, vision_trainable: bool):
+def micro_batch(demo_data, vision_trainable: bool, *overrides: str):
     cfg = load_config(
         REPO / "yaml/tiny.yaml",
         [
             f"data.path={demo_data}",
             "data.batch_size=8",
             f"model.vision.trainable={vision_trainable}",
+            *overrides,
         ],
     )
     tokenizer = load_tokenizer(tokenizer_dir(cfg.data))
@@ -170,9 +171,13 @@ def micro_batch(demo_data, vision_trainable: bool):
     return model, batch
 
 
-@pytest.mark.parametrize("vision_trainable", [False, True])
-def test_dense_model_flops_equal_pytorchs_flop_count(demo_data, vision_trainable):
-    model, batch = micro_batch(demo_data, vision_trainable)
+@pytest.mark.parametrize(
+    "vision_trainable, overrides",
+    [(False, ()), (True, ()), (False, ("model.visual_expert=true",))],
+    ids=["frozen_tower", "trained_tower", "visual_expert"],
+)
+def test_dense_model_flops_equal_pytorchs_flop_count(demo_data, vision_trainable, overrides):
+    model, batch = micro_batch(demo_data, vision_trainable, *overrides)
     with FlopCounterMode(display=False) as counter:
         out = model(batch)
         (out["text_loss_sum"] + out["image_loss_sum"]).backward()

@@ -254,21 +254,26 @@ def rope_positions(
 ) -> torch.Tensor:
     """RoPE positions: (T, 2), or (T, 3) for "mrope". Text uses its 1-D position on every axis
     (so a pretrained LLM sees exactly its own RoPE); image spans, given as (start, (rows, cols),
-    number of row breaks), follow `mode` ("2d": the span's first position plus each token's row on one
-    axis and column on the other; a row break is one column past its row's end). Text after an
-    image continues at its own sequential position, but for "mrope" (Qwen2-VL), whose axes are
-    (time, row, column): the image's tokens are at (first, first + row, first + column) and the
-    rest of its document continues one past the largest of them."""
+    number of row breaks), follow `mode` ("shared" and "collapsed": every token at the span's
+    first position; "2d": the span's first position plus each token's row on one axis and column
+    on the other, a row break one column past its row's end). Text after an image continues at
+    its own sequential position, but for "collapsed" (CogVLM), where the rest of the document
+    continues one past the span, and for "mrope" (Qwen2-VL), whose axes are (time, row, column):
+    the image's tokens are at (first, first + row, first + column) and the rest of its document
+    continues one past the largest of them."""
     positions = position_ids[:, None].repeat(1, 3 if mode == "mrope" else 2)
     if mode == "sequential":
         return positions
-    if mode == "mrope":
+    if mode in ("mrope", "collapsed"):
         doc_starts = (position_ids == 0).nonzero().squeeze(1).tolist() + [len(position_ids)]
     for start, (rows, cols), num_breaks in image_spans:
         stride = cols + (num_breaks > 0)  # tokens per row, its break included
         first, length = int(positions[start, 0]), rows * cols + num_breaks
-        if mode == "shared":
+        if mode in ("shared", "collapsed"):
             positions[start : start + length] = first
+            if mode == "collapsed":
+                end = next(s for s in doc_starts if s > start)
+                positions[start + length : end] -= length - 1
             continue
         offsets = torch.arange(length)
         positions[start : start + length, -2] = first + offsets // stride
