@@ -22,7 +22,7 @@ ATTENTION_BACKEND_NAMES = (
     "varlen_emulated",
     "auto",
 )
-ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle")
+ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle", "resampler")
 NORM_STYLES = ("default", "gemma", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")
 LAYER_TYPES = ("full", "sliding")
@@ -34,7 +34,7 @@ IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
 MERGED_BLOCK_GROUPS = ("core", "text_head_blocks", "image_head_blocks")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3", "none")
+VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3", "none", "blip2")
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
 # `model.image_row_break`: none, after every row but the last (Pixtral), after every row (Fuyu).
@@ -54,7 +54,8 @@ class VisionConfig:
     # "qwen2_vl" (Qwen2-VL's ViT, with adaptor: qwen2_merger and spatial_merge: 2), "idefics3"
     # (Idefics3's SigLIP: its own position ids; square tiles) or "none" (Fuyu's: no encoder, the
     # features are each patch's normalized pixels, 3 · patch_size² values, for the adaptor to
-    # embed).
+    # embed) or "blip2" (BLIP-2's ViT and Q-Former: `num_queries` learned queries read the image,
+    # its Q-Former as wide and deep as the ViT).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -99,6 +100,10 @@ class VisionConfig:
     # (height, width) pixel resolutions, multiples of image_size, for "llava_next"
     # (LLaVA-NeXT's image_grid_pinpoints).
     grid_pinpoints: list[list[int]] = field(default_factory=list)
+    # Image tokens per image made by learned queries, whatever the image: a (1, num_queries)
+    # grid; with tower: blip2 (its Q-Former's: 32) or adaptor: resampler (Qwen-VL's: 256, a
+    # square); 0 otherwise (the patch grid).
+    num_queries: int = 0
 
     @property
     def token_size(self) -> int:
@@ -286,6 +291,15 @@ class VisionConfig:
                 "model.vision.grid_pinpoints: (height, width) pairs, multiples of image_size, "
                 "with tiling: llava_next (and only with it)"
             )
+        if self.num_queries < 0 or (self.tower == "blip2" and not self.num_queries):
+            raise ValueError("model.vision.num_queries: > 0 with tower: blip2, else >= 0")
+        if self.num_queries and (
+            self.native or self.tiling != "none" or self.spatial_merge != 1 or self.feature_layer
+        ):
+            raise ValueError(
+                "model.vision.num_queries: square images (resize: square), no tiling, "
+                "spatial_merge 1, feature_layer 0 (the Q-Former's output)"
+            )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
         if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
@@ -389,6 +403,10 @@ class ModelConfig:
     image_start_token: str = "<image_start>"
     image_end_token: str = "<image_end>"
     image_row_break_token: str = "<image_row_break>"
+    # Qwen-VL's grounding: <ref>phrase</ref><box>(x1,y1),(x2,y2)</box> in the text, the boxes'
+    # pixel corners read as integers in [0, 1000) of their image's width and height, the four
+    # tags special tokens (trainer/data/grounding.py).
+    grounding: bool = False
     # RoPE positions inside image spans: "sequential" (1-D, like text), "shared" (every token of
     # a span at the span's first position), "collapsed" (as "shared", and the rest of the
     # document continues one past it: a span takes one position, CogVLM's), "2d" (half the
@@ -480,8 +498,18 @@ class ModelConfig:
 
     @property
     def square_grid(self) -> tuple[int, int]:
+        """The token grid of an image in square mode; 1 × num_queries for a query tower."""
+        if self.vision.num_queries:
+            return 1, self.vision.num_queries
         side = self.image_tokens_per_side
         return side, side
+
+    def pixel_shape(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) in pixels of an image whose token grid is `grid`."""
+        if self.vision.num_queries:
+            return self.vision.image_size, self.vision.image_size
+        token = self.vision.token_size
+        return grid[0] * token, grid[1] * token
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of the full token grid of a `width` × `height` image."""
@@ -622,6 +650,36 @@ class ModelConfig:
         if self.image_blocks_init not in ("fresh", "copy"):
             raise ValueError(
                 f"model.image_blocks_init={self.image_blocks_init!r}; valid: fresh, copy"
+            )
+        queries_from = self.adaptor == "resampler" or (
+            self.vision.tower == "blip2" and not self.vision.pretrained
+        )
+        if bool(self.vision.num_queries) != queries_from or (
+            self.adaptor == "resampler" and self.vision.tower == "blip2"
+        ):
+            raise ValueError(
+                "model.vision.num_queries (> 0) goes with tower: blip2 (its Q-Former's queries) "
+                "or adaptor: resampler (Qwen-VL's), one of them, and only there"
+            )
+        side = math.isqrt(self.vision.num_queries)
+        if self.adaptor == "resampler" and (
+            side * side != self.vision.num_queries or self.d_model % 4
+        ):
+            raise ValueError(
+                f"adaptor: resampler: a square grid of queries (model.vision.num_queries "
+                f"{self.vision.num_queries}) and d_model divisible by 4 (its 2-D positions)"
+            )
+        if self.vision.num_queries and (
+            self.mask_rate_max
+            or self.full_mask_prob
+            or self.image_scales
+            or self.dual_input
+            or self.image_target == "pixels"
+        ):
+            raise ValueError(
+                "model.vision.num_queries: query tokens stand for no region of the image, so "
+                "none is masked (mask_rate_max and full_mask_prob 0, no image_scales, no "
+                "dual_input, image_target: encoder)"
             )
         if self.vision.tiling == "llava_next" and (
             self.mask_rate_max or self.full_mask_prob or self.image_scales or self.dual_input

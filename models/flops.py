@@ -11,7 +11,9 @@ no activation recomputation, no padding, since the packer has none), summed over
   only the masked image tokens. Weights are matrices and convolution kernels (2-D and up); norms,
   biases and embedding lookups are left out, as in FLOP counters. The first layer on the image
   path (the patch embedding, or the adaptor's first layer behind a frozen tower) gets no input
-  gradient. This matches torch.utils.flop_counter's matmul count exactly (tested).
+  gradient. A tower or adaptor whose layers see different token counts prices an image itself
+  (`dense_flops_per_image`: BLIP-2's ViT and Q-Former, Qwen-VL's resampler). This matches
+  torch.utils.flop_counter's matmul count exactly (tested).
 - Attention: a (query, key) pair costs 4·d_attn FLOPs forward per layer (2·d_attn for QKᵀ, 2·d_attn
   for AV; d_attn = heads × head dim) and twice that backward. Pairs are the packed layout's actual
   ones: query t sees keys doc_start[t]..vis_end[t], so a layout has Σ_t (vis_end[t] − doc_start[t]
@@ -32,6 +34,19 @@ import numpy as np
 from torch import nn
 
 
+def layer_flops(module: nn.Module, tokens: int, input_needs_grad: bool) -> int:
+    """Forward + backward FLOPs of one linear layer over `tokens` tokens: 2 per weight and token
+    forward, 2 more for the weight's gradient when it is trained, 2 more for the input's when
+    the input depends on a trained parameter."""
+    weight = module.weight
+    return (2 + 2 * weight.requires_grad + 2 * input_needs_grad) * weight.numel() * tokens
+
+
+def trains(module: nn.Module) -> bool:
+    """Whether one of `module`'s own parameters (not its children's) is trained."""
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 def attention_pairs(layout, window: int | None = None) -> int:
     """Visible (query, key) pairs of a `PackedLayout`, under a sliding `window` if given."""
     if layout is None:
@@ -39,10 +54,14 @@ def attention_pairs(layout, window: int | None = None) -> int:
     return int((layout.vis_end.long() - layout.first_visible(window).long() + 1).sum())
 
 
+_MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _weights(module: nn.Module) -> list[nn.Parameter]:
-    """The matrices and kernels of `module` in order; lookup tables excluded."""
-    lookups = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    return [p for p in module.parameters() if p.ndim >= 2 and id(p) not in lookups]
+    """The matrices and kernels of `module`'s linear and convolution layers, in order: lookup
+    tables, norms and other tensors (position tables, learned queries) excluded."""
+    weights = {id(m.weight): m.weight for m in module.modules() if isinstance(m, _MATMUL_MODULES)}
+    return list(weights.values())
 
 
 def dense_weights(module: nn.Module) -> tuple[int, int]:
@@ -72,7 +91,15 @@ class ModelFlops:
         # stack's text weights the rest.
         self.dense_per_token: dict[str, int] = {}
         self.expert_per_token: dict[str, int] = {}
+        # A tower or adaptor whose layers see different token counts (BLIP-2's ViT its patches
+        # and its Q-Former the queries, Qwen-VL's resampler the patches and the queries) prices
+        # each image itself; the rest are priced per token below.
+        self.per_image: dict[str, int] = {}
         for name, module in model.named_children():
+            per_image = getattr(module, "dense_flops_per_image", None)
+            if per_image is not None:
+                self.per_image[name] = per_image(name != "vision" and self.vision_trainable)
+                continue
             trainable, frozen = dense_weights(module)
             experts = [m.expert for m in module.modules() if getattr(m, "expert", None) is not None]
             if experts:
@@ -91,8 +118,9 @@ class ModelFlops:
         # The first layer on the image path gets an input that needs no gradient (pixels, or the
         # frozen tower's output), so autograd skips its input-gradient matmul.
         first_on_image_path = "vision" if self.vision_trainable else "adaptor"
-        first_weight = _weights(getattr(model, first_on_image_path))[0]
-        self.dense_per_token[first_on_image_path] -= 2 * first_weight.numel()
+        if first_on_image_path in self.dense_per_token:
+            first_weight = _weights(getattr(model, first_on_image_path))[0]
+            self.dense_per_token[first_on_image_path] -= 2 * first_weight.numel()
         attention_width = cfg.num_heads * cfg.head_dim
         # Per visible pair, forward + backward, by window (None: full) over the stack's layers.
         self.pair_flops: dict[str, Counter] = {}
@@ -101,7 +129,15 @@ class ModelFlops:
             self.pair_flops[name] = Counter(
                 {window: 3 * 4 * attention_width * count for window, count in windows.items()}
             )
-        self.tower_width, self.tower_layers = vision.feature_dim, vision.num_layers
+        # Attention width of the tower's layers: its feature width, but a query tower's ViT's.
+        self.tower_width = getattr(vision, "attention_width", vision.feature_dim)
+        self.tower_layers = vision.num_layers
+        # With queries the tower sees its own patch grid, whatever the image tokens (BLIP-2's
+        # tower says how many, its CLS token included).
+        side = cfg.vision.image_size // cfg.vision.patch_size
+        self.patches_per_image = getattr(vision, "num_patches", 0) or (
+            side * side if cfg.vision.num_queries else 0
+        )
         self.vision_pair_flops = (
             (3 if self.vision_trainable else 1) * 4 * self.tower_width * self.tower_layers
         )
@@ -142,7 +178,9 @@ class ModelFlops:
             num_tiles, per_tile = (
                 (1, grid) if tiles == (0, 0) else (tiles[0] * tiles[1], cfg.square_grid)
             )
-            num_patches = per_tile[0] * per_tile[1] * cfg.vision.spatial_merge**2
+            num_patches = self.patches_per_image or (
+                per_tile[0] * per_tile[1] * cfg.vision.spatial_merge**2
+            )
             for k in (0, 1):
                 patches[k] += len(indices) * num_tiles * num_patches * passes[k]
                 pairs[k] += len(indices) * num_tiles * num_patches**2 * passes[k]
@@ -161,7 +199,8 @@ class ModelFlops:
             "masked": num_masked,
             "all_if_image_loss": batch.num_tokens if _image_loss_runs(batch) else 0,
         }
-        flops = 0
+        # One pass per image: designs of queries mask nothing.
+        flops = sum(self.per_image.values()) * len(batch.image_grids)
         for name, per_token in self.dense_per_token.items():
             kind = self.tokens_through[name]
             if kind is None:

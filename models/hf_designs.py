@@ -30,6 +30,8 @@ from models.safetensors_dir import SafetensorsDir
 from models.split_vlm import SplitVLM
 from models.vision import (
     PIXEL_NORMALIZATIONS,
+    Blip2QueryTower,
+    Blip2TowerConfig,
     CLIPTower,
     Idefics3Tower,
     PackedPixtralVisionModel,
@@ -261,13 +263,15 @@ def _import_vlm(
     projector: dict[str, str],
     prefixes=None,
     extra=None,
+    tower_config=None,
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
     `projector` maps our adaptor's submodules to the projector's (`_projector_names`);
-    `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's), and
-    `extra(tensor names)` our other parameters' tensors ({ours: theirs}; LLaVA-NeXT's
-    newline)."""
+    `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's; "" for
+    a tower whose modules sit at the top level, BLIP-2's), `extra(tensor names)` our other
+    parameters' tensors ({ours: theirs}; LLaVA-NeXT's newline) and `tower_config(hf config)`
+    the tower's transformers config as a dict (default: its `vision_config`)."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -279,8 +283,12 @@ def _import_vlm(
     if normalization is not None:
         cfg.vision.normalization = normalization
     cfg.pretrained_llm = ""  # the export holds the weights
-    vision = getattr(llm.hf_config, "vision_config", None)  # Fuyu has no tower
-    model = SplitVLM(cfg, vision_config=vision.to_dict() if vision is not None else None)
+    if tower_config is None:
+        vision = getattr(llm.hf_config, "vision_config", None)  # Fuyu has no tower
+        tower = vision.to_dict() if vision is not None else None
+    else:
+        tower = tower_config(llm.hf_config)
+    model = SplitVLM(cfg, vision_config=tower)
     model.reset_parameters(seed)  # what the checkpoint lacks (image head, mask embedding)
     llm.load_into(model)
     checkpoint = SafetensorsDir(path, what="our model")
@@ -295,10 +303,14 @@ def _import_vlm(
     with torch.no_grad():
         for ours, theirs in sources.items():
             parameters[ours].copy_(checkpoint.read(theirs, tuple(parameters[ours].shape)))
+    # The tower's tensors: all under its prefix, or its own top-level names without one.
+    tower_names = (vision_prefix,)
+    if not vision_prefix:
+        tower_names = tuple({name.split(".")[0] for name, _ in model.vision.named_parameters()})
     unread = [
         name
         for name in checkpoint.tensor_files
-        if name.startswith((vision_prefix, projector_prefix)) and name not in sources.values()
+        if name.startswith((*tower_names, projector_prefix)) and name not in sources.values()
     ]
     if unread:
         raise ValueError(
@@ -1252,6 +1264,103 @@ def _fuyu_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | 
     )
 
 
+# -- BLIP-2 -----------------------------------------------------------------------------------
+
+
+def blip2_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers Blip2Config: its ViT and Q-Former as one tower
+    (`model.vision.tower: blip2`, `Blip2QueryTower`) whose `num_query_tokens` outputs are every
+    image's tokens (`model.vision.num_queries`), the language projection as our `linear`
+    adaptor, causal attention, a decoder-only language model of the Llama layout."""
+    if not hf.use_decoder_only_language_model:
+        raise ValueError(
+            f"a {hf.text_config.model_type!r} (encoder-decoder) language model; only "
+            "decoder-only ones are supported"
+        )
+    vision = hf.vision_config
+    return decoder_config(
+        "causal",
+        "linear",
+        VisionConfig(
+            tower="blip2",
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.hidden_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            num_queries=hf.num_query_tokens,
+            normalization="clip",
+        ),
+    )
+
+
+def _blip2_tower_config(hf) -> dict:
+    return Blip2TowerConfig(
+        vision_config=hf.vision_config.to_dict(),
+        qformer_config=hf.qformer_config.to_dict(),
+        num_query_tokens=hf.num_query_tokens,
+        initializer_range=hf.initializer_range,
+    ).to_dict()
+
+
+def _blip2_prefixes(files: dict) -> tuple[str, str]:
+    """(tower, projector) prefixes: the tower's modules are at the top level."""
+    return "", "language_projection."
+
+
+def _import_blip2(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "blip-2",
+        blip2_model_config,
+        projector={},  # our linear adaptor is the language projection
+        prefixes=_blip2_prefixes,
+        tower_config=_blip2_tower_config,
+    )
+
+
+_BLIP2_SHAPE = {
+    **_LLAVA_SHAPE,
+    "image_markers": False,
+    "image_row_break": False,
+    "adaptor": "linear",
+    "vision.resize": "square",
+    "vision.tower": "blip2",
+}
+
+
+def _blip2_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_mismatch(model.cfg, "BLIP-2", _BLIP2_SHAPE)
+    if reason is None and type(model.vision) is not Blip2QueryTower:
+        return "BLIP-2's vision tower is its ViT and Q-Former (Blip2QueryTower)"
+    return reason
+
+
+def _blip2_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import Blip2Config  # seconds; only when exporting
+
+    cfg, tower = model.cfg, model.vision.config
+    hf = Blip2Config(
+        vision_config=tower.vision_config.to_dict(),
+        qformer_config=tower.qformer_config.to_dict(),
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        num_query_tokens=tower.num_query_tokens,
+        image_token_index=_image_token(base, image_id, "BLIP-2"),
+    )
+    hf.architectures = ["Blip2ForConditionalGeneration"]
+    _save_vlm(model, out, "blip-2", {}, hf, prefixes=("", "language_projection."))
+    size = cfg.vision.image_size
+    _save_image_processor(
+        out,
+        cfg,
+        "BlipImageProcessor",
+        size={"height": size, "width": size},
+        do_resize=True,
+        resample=3,  # bicubic
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1288,6 +1397,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_deepseek_vl,
         export_checkpoint=_deepseek_vl_export,
         mismatch=_deepseek_vl_mismatch,
+    ),
+    "blip-2": HFDesign(
+        transformers_class="Blip2ForConditionalGeneration",
+        import_checkpoint=_import_blip2,
+        export_checkpoint=_blip2_export,
+        mismatch=_blip2_mismatch,
     ),
     "fuyu": HFDesign(
         transformers_class="FuyuForCausalLM",

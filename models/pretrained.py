@@ -373,6 +373,14 @@ SUPPORTED_LLMS = {
     "smolvlm": _IDEFICS3_LLM,
     # DeepseekVLForConditionalGeneration: its language model (the whole model: hf_designs).
     "deepseek_vl": _DEEPSEEK_VL_LLM,
+    # Blip2ForConditionalGeneration with a decoder-only language model: that model (the whole
+    # model: hf_designs), under transformers' saved names.
+    "blip-2": _language_model_of_vlm(
+        _text_model,
+        _LLAMA_LAYER_KEYS,
+        "legacy",
+        extra_parts=("vision_model.", "query_tokens", "qformer.", "language_projection."),
+    ),
     "persimmon": _persimmon_family("model.", "lm_head.weight"),
     # FuyuForCausalLM: its language model (the whole model: hf_designs), as transformers saves
     # it.

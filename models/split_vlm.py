@@ -43,6 +43,7 @@ from models.diffusion import DiffusionHead
 from models.lm_head import LMHead
 from models.vision import (
     PackedImages,
+    QueryResampler,
     build_adaptor,
     build_vision_tower,
     image_target_dim,
@@ -126,9 +127,7 @@ class SplitVLM(nn.Module):
                 f"(resize: square, not {cfg.vision.resize})"
             )
         vision_dim = self.vision.feature_dim
-        self.adaptor = build_adaptor(
-            cfg.adaptor, vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps
-        )
+        self.adaptor = build_adaptor(vision_dim, cfg)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
         # LLaVA-NeXT's learned embedding after every row of a tiled image's grid.
         self.image_newline = None
@@ -225,6 +224,8 @@ class SplitVLM(nn.Module):
                         part.reset_parameters()  # 1, or 0 for (1 + w) norms
                     elif isinstance(part, nn.RMSNorm):  # an adaptor's (Mistral 3's)
                         part.weight.fill_(1.0)
+                    elif isinstance(part, QueryResampler):  # its learned queries
+                        part.query.normal_(0.0, std, generator=generator)
                     elif isinstance(part, nn.LayerNorm):
                         part.weight.fill_(1.0)
                         if getattr(part, "bias", None) is not None:
@@ -418,7 +419,11 @@ class SplitVLM(nn.Module):
                 # A token's merge × merge patches side by side, then pooled to the span's grid.
                 tokens = merge_patches(features[encoded], grid, merge)
                 group_inputs.append(self.adaptor(pool_grid(tokens, grid, span_grid)))
-                if cfg.image_target == "encoder":
+                if cfg.vision.num_queries:  # queries stand for no region: nothing to predict
+                    group_targets.append(
+                        tokens.new_zeros(len(indices), rows * cols, self.target_dim)
+                    )
+                elif cfg.image_target == "encoder":
                     clean_features = features[clean].detach()
                     patch_grid = (grid[0] * merge, grid[1] * merge)
                     group_targets.append(
@@ -479,7 +484,7 @@ class SplitVLM(nn.Module):
     def _blank_image_tokens(self, x_TC: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         kind = "image" if cfg.image_attention == "bidirectional" else "text"
-        size, patch = cfg.vision.image_size, cfg.vision.token_size
+        size = cfg.vision.image_size
         grid, tiles = cfg.image_grid(size, size), (0, 0)
         if self.image_newline is not None:  # a tiled image of one tile: the newline runs too
             grid, tiles = (grid[0], grid[1] + 1), (1, 1)
@@ -488,7 +493,7 @@ class SplitVLM(nn.Module):
         positions = layout.position_ids[:, None].repeat(1, 2)
         rope = rope_tables(positions, cfg)
         no_mask = torch.zeros(layout.num_tokens, dtype=torch.bool, device=x_TC.device)
-        pixels = x_TC.new_zeros(1, 3, *(side * patch for side in self.canvas(grid, tiles)))
+        pixels = x_TC.new_zeros(1, 3, *cfg.pixel_shape(self.canvas(grid, tiles)))
         if cfg.vision.flat_pixels:
             pixels = pixels.flatten()
         adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid], [tiles])

@@ -16,6 +16,7 @@ Pixtral's ViT always runs packed. CLIP (LLaVA's encoder) runs square images batc
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,12 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig
+from transformers.models.blip_2.modeling_blip_2 import (
+    Blip2PreTrainedModel,
+    Blip2QFormerModel,
+    Blip2VisionModel,
+)
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -48,6 +55,7 @@ from models.config import (
     ModelConfig,
     VisionConfig,
 )
+from models.flops import layer_flops, trains
 from models.meta import building_on_meta
 from models.safetensors_dir import SafetensorsDir
 
@@ -369,6 +377,128 @@ class RawPatches(nn.Module):
         return packed.patches_TCPP.permute(0, 2, 3, 1).flatten(1)
 
 
+class Blip2TowerConfig(PretrainedConfig):
+    """The config of `Blip2QueryTower`: BLIP-2's vision and Q-Former configs and its query count
+    (the parts of a transformers Blip2Config that are not the language model)."""
+
+    model_type = "blip_2_tower"
+
+    def __init__(
+        self,
+        vision_config: dict | None = None,
+        qformer_config: dict | None = None,
+        num_query_tokens: int = 32,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vision_config = Blip2VisionConfig(**(vision_config or {}))
+        self.qformer_config = Blip2QFormerConfig(**(qformer_config or {}))
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        # No dropout (the Q-Former's default is 0.1), as in the rest of our model: a sharded run
+        # then draws what a single-process one does and gives its losses.
+        self.vision_config.attention_dropout = 0.0
+        self.qformer_config.hidden_dropout_prob = 0.0
+        self.qformer_config.attention_probs_dropout_prob = 0.0
+        self.num_query_tokens = num_query_tokens
+        self.initializer_range = initializer_range
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["qformer_config"] = self.qformer_config.to_dict()
+        return out
+
+
+class Blip2QueryTower(nn.Module):
+    """BLIP-2's ViT and Q-Former, transformers' own modules under Blip2ForConditionalGeneration's
+    names (`vision_model`, `query_tokens`, `qformer`): `num_query_tokens` learned queries
+    cross-attend to the ViT's last_hidden_state (its CLS token included), and their outputs are
+    the image's tokens, as many whatever the image (`model.vision.num_queries`); the adaptor
+    (`linear`) is BLIP-2's language projection. Square images, batched."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+
+    def __init__(self, config: Blip2TowerConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(
+            torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
+        )
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self._init_weights(self)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.qformer_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.vision_config.num_hidden_layers
+
+    @property
+    def attention_width(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens the ViT attends over per image: its patches and the CLS token."""
+        vision = self.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1
+
+    def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        """Forward + backward FLOPs of the tower's linear and convolution layers per image
+        (models/flops.py `layer_flops`): the ViT's over its patches, the Q-Former's over the
+        queries but its cross-attention keys and values over the ViT's output; a layer's input
+        needs a gradient when a parameter before it (in module order) is trained, so a frozen
+        ViT runs forward only."""
+        vision = self.config.vision_config
+        grid = (vision.image_size // vision.patch_size) ** 2
+        flops, upstream = 0, input_needs_grad
+        for module in self.vision_model.modules():
+            if isinstance(module, nn.Conv2d):
+                flops += layer_flops(module, grid, upstream)  # the patch embedding
+            elif isinstance(module, nn.Linear):
+                flops += layer_flops(module, self.num_patches, upstream)
+            upstream |= trains(module)
+        # A layer's MLP for text tokens (an InstructBLIP-style Q-Former's) sees none.
+        text_only = {
+            id(part)
+            for layer in self.qformer.encoder.layer
+            for name in ("intermediate", "output")
+            for part in getattr(layer, name, nn.Module()).modules()
+        }
+        vit_trained, upstream = upstream, self.query_tokens.requires_grad
+        for name, module in self.qformer.named_modules():
+            if isinstance(module, nn.Linear) and id(module) not in text_only:
+                if ".crossattention." in name and name.endswith((".key", ".value")):
+                    flops += layer_flops(module, self.num_patches, vit_trained)
+                else:
+                    flops += layer_flops(module, self.config.num_query_tokens, upstream)
+            upstream |= trains(module)
+        return flops
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The queries start as LAVIS's BLIP-2 draws them (transformers' init zeroes them: every
+        # query alike); the rest as transformers' Blip2PreTrainedModel initializes it.
+        if module is self:
+            nn.init.normal_(self.query_tokens, std=self.config.initializer_range)
+        else:
+            Blip2PreTrainedModel._init_weights(self, module)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) → (N, num_query_tokens, Q-Former width). A forward of its own, so that
+        a sharded engine's hooks on the tower (FSDP2's gather) run."""
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds)[0]
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values)
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -397,6 +527,7 @@ VISION_TOWERS = {
     "idefics3_vision": (Idefics3VisionConfig, Idefics3Tower),
     "smolvlm_vision": (SmolVLMVisionConfig, SmolVLMTower),
     "raw_patches": (RawPatchesConfig, RawPatches),
+    "blip_2_tower": (Blip2TowerConfig, Blip2QueryTower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -447,6 +578,20 @@ def _random_idefics3(cfg: VisionConfig):
     return Idefics3VisionConfig(**_random_size(cfg)), Idefics3Tower
 
 
+def _random_blip2(cfg: VisionConfig):
+    size = _random_size(cfg)
+    qformer = dict(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 4,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+    )
+    config = Blip2TowerConfig(
+        vision_config=size, qformer_config=qformer, num_query_tokens=cfg.num_queries
+    )
+    return config, Blip2QueryTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -459,6 +604,7 @@ RANDOM_TOWERS = {
     "qwen2_vl": _random_qwen2_vl,
     "idefics3": _random_idefics3,
     "none": _no_tower,
+    "blip2": _random_blip2,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
@@ -533,17 +679,17 @@ def pretrained_tower_weights(path: str, tower: nn.Module) -> dict[str, torch.Ten
 
 
 # Adaptors take (..., merge² · vision_dim) features, the merge² patches of a token side by side
-# (`merge_patches`), to (..., d_model).
+# (`merge_patches`), to (..., d_model); a resampler takes an image's (N, patches, vision_dim)
+# features to its (N, num_queries, d_model) tokens.
 
 
-def _linear_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
-    return nn.Linear(vision_dim * merge**2, d_model)
+def _linear_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    return nn.Linear(vision_dim * cfg.vision.spatial_merge**2, cfg.d_model)
 
 
-def _mlp_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(vision_dim * merge**2, d_model), nn.GELU(), nn.Linear(d_model, d_model)
-    )
+def _mlp_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    width, d_model = vision_dim * cfg.vision.spatial_merge**2, cfg.d_model
+    return nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
 
 
 class _Merger(nn.Module):
@@ -576,8 +722,9 @@ class PatchMergerAdaptor(nn.Module):
         return self.linear_2(self.act(self.linear_1(merged)))
 
 
-def _patch_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
-    return PatchMergerAdaptor(vision_dim, d_model, merge, eps)
+def _patch_merger_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    # Mistral 3's projector norm takes the LLM's epsilon.
+    return PatchMergerAdaptor(vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps)
 
 
 class Qwen2MergerAdaptor(nn.Module):
@@ -597,14 +744,111 @@ class Qwen2MergerAdaptor(nn.Module):
         return self.mlp(self.ln_q(patches).flatten(-2))
 
 
-def _qwen2_merger_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
-    return Qwen2MergerAdaptor(vision_dim, d_model, merge, eps)
+def _qwen2_merger_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    return Qwen2MergerAdaptor(vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps)
 
 
-def _pixel_shuffle_adaptor(vision_dim: int, d_model: int, merge: int, eps: float) -> nn.Module:
+def _pixel_shuffle_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
     """Idefics3's connector: its pixel shuffle puts each token's merge × merge patches side by
     side in `merge_patches`' order, then one bias-free linear."""
-    return nn.Linear(vision_dim * merge**2, d_model, bias=False)
+    return nn.Linear(vision_dim * cfg.vision.spatial_merge**2, cfg.d_model, bias=False)
+
+
+def sincos_2d(width: int, rows: int, cols: int) -> torch.Tensor:
+    """(rows · cols, width) fixed 2-D sine-cosine position embeddings, row-major (MAE's, as
+    Qwen-VL's resampler uses them): the first half of the channels encodes the column, the
+    second half the row, each as sines then cosines of 1 / 10000^(2i / (width / 2))."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.double()[:, None] * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([encode(col.flatten()), encode(row.flatten())], dim=1).float()
+
+
+class QueryResampler(nn.Module):
+    """Qwen-VL's connector: `num_queries` learned queries (a square grid, with fixed 2-D
+    sine-cosine positions) read an image's patch features in one cross-attention layer, so every
+    image gives `num_queries` tokens whatever its size: the features projected to the LLM's
+    width (bias-free) and layer-normed are the values; plus the queries' positions, bicubically
+    resized to the image's patch grid, the keys; then a LayerNorm and a bias-free projection.
+    Square patch grids; the attention is bidirectional (every query sees every patch)."""
+
+    def __init__(
+        self, vision_dim: int, d_model: int, num_queries: int, num_heads: int, num_patches: int
+    ):
+        super().__init__()
+        self.num_patches = num_patches  # per image (the FLOPs count)
+        self.side, self.num_heads = math.isqrt(num_queries), num_heads  # ModelConfig checks
+        self.query = nn.Parameter(torch.zeros(num_queries, d_model))
+        self.register_buffer(
+            "query_positions", sincos_2d(d_model, self.side, self.side), persistent=False
+        )
+        self.kv_proj = nn.Linear(vision_dim, d_model, bias=False)
+        self.ln_q = nn.LayerNorm(d_model, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(d_model, eps=1e-6)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.ln_post = nn.LayerNorm(d_model, eps=1e-6)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def key_positions(self, side: int) -> torch.Tensor:
+        """The queries' positions resized to a `side` × `side` patch grid (Qwen-VL's
+        get_abs_pos: bicubic, align_corners false; as they are when the grids agree)."""
+        table = self.query_positions
+        if side == self.side:
+            return table
+        grid = table.reshape(1, self.side, self.side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).reshape(side * side, -1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, patches, vision_dim) of square patch grids → (N, num_queries, d_model)."""
+        n, patches, _ = features.shape
+        side = math.isqrt(patches)
+        assert side * side == patches, f"a square patch grid, not {patches} patches"
+        values = self.ln_kv(self.kv_proj(features))
+        keys = values + self.key_positions(side).to(values.dtype)
+        queries = (self.ln_q(self.query) + self.query_positions.to(values.dtype)).expand(n, -1, -1)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(queries)), heads(self.k_proj(keys)), heads(self.v_proj(values))
+        )
+        out = self.out_proj(attended.transpose(1, 2).flatten(2))
+        return self.proj(self.ln_post(out))
+
+    def dense_flops_per_image(self, input_needs_grad: bool) -> int:
+        """Forward + backward FLOPs of its linear layers per image (models/flops.py): the
+        feature projection, keys and values over the patches, the rest over the queries."""
+        patches, queries = self.num_patches, self.query.shape[0]
+        kv_grad = input_needs_grad or trains(self.kv_proj) or trains(self.ln_kv)
+        query_grad = self.query.requires_grad or trains(self.ln_q)
+        flops = layer_flops(self.kv_proj, patches, input_needs_grad)
+        flops += layer_flops(self.k_proj, patches, kv_grad) + layer_flops(
+            self.v_proj, patches, kv_grad
+        )
+        flops += layer_flops(self.q_proj, queries, query_grad)
+        upstream = (
+            kv_grad or query_grad or any(trains(m) for m in (self.q_proj, self.k_proj, self.v_proj))
+        )
+        flops += layer_flops(self.out_proj, queries, upstream)
+        upstream |= trains(self.out_proj) or trains(self.ln_post)
+        return flops + layer_flops(self.proj, queries, upstream)
+
+
+def _resampler_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    side = cfg.vision.image_size // cfg.vision.patch_size  # square images only
+    return QueryResampler(
+        vision_dim, cfg.d_model, cfg.vision.num_queries, cfg.num_heads, num_patches=side * side
+    )
 
 
 ADAPTORS = {
@@ -613,16 +857,16 @@ ADAPTORS = {
     "patch_merger": _patch_merger_adaptor,
     "qwen2_merger": _qwen2_merger_adaptor,
     "pixel_shuffle": _pixel_shuffle_adaptor,
+    "resampler": _resampler_adaptor,
 }
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
 
-def build_adaptor(name: str, vision_dim: int, d_model: int, merge: int = 1, eps: float = 1e-5):
-    """`merge`: `model.vision.spatial_merge`; `eps`: the LLM's norm epsilon (Mistral 3's
-    projector norm uses it)."""
-    if name not in ADAPTORS:
-        raise ValueError(f"unknown adaptor {name!r}; valid: {', '.join(sorted(ADAPTORS))}")
-    return ADAPTORS[name](vision_dim, d_model, merge, eps)
+def build_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+    """`cfg.adaptor` from the tower's feature width to the LLM's."""
+    if cfg.adaptor not in ADAPTORS:
+        raise ValueError(f"unknown adaptor {cfg.adaptor!r}; valid: {', '.join(sorted(ADAPTORS))}")
+    return ADAPTORS[cfg.adaptor](vision_dim, cfg)
 
 
 def merge_patches(features: torch.Tensor, grid: tuple[int, int], merge: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from models.split_vlm import SplitVLM, image_loss, pool_grid
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import Config, config_from_dict
 from trainer.data.decode import Document, SampleDecoder, load_tokenizer, tokenizer_dir
+from trainer.data.grounding import GROUNDING_TOKENS
 from trainer.data.packing import collate, layout_options
 from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
 
@@ -130,6 +131,15 @@ def generate_text(
     return outputs
 
 
+def answer_text(tokenizer, token_ids: list[int], cfg) -> str:
+    """A generated answer as text: special tokens dropped, but the grounding tags kept with
+    `model.grounding` (`trainer.data.grounding.parse_boxes` reads them back as boxes)."""
+    keep = set(tokenizer.convert_tokens_to_ids(list(GROUNDING_TOKENS))) if cfg.grounding else set()
+    special = set(tokenizer.all_special_ids) - keep
+    kept = [token for token in token_ids if token not in special]
+    return tokenizer.decode(kept, skip_special_tokens=False).strip()
+
+
 @torch.no_grad()
 def evaluate(
     model: SplitVLM, cfg: Config, decoder: SampleDecoder, split: str = "heldout", limit: int = 0
@@ -160,8 +170,10 @@ def evaluate(
         answers = generate_text(model, decoder, prompts)
         for (_, sample), answer in zip(chunk, answers, strict=True):
             prompt = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+            if model.cfg.grounding:  # the reference's boxes as the model writes them
+                sample = decoder.with_box_bins(sample)
             reference = sample["messages"][-1]["content"].strip()
-            generated = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            generated = answer_text(tokenizer, answer, model.cfg)
             total[prompt] += 1
             correct[prompt] += int(generated == reference)
     # Teacher-forced losses, with the training masks (seeded per sample, so the same every eval).

@@ -241,11 +241,11 @@ def test_llava_round_trip_through_the_cli_gives_transformers_the_same_logits(
 
 
 def test_import_refuses_an_unsupported_checkpoint_in_one_line(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
     assert main(["import-hf", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "'blip-2'" in err and "fuyu (FuyuForCausalLM)" in err
+    assert "'mllama'" in err and "fuyu (FuyuForCausalLM)" in err
 
 
 def test_export_to_hf_refuses_a_model_of_no_design_in_one_line(tmp_path, capsys):
@@ -418,13 +418,17 @@ def _engine_worker(
         "yaml/llava_next.yaml",
         "yaml/fuyu.yaml",
         "yaml/cogvlm.yaml",
+        "yaml/blip2.yaml",
+        "yaml/qwen_vl.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
     """The family's engine check: 2 gloo ranks of FSDP2 and of ZeRO-3 give the local losses
     (PaliGemma too: tied embeddings, prefix-LM layouts, a trained tower; Fuyu: no tower at
     all, Persimmon's LayerNorms and biases; CogVLM: a frozen LLM, only the adaptor and the
-    visual experts trained)."""
+    visual experts trained; BLIP-2: a
+    frozen ViT under a trained Q-Former; Qwen-VL: a frozen LLM under a trained ViT and
+    resampler)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

@@ -180,6 +180,12 @@ def test_bad_data_options_are_config_errors():
         (["run.seed=-1"], "run.seed=-1 must be >= 0"),
         (["model.attention_backend=fast"], "model.attention_backend='fast'; valid: sdpa, flash,"),
         (["model.adaptor=conv"], "model.adaptor='conv'; valid: linear, mlp"),
+        (["model.adaptor=resampler"], "model.vision.num_queries (> 0) goes with tower: blip2"),
+        (
+            ["model.adaptor=resampler", "model.vision.num_queries=8"],
+            "adaptor: resampler: a square grid of queries",
+        ),
+        (["model.vision.num_queries=4"], "model.vision.num_queries (> 0) goes with"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["optim.schedule=cosin"], "optim.schedule='cosin'; valid: cosine, linear, constant"),
         (["optim.lr=-1e-3"], "optim.lr=-0.001 must be >= 0"),

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from models.config import TILINGS, ModelConfig
+from trainer.data.grounding import GROUNDING_TOKENS, normalize_boxes
 from trainer.data.shards import IMAGE_PLACEHOLDER, unpack_blobs
 
 # Every reason a sample can be skipped for, at shard time or at decode time. A fixed list, so
@@ -94,8 +95,8 @@ def tokenizer_dir(data_cfg) -> Path:
 
 
 def image_tokens_used(cfg: ModelConfig) -> list[str]:
-    """The tokenizer strings of the image markers, row break and tile tokens that `cfg` puts in
-    sequences."""
+    """The tokenizer strings of the image markers, row break, tile and grounding tokens that
+    `cfg` puts in sequences."""
     used = (
         (cfg.image_start_marker, cfg.image_start_token),
         (cfg.image_end_marker, cfg.image_end_token),
@@ -103,7 +104,8 @@ def image_tokens_used(cfg: ModelConfig) -> list[str]:
     )
     tiling = TILE_TEXTS.get(cfg.vision.tiling)
     tile_tokens = tiling.tokens(cfg.vision.max_tiles_per_side) if tiling else []
-    return [token for is_used, token in used if is_used] + tile_tokens
+    grounding = list(GROUNDING_TOKENS) if cfg.grounding else []
+    return [token for is_used, token in used if is_used] + tile_tokens + grounding
 
 
 @dataclass(frozen=True)
@@ -525,6 +527,8 @@ class SampleDecoder:
         """Decode for training; with `prompt_only` (inference), end at the assistant's generation
         prompt instead of its final turn, and mask nothing."""
         rng = self._sample_rng(epoch, sample_index)
+        if self.model_cfg.grounding:
+            sample = self.with_box_bins(sample)
         text = self.renderer(sample, prompt_only)
         try:
             blobs = unpack_blobs(sample.get("images") or b"")
@@ -630,6 +634,30 @@ class SampleDecoder:
             row_breaks=cfg.image_row_break,
             image_tiles=[view.tiles for view in shown],
         )
+
+    def with_box_bins(self, sample: dict) -> dict:
+        """The sample with its boxes' pixel corners as bins of their images' sizes
+        (`normalize_boxes`); the stored `image_sizes`, else the images' own."""
+        text, messages = sample.get("text") or "", sample.get("messages") or []
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        ):
+            return sample  # the renderer names what is wrong
+        sizes = sample.get("image_sizes")
+        if not sizes:
+            try:
+                blobs = unpack_blobs(sample.get("images") or b"")
+            except ValueError as err:
+                raise DecodeError("image_corrupt", str(err)) from None
+            sizes = [list(check_image(blob, self.max_image_pixels)) for blob in blobs]
+        try:
+            new_text, *contents = normalize_boxes(
+                [text, *(m["content"] for m in messages)], sizes, IMAGE_PLACEHOLDER
+            )
+        except ValueError as err:
+            raise DecodeError("invalid_record", str(err)) from None
+        new_messages = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
+        return {**sample, "text": new_text, "messages": new_messages}
 
     def _show(self, image: Image.Image, position: int) -> list[Shown]:
         """The images of the sequence that `image`, placed before text token `position`, is
@@ -754,12 +782,11 @@ class SampleDecoder:
         return mask
 
     def _load_image(self, image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
-        """uint8 (3, rows · t, cols · t) for image tokens of t pixels a side, channels first (a
-        view); the model normalizes (a quarter of the bytes of float32 on the way out of a
-        loader worker and to the device)."""
-        patch = self.model_cfg.vision.token_size
-        size = (grid[1] * patch, grid[0] * patch)
-        return image_to_rgb(image, size).transpose(2, 0, 1)
+        """uint8 (3, rows · t, cols · t) for image tokens of t pixels a side (`pixel_shape`),
+        channels first (a view); the model normalizes (a quarter of the bytes of float32 on the
+        way out of a loader worker and to the device)."""
+        height, width = self.model_cfg.pixel_shape(grid)
+        return image_to_rgb(image, (width, height)).transpose(2, 0, 1)
 
 
 # `model.vision.tiling` → how the decoder shows an image (`SampleDecoder._show`).
