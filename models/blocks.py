@@ -146,6 +146,8 @@ def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) 
     """Half-split rotation, the convention of Llama/Qwen2 checkpoints in transformers, of a head's
     first 2F dimensions (all of them but with partial RoPE); the rest pass unrotated."""
     rotary_dim = 2 * cos_TF.shape[-1]
+    if rotary_dim == 0:  # no RoPE (learned absolute positions)
+        return x_THD
     rotated, passed = x_THD[..., :rotary_dim], x_THD[..., rotary_dim:]
     first, second = rotated.chunk(2, dim=-1)
     cos, sin = cos_TF[:, None, :].to(x_THD.dtype), sin_TF[:, None, :].to(x_THD.dtype)
@@ -224,6 +226,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu2": _squared_relu,
+    "relu": F.relu,
 }
 
 

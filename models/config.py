@@ -24,7 +24,7 @@ ATTENTION_BACKEND_NAMES = (
 )
 ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle", "resampler")
 NORM_STYLES = ("default", "gemma", "layernorm")
-MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "relu")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
 TILINGS = ("none", "idefics3", "llava_next")
@@ -342,6 +342,12 @@ class ModelConfig:
     # The share of each head's dimensions RoPE rotates (transformers' partial_rotary_factor;
     # Persimmon: 0.5): the first `rotary_dim` dimensions, the rest pass unrotated.
     rope_fraction: float = 1.0
+    # Learned absolute positions (OPT's): a table of this many positions, its rows offset by
+    # `position_offset` (OPT: 2), added to every token's embedding where the token enters the
+    # model (text at the embedding, image tokens at the merge); 0: none. OPT has no RoPE
+    # (rope_fraction 0).
+    learned_positions: int = 0
+    position_offset: int = 0
     # Llama-3 RoPE scaling (transformers `rope_scaling: {rope_type: llama3}`), 0: off. Wavelengths
     # above original_max_positions / low_freq_factor are slowed by the factor, those below
     # original_max_positions / high_freq_factor kept, the ones between interpolated.
@@ -580,10 +586,18 @@ class ModelConfig:
             raise ValueError(
                 f"model.mlp_activation={self.mlp_activation!r}; valid: {', '.join(MLP_ACTIVATIONS)}"
             )
-        if not 0 < self.rope_fraction <= 1 or self.rotary_dim % 2:
+        no_rope = self.rope_fraction == 0 and self.learned_positions > 0
+        if not (0 < self.rope_fraction <= 1 or no_rope) or self.rotary_dim % 2:
             raise ValueError(
-                "model.rope_fraction must be in (0, 1] and rotate an even number of a head's "
-                f"dimensions (head_dim {self.head_dim} × {self.rope_fraction} = {self.rotary_dim})"
+                "model.rope_fraction must be in (0, 1] (0 with learned_positions) and rotate an "
+                f"even number of a head's dimensions (head_dim {self.head_dim} × "
+                f"{self.rope_fraction} = {self.rotary_dim})"
+            )
+        if self.learned_positions < 0 or self.position_offset < 0:
+            raise ValueError("model.learned_positions and position_offset must be >= 0")
+        if self.learned_positions and self.image_positions != "sequential":
+            raise ValueError(
+                "model.learned_positions: one position per token (image_positions: sequential)"
             )
         if self.attention_scale < 0:
             raise ValueError("model.attention_scale must be >= 0 (0: 1 / sqrt(head width))")

@@ -25,7 +25,13 @@ from safetensors.torch import save_file
 
 import yaml
 from models.config import ModelConfig, VisionConfig
-from models.pretrained import SUPPORTED_LLMS, PretrainedLLM, checkpoint_tensors
+from models.pretrained import (
+    SUPPORTED_LLMS,
+    LLMFamily,
+    PretrainedLLM,
+    checkpoint_tensors,
+    language_model_family,
+)
 from models.safetensors_dir import SafetensorsDir
 from models.split_vlm import SplitVLM
 from models.vision import (
@@ -333,18 +339,20 @@ def _projector_names(model: SplitVLM, projector: dict[str, str]) -> dict[str, st
 def _save_vlm(
     model: SplitVLM,
     out: Path,
-    family: str,
+    family: str | LLMFamily,
     projector: dict[str, str],
     hf,
     prefixes=("vision_tower.", "multi_modal_projector."),
     extra: dict[str, str] | None = None,
 ) -> None:
     """A LLaVA-like transformers checkpoint: the language model under transformers' saved names
-    (what save_pretrained writes and every version loads), the tower and projector under
+    (what save_pretrained writes and every version loads: `family`, or SUPPORTED_LLMS[family]), the tower and projector under
     `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), our parameters `extra`
     names ({ours: theirs}), and `hf` (its config) as config.json."""
     state = model.state_dict()
-    tensors = checkpoint_tensors(SUPPORTED_LLMS[family], model.cfg, state)
+    if isinstance(family, str):
+        family = SUPPORTED_LLMS[family]
+    tensors = checkpoint_tensors(family, model.cfg, state)
     for name, value in state.items():
         if name.startswith("vision."):
             tensors[prefixes[0] + name.removeprefix("vision.")] = value
@@ -401,6 +409,7 @@ _DECODER_SHAPE = {
     "dual_input": False,
     "visual_expert": False,
     "vision.tiling": "none",
+    "learned_positions": 0,
 }
 # The block of every design's LLM but Fuyu's Persimmon: a gated MLP, no output biases, RoPE on
 # whole heads.
@@ -537,6 +546,30 @@ def _llama_layout_text_config(model: SplitVLM, base: dict | None):
         "hidden_act": "silu",
     }
     return AutoConfig.for_model(text.pop("model_type", "llama"), **text)
+
+
+def _opt_text_config(model: SplitVLM, base: dict | None):
+    """The transformers OPTConfig of our OPT-shaped language model (pre-norm, ReLU, biases)."""
+    from transformers import OPTConfig
+
+    cfg = model.cfg
+    text = {
+        **((base or {}).get("text_config") or {}),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "word_embed_proj_dim": cfg.d_model,
+        "ffn_dim": model.core[0].mlp.up.out_features if cfg.num_core_blocks else 0,
+        "num_hidden_layers": cfg.num_core_blocks,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.learned_positions,
+        "do_layer_norm_before": True,
+        "enable_bias": True,
+        "layer_norm_elementwise_affine": True,
+        "activation_function": "relu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    text.pop("model_type", None)
+    return OPTConfig(**text)
 
 
 def _image_token(
@@ -1271,7 +1304,8 @@ def blip2_model_config(hf) -> ModelConfig:
     """Our ModelConfig of a transformers Blip2Config: its ViT and Q-Former as one tower
     (`model.vision.tower: blip2`, `Blip2QueryTower`) whose `num_query_tokens` outputs are every
     image's tokens (`model.vision.num_queries`), the language projection as our `linear`
-    adaptor, causal attention, a decoder-only language model of the Llama layout."""
+    adaptor, causal attention, a decoder-only language model: OPT (the released checkpoints) or
+    one of the Llama layout."""
     if not hf.use_decoder_only_language_model:
         raise ValueError(
             f"a {hf.text_config.model_type!r} (encoder-decoder) language model; only "
@@ -1320,18 +1354,51 @@ def _import_blip2(path: Path, seed: int) -> SplitVLM:
     )
 
 
-_BLIP2_SHAPE = {
-    **_LLAVA_SHAPE,
+_BLIP2_INPUTS = {
     "image_markers": False,
     "image_row_break": False,
     "adaptor": "linear",
     "vision.resize": "square",
     "vision.tower": "blip2",
 }
+_BLIP2_SHAPE = {**_LLAVA_SHAPE, **_BLIP2_INPUTS}
+# With an OPT language model (the released checkpoints): learned positions, no RoPE.
+_BLIP2_OPT_SHAPE = {
+    **_DECODER_SHAPE,
+    **_BLIP2_INPUTS,
+    "image_attention": "causal",
+    "image_positions": "sequential",
+    "learned_positions": None,  # any table: checked below
+    "position_offset": 2,
+    "rope_fraction": 0.0,
+    "norm_style": "layernorm",
+    "post_norms": False,
+    "scale_embeddings": False,
+    "mlp_gated": False,
+    "mlp_activation": "relu",
+    "mlp_bias": True,
+    "attention_bias": True,
+    "attention_output_bias": True,
+    "attention_scale": 0.0,
+    "qk_norm": False,
+    "layer_types": [],
+}
+
+
+def _blip2_text_model(cfg: ModelConfig) -> str:
+    """The kind of language model our BLIP-2 has: OPT (learned positions) or a Llama."""
+    return "opt" if cfg.learned_positions else "llama"
 
 
 def _blip2_mismatch(model: SplitVLM) -> str | None:
-    reason = _shape_mismatch(model.cfg, "BLIP-2", _BLIP2_SHAPE)
+    cfg = model.cfg
+    if _blip2_text_model(cfg) == "opt":
+        shape = {k: v for k, v in _BLIP2_OPT_SHAPE.items() if k != "learned_positions"}
+        reason = _shape_mismatch(cfg, "BLIP-2 (OPT)", shape)
+        if reason is None and cfg.num_kv_heads != cfg.num_heads:
+            reason = f"model.num_kv_heads={cfg.num_kv_heads}: OPT has no grouped-query attention"
+    else:
+        reason = _shape_mismatch(cfg, "BLIP-2", _BLIP2_SHAPE)
     if reason is None and type(model.vision) is not Blip2QueryTower:
         return "BLIP-2's vision tower is its ViT and Q-Former (Blip2QueryTower)"
     return reason
@@ -1341,15 +1408,18 @@ def _blip2_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     from transformers import Blip2Config  # seconds; only when exporting
 
     cfg, tower = model.cfg, model.vision.config
+    text_model = _blip2_text_model(cfg)
+    text = _opt_text_config if text_model == "opt" else _llama_layout_text_config
     hf = Blip2Config(
         vision_config=tower.vision_config.to_dict(),
         qformer_config=tower.qformer_config.to_dict(),
-        text_config=_llama_layout_text_config(model, base).to_dict(),
+        text_config=text(model, base).to_dict(),
         num_query_tokens=tower.num_query_tokens,
         image_token_index=_image_token(base, image_id, "BLIP-2"),
     )
     hf.architectures = ["Blip2ForConditionalGeneration"]
-    _save_vlm(model, out, "blip-2", {}, hf, prefixes=("", "language_projection."))
+    family = language_model_family("blip-2", text_model)
+    _save_vlm(model, out, family, {}, hf, prefixes=("", "language_projection."))
     size = cfg.vision.image_size
     _save_image_processor(
         out,

@@ -54,6 +54,17 @@ _PERSIMMON_LAYER_KEYS = {
     "mlp.up": "mlp.dense_h_to_4h",
     "mlp.down": "mlp.dense_4h_to_h",
 }
+# OPT's decoder layer: LayerNorms before attention and before the MLP, biases everywhere.
+_OPT_LAYER_KEYS = {
+    "attn_norm": "self_attn_layer_norm",
+    "mlp_norm": "final_layer_norm",
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.out_proj",
+    "mlp.up": "fc1",
+    "mlp.down": "fc2",
+}
 # Gemma 3's four norms a layer: before and after attention, before and after the MLP.
 _GEMMA3_LAYER_KEYS = {
     **_LLAMA_LAYER_KEYS,
@@ -82,6 +93,8 @@ class LLMFamily:
     # tensors under these prefixes (its vision tower and projector) are left unread.
     text_config: bool = False
     other_parts: tuple[str, ...] = ()
+    # The learned position table (OPT's embed_positions), "": none.
+    positions: str = ""
 
 
 def _decoder(
@@ -224,18 +237,74 @@ def _persimmon(hf, cfg: ModelConfig) -> None:
     cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = False, "relu2", True
 
 
-def _fuyu_text(hf, cfg: ModelConfig) -> None:
-    """Fuyu's language model: Persimmon only."""
-    if hf.model_type != "persimmon":
-        raise ValueError(f"a {hf.model_type!r} language model; supported: persimmon")
-    _persimmon(hf, cfg)
+def _only(model_type: str, translate: Callable[[object, ModelConfig], None]):
+    """The translation of a vision-language checkpoint's language model that must be a
+    `model_type` (Fuyu's Persimmon, BLIP-2's OPT, Idefics3's, SmolVLM's and DeepSeek-VL's Llama)."""
+
+    def translate_only(hf, cfg: ModelConfig) -> None:
+        if hf.model_type != model_type:
+            raise ValueError(f"a {hf.model_type!r} language model; supported: {model_type}")
+        translate(hf, cfg)
+
+    return translate_only
+
+
+def _opt(hf, cfg: ModelConfig) -> None:
+    """OPT (BLIP-2's released LLMs): learned absolute positions (offset 2) and no RoPE,
+    LayerNorms before attention and the MLP, biases on every projection, an un-gated ReLU MLP,
+    tied embeddings. The pre-norm variant of every size but 350M."""
+    if not hf.do_layer_norm_before or getattr(hf, "_remove_final_layer_norm", False):
+        raise ValueError("do_layer_norm_before=False (OPT-350M's post-norm) is not supported")
+    if hf.word_embed_proj_dim != hf.hidden_size:
+        raise ValueError("word_embed_proj_dim != hidden_size (OPT-350M) is not supported")
+    if hf.activation_function != "relu" or not hf.layer_norm_elementwise_affine:
+        raise ValueError(
+            f"activation_function={hf.activation_function!r}; supported: relu, with affine norms"
+        )
+    num_core = hf.num_hidden_layers - cfg.num_text_in_blocks - cfg.num_text_head_blocks
+    if num_core < 0:
+        raise ValueError(
+            f"has {hf.num_hidden_layers} layers, fewer than num_text_in_blocks + "
+            "num_text_head_blocks"
+        )
+    cfg.d_model, cfg.num_heads = hf.hidden_size, hf.num_attention_heads
+    cfg.num_kv_heads = hf.num_attention_heads
+    cfg.attention_head_dim = hf.hidden_size // hf.num_attention_heads
+    cfg.mlp_hidden, cfg.num_core_blocks = hf.ffn_dim, num_core
+    cfg.learned_positions, cfg.position_offset = hf.max_position_embeddings, 2
+    cfg.rope_fraction, cfg.rope_linear_factor, cfg.rope_llama3_factor = 0.0, 0.0, 0.0
+    cfg.norm_eps, cfg.norm_style, cfg.post_norms = 1e-5, "layernorm", False
+    bias = bool(hf.enable_bias)
+    cfg.attention_bias = cfg.attention_output_bias = cfg.mlp_bias = bias
+    cfg.qk_norm, cfg.scale_embeddings, cfg.attention_scale = False, False, 0.0
+    cfg.mlp_gated, cfg.mlp_activation = False, "relu"
+    cfg.tie_embeddings = bool(hf.tie_word_embeddings)
+    cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
+    _set_windows(cfg, None, [])
+
+
+def _opt_family(model: str, head: str, other_parts: tuple[str, ...] = ()) -> LLMFamily:
+    """An OPT saved under `model` (decoder.layers, decoder.embed_tokens, decoder.embed_positions,
+    decoder.final_layer_norm), its LM head `head`; of a vision-language checkpoint, its language
+    model with the rest under `other_parts`."""
+    return LLMFamily(
+        _only("opt", _opt) if other_parts else _opt,
+        layer_keys=dict(_OPT_LAYER_KEYS),
+        layer_prefix=model + "decoder.layers.{}.",
+        embed=model + "decoder.embed_tokens.weight",
+        final_norm=model + "decoder.final_layer_norm",
+        lm_head=head,
+        text_config=bool(other_parts),
+        other_parts=other_parts,
+        positions=model + "decoder.embed_positions.weight",
+    )
 
 
 def _persimmon_family(model: str, head: str, other_parts: tuple[str, ...] = ()) -> LLMFamily:
     """A Persimmon saved under `model` (layers, embed_tokens, final_layernorm), its LM head
     `head`; of a Fuyu checkpoint, its language model with the rest under `other_parts`."""
     return LLMFamily(
-        _fuyu_text if other_parts else _persimmon,
+        _only("persimmon", _persimmon) if other_parts else _persimmon,
         layer_keys=dict(_PERSIMMON_LAYER_KEYS),
         layer_prefix=model + "layers.{}.",
         embed=model + "embed_tokens.weight",
@@ -319,19 +388,11 @@ def _language_model_of_vlm(
     )
 
 
-def _llama_only(hf, cfg: ModelConfig) -> None:
-    """Idefics3's, SmolVLM's and DeepSeek-VL's language model: Llama (Idefics3-8B: Llama 3;
-    SmolVLM: SmolLM2; DeepSeek-VL: DeepSeek LLM, Llama's architecture)."""
-    if hf.model_type != "llama":
-        raise ValueError(f"a {hf.model_type!r} language model; supported: llama")
-    _llama(hf, cfg)
-
-
 def _llama_under(model: str, other_parts: tuple[str, ...]) -> LLMFamily:
     """The Llama of a vision-language checkpoint whose language model is saved under `model`
     (`model.layers.*`, `model.embed_tokens`, `model.norm`), the rest under `other_parts`."""
     return LLMFamily(
-        _llama_only,
+        _only("llama", _llama),
         layer_prefix=model + "layers.{}.",
         embed=model + "embed_tokens.weight",
         final_norm=model + "norm",
@@ -345,6 +406,8 @@ _IDEFICS3_LLM = _llama_under("model.text_model.", ("model.vision_model.", "model
 # DeepseekVLForConditionalGeneration's (saved under its nested names).
 _DEEPSEEK_VL_LLM = _llama_under("model.language_model.", ("model.vision_model.", "model.aligner."))
 
+# BLIP-2's tensors that are not its language model's.
+_BLIP2_PARTS = ("vision_model.", "query_tokens", "qformer.", "language_projection.")
 SUPPORTED_LLMS = {
     "llama": LLMFamily(_llama),
     "mistral": LLMFamily(_mistral),
@@ -379,15 +442,31 @@ SUPPORTED_LLMS = {
         _text_model,
         _LLAMA_LAYER_KEYS,
         "legacy",
-        extra_parts=("vision_model.", "query_tokens", "qformer.", "language_projection."),
+        extra_parts=_BLIP2_PARTS,
     ),
     "persimmon": _persimmon_family("model.", "lm_head.weight"),
+    "opt": _opt_family("model.", "lm_head.weight"),
     # FuyuForCausalLM: its language model (the whole model: hf_designs), as transformers saves
     # it.
     "fuyu": _persimmon_family(
         "language_model.model.", "language_model.lm_head.weight", ("vision_embed_tokens.",)
     ),
 }
+# Vision-language checkpoints whose language model's layout depends on its kind: (model type,
+# text model type) → its family (else SUPPORTED_LLMS[model type]).
+_BY_TEXT_MODEL = {
+    ("blip-2", "opt"): _opt_family(
+        "language_model.model.", "language_model.lm_head.weight", _BLIP2_PARTS
+    ),
+}
+
+
+def language_model_family(model_type: str, text_model_type: str | None = None) -> LLMFamily:
+    """The family of a checkpoint of `model_type` whose language model is a `text_model_type`
+    (a vision-language checkpoint's `text_config.model_type`)."""
+    return _BY_TEXT_MODEL.get((model_type, text_model_type), SUPPORTED_LLMS[model_type])
+
+
 # The same checkpoints with their tensors under transformers' nested names.
 _NESTED_LAYOUTS = {
     "gemma3": _language_model_of_vlm(_gemma3_text, _GEMMA3_LAYER_KEYS, "nested"),
@@ -440,6 +519,9 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
         norm_leaves = [leaf for leaf, _ in make_norm(cfg, cfg.d_model).named_parameters()]
     for leaf in norm_leaves:
         sources[f"text_norm.{leaf}"] = _Source(f"{family.final_norm}.{leaf}", (cfg.d_model,), False)
+    if cfg.learned_positions:
+        rows = cfg.learned_positions + cfg.position_offset
+        sources["positions.weight"] = _Source(family.positions, (rows, cfg.d_model), False)
     fused = ("attn.wq", "attn.wk", "attn.wv") if family.fused_qkv else ()
     # Our block stacks; each block starts from the checkpoint layer `cfg.text_layer_of` says.
     stacks = {
@@ -519,7 +601,8 @@ class PretrainedLLM:
                 f"{self.path / 'config.json'}: a {self.model_type!r} model; "
                 f"supported: {', '.join(SUPPORTED_LLMS)}"
             )
-        self.family = SUPPORTED_LLMS[self.model_type]
+        text = getattr(getattr(self.hf_config, "text_config", None), "model_type", None)
+        self.family = language_model_family(self.model_type, text)
         nested = _NESTED_LAYOUTS.get(self.model_type)
         if nested is not None and self.family.embed not in self._tensor_files:
             if nested.embed in self._tensor_files:

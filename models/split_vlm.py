@@ -76,6 +76,7 @@ class SplitVLM(nn.Module):
     # masked image token, "diffusion_targets" masked tokens of fully masked spans; None: a lookup.
     TOKENS_THROUGH = {
         "embed": None,
+        "positions": None,
         "vision": "patches",
         "adaptor": "image",
         "text_in": "text",
@@ -120,6 +121,10 @@ class SplitVLM(nn.Module):
         # must call the same modules in the same order and give every parameter a gradient.
         self.run_every_branch = False
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scaled=cfg.scale_embeddings)
+        self.positions = None  # OPT's learned absolute positions
+        if cfg.learned_positions:
+            rows = cfg.learned_positions + cfg.position_offset
+            self.positions = nn.Embedding(rows, cfg.d_model)
         self.vision = build_vision_tower(cfg.vision, vision_config)
         if self.packs_images and self.vision.num_prefix_tokens:
             raise ValueError(
@@ -447,6 +452,10 @@ class SplitVLM(nn.Module):
         cfg = self.cfg
         rope = rope_tables(batch.rope_positions, cfg)
         x_TC = self.embed(batch.input_ids)
+        positions_TC = None
+        if self.positions is not None:  # each token's, added where it enters the model
+            positions_TC = self.positions(batch.layout.position_ids.long() + cfg.position_offset)
+            x_TC = x_TC + positions_TC.to(x_TC.dtype)
         if batch.text_layout is not None:
             text_TC = run_blocks(
                 self.text_in,
@@ -463,7 +472,11 @@ class SplitVLM(nn.Module):
             )
             adapted = adapted if image_tokens is None else image_tokens
             image_TC = self.image_in_blocks(
-                adapted, batch.image_mask, batch.image_layout, rope.select(batch.image_index)
+                adapted,
+                batch.image_mask,
+                batch.image_layout,
+                rope.select(batch.image_index),
+                None if positions_TC is None else positions_TC[batch.image_index],
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
         elif self.run_every_branch:
@@ -499,10 +512,13 @@ class SplitVLM(nn.Module):
         adapted, _ = self.image_inputs_and_targets(pixels, no_mask, [grid], [tiles])
         return self.image_in_blocks(adapted, no_mask, layout, rope)
 
-    def image_in_blocks(self, adapted_TC, image_mask, layout, rope) -> torch.Tensor:
-        """Masked tokens become the mask embedding; then the image-in blocks, one span each."""
+    def image_in_blocks(self, adapted_TC, image_mask, layout, rope, positions_TC=None):
+        """Masked tokens become the mask embedding, the tokens' learned positions are added
+        (`positions_TC`, OPT's); then the image-in blocks, one span each."""
         mask_embedding = self.mask_embedding.to(adapted_TC.dtype)
         image_TC = torch.where(image_mask[:, None], mask_embedding, adapted_TC)
+        if positions_TC is not None:
+            image_TC = image_TC + positions_TC.to(image_TC.dtype)
         return run_blocks(self.image_in, image_TC, layout, rope)
 
     def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor, labels=None):

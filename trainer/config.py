@@ -295,6 +295,11 @@ class Config:
         """Every section's `validate()`: raise ValueError naming the first key that cannot work."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if 0 < self.model.learned_positions < self.data.max_tokens:
+            raise ValueError(
+                f"data.max_tokens={self.data.max_tokens} > model.learned_positions="
+                f"{self.model.learned_positions}: a document could outgrow the position table"
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

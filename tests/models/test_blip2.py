@@ -12,9 +12,11 @@ import torch
 from test_classic_designs import (
     IMAGE_TOKEN,
     NUM_PATCHES,
+    VOCAB,
     documents,
     imported_into,
     parity,
+    probe_difference,
     saved,
     tiny_llama,
     transformers_ids,
@@ -25,19 +27,31 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    OPTConfig,
 )
 
 from cluster.cli import main
 from models.split_vlm import SplitVLM
 from models.vision import Blip2QueryTower
-from trainer.data.decode import Document
-from trainer.data.packing import collate
 
 
-def tiny_blip2() -> Blip2ForConditionalGeneration:
+def tiny_opt() -> OPTConfig:
+    """The released checkpoints' kind of language model: OPT (learned positions, no RoPE)."""
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_blip2(text=None) -> Blip2ForConditionalGeneration:
     """A random BLIP-2: a ViT on 16-pixel images of 4-pixel patches, a Q-Former of 16 queries
-    with cross-attention every other layer, a Llama. Every 1-D parameter is moved off its init,
-    the queries too."""
+    with cross-attention every other layer, a Llama (or `text`). Every 1-D parameter is moved off
+    its init, the queries too."""
     torch.manual_seed(0)
     config = Blip2Config(
         vision_config=Blip2VisionConfig(
@@ -55,7 +69,7 @@ def tiny_blip2() -> Blip2ForConditionalGeneration:
             num_attention_heads=2,
             cross_attention_frequency=2,
         ).to_dict(),
-        text_config=tiny_llama().to_dict(),
+        text_config=(text or tiny_llama()).to_dict(),
         num_query_tokens=NUM_PATCHES,
         image_token_index=IMAGE_TOKEN,
     )
@@ -85,7 +99,29 @@ def test_blip2_parity_packed_documents_match_transformers_alone(imported, blip2_
     assert worst <= 1e-4
 
 
-def test_blip2_round_trip_through_the_cli_gives_transformers_the_same_logits(blip2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def opt_blip2_dir(tmp_path_factory) -> Path:
+    return saved(tiny_blip2(tiny_opt()), tmp_path_factory, "blip2_opt")
+
+
+def test_blip2_with_opt_packed_documents_match_transformers_alone(opt_blip2_dir, tmp_path_factory):
+    """OPT's learned positions count every token of a document, its queries too: packed
+    documents each start from position 0, as each alone does in transformers."""
+    ours_dir = imported_into(opt_blip2_dir, tmp_path_factory, "Blip2ForConditionalGeneration")
+    ours = SplitVLM.from_pretrained(ours_dir).eval()
+    assert ours.cfg.learned_positions == 128 and ours.cfg.rotary_dim == 0
+    reference = Blip2ForConditionalGeneration.from_pretrained(opt_blip2_dir).eval()
+    worst = max(parity(ours, reference, n, seed=n) for n in (1, 3))
+    print(f"BLIP-2 (OPT) parity: max |diff| {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("text_model", ["llama", "opt"])
+def test_blip2_round_trip_through_the_cli_gives_transformers_the_same_logits(
+    blip2_dir, opt_blip2_dir, tmp_path, text_model
+):
+    if text_model == "opt":
+        blip2_dir = opt_blip2_dir
     assert main(["import-hf", str(blip2_dir), "--out", str(tmp_path / "ours")]) == 0
     assert main(["export", str(tmp_path / "ours"), "--to-hf", "--out", str(tmp_path / "hf")]) == 0
     original = Blip2ForConditionalGeneration.from_pretrained(blip2_dir).eval()
@@ -123,21 +159,5 @@ def test_blip2_preset_trains_the_qformer_and_exports_to_transformers(demo_data, 
     )
     trained = {name for name, p in ours.named_parameters() if p.requires_grad}
     assert trained  # load_for_inference leaves requires_grad as built
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    text, num_tokens = [[2, 5, 9], [11, 12, 3]], ours.cfg.vision.num_queries
-    doc = Document(
-        sample_id="probe",
-        input_ids=torch.tensor(text[0] + [decoder.pad_id] * num_tokens + text[1]),
-        target_mask=torch.ones(6 + num_tokens, dtype=torch.bool),
-        segments=[("text", 3), ("image", num_tokens), ("text", 3)],
-        pixel_values=pixels,
-        image_mask=torch.zeros(num_tokens, dtype=torch.bool),
-        image_span_full=torch.zeros(num_tokens, dtype=torch.bool),
-    )
-    batch = collate([doc], image_attention="causal", attention_backend="sdpa")
-    image_id = hf.config.image_token_index
-    with torch.no_grad():
-        want = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
-        hf_ids = torch.tensor(text[0] + [image_id] * num_tokens + text[1])
-        got = hf(input_ids=hf_ids[None], pixel_values=pixels).logits[0]
-    assert (want - got).abs().max() <= 1e-5
+    image_id, num_tokens = hf.config.image_token_index, ours.cfg.vision.num_queries
+    assert probe_difference(ours, hf, image_id, num_tokens, pad_id=decoder.pad_id) <= 1e-5

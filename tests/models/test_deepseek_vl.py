@@ -15,6 +15,7 @@ from test_classic_designs import (
     documents,
     imported_into,
     parity,
+    probe_difference,
     saved,
     tiny_llama,
     transformers_ids,
@@ -24,7 +25,6 @@ from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, S
 
 from cluster.cli import main
 from models.split_vlm import SplitVLM
-from trainer.data.packing import collate
 
 
 def tiny_deepseek_vl() -> DeepseekVLForConditionalGeneration:
@@ -88,26 +88,8 @@ def test_deepseek_vl_preset_trains_on_the_demo_data_and_exports_to_transformers(
 ):
     from test_pixtral import trained_and_exported
 
-    from trainer.data.decode import Document
-
     ours, hf, decoder = trained_and_exported(
         "yaml/deepseek_vl.yaml", DeepseekVLForConditionalGeneration, demo_data, tmp_path
     )
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    text, num_tokens = [[2, 5, 9], [11, 12, 3]], 16
-    doc = Document(
-        sample_id="probe",
-        input_ids=torch.tensor(text[0] + [decoder.pad_id] * num_tokens + text[1]),
-        target_mask=torch.ones(22, dtype=torch.bool),
-        segments=[("text", 3), ("image", num_tokens), ("text", 3)],
-        pixel_values=pixels,
-        image_mask=torch.zeros(num_tokens, dtype=torch.bool),
-        image_span_full=torch.zeros(num_tokens, dtype=torch.bool),
-    )
-    batch = collate([doc], image_attention="causal", attention_backend="sdpa")
     image_id = hf.config.image_token_id
-    with torch.no_grad():
-        want = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
-        hf_ids = torch.tensor(text[0] + [image_id] * num_tokens + text[1])
-        got = hf(input_ids=hf_ids[None], pixel_values=pixels).logits[0]
-    assert (want - got).abs().max() <= 1e-5
+    assert probe_difference(ours, hf, image_id, num_tokens=16, pad_id=decoder.pad_id) <= 1e-5

@@ -17,6 +17,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
     PersimmonConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -40,7 +41,8 @@ from trainer.data.packing import collate
 # tied embeddings, q/k/v biases (Qwen2), per-head q/k norms with a head width of their own
 # (Qwen3: 4 heads × 16 != 32), sliding windows short enough to cut into the test documents
 # (Mistral: every layer; Qwen3: layers from max_window_layers on), Gemma 3's block, and
-# Persimmon's (LayerNorms, fused q/k/v, RoPE on half of each head, biases, squared ReLU).
+# Persimmon's (LayerNorms, fused q/k/v, RoPE on half of each head, biases, squared ReLU), and
+# OPT's (learned positions, no RoPE).
 TINY = {
     "vocab_size": 96,
     "hidden_size": 32,
@@ -101,6 +103,16 @@ HF_CONFIGS = {
         rope_theta=3000.0,
         partial_rotary_factor=0.5,
         qk_layernorm=True,
+    ),
+    # OPT: learned positions (offset 2) and no RoPE, LayerNorms, biases, ReLU, tied embeddings.
+    "opt": OPTConfig(
+        vocab_size=96,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     ),
     "gemma3": Gemma3Config(
         text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION.to_dict(), mm_tokens_per_image=4
@@ -343,7 +355,7 @@ def test_sharded_engines_read_their_rows_of_any_llm_parameter(tmp_path, monkeypa
         assert recorder.reads == expected_reads, name
 
 
-@pytest.mark.parametrize("family", ["persimmon", "qwen2"])
+@pytest.mark.parametrize("family", ["persimmon", "qwen2", "opt"])
 def test_what_is_read_writes_back_as_the_checkpoint_fused_qkv_included(tmp_path, family):
     """Export's inverse of the reading plan gives every tensor of the checkpoint back, bit for
     bit; Persimmon's fused q/k/v (rows per head: q, k, v) is read a third at a time."""

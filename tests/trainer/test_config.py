@@ -186,6 +186,11 @@ def test_bad_data_options_are_config_errors():
             "adaptor: resampler: a square grid of queries",
         ),
         (["model.vision.num_queries=4"], "model.vision.num_queries (> 0) goes with"),
+        (
+            ["model.learned_positions=16", "model.rope_fraction=0"],
+            "data.max_tokens=1024 > model.learned_positions=16",
+        ),
+        (["model.rope_fraction=0"], "model.rope_fraction must be in (0, 1] (0 with learned"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["optim.schedule=cosin"], "optim.schedule='cosin'; valid: cosine, linear, constant"),
         (["optim.lr=-1e-3"], "optim.lr=-0.001 must be >= 0"),
