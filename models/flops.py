@@ -12,7 +12,8 @@ no activation recomputation, no padding, since the packer has none), summed over
   biases and embedding lookups are left out, as in FLOP counters. The first layer on the image
   path (the patch embedding, or the adaptor's first layer behind a frozen tower) gets no input
   gradient. A tower or adaptor whose layers see different token counts prices an image itself
-  (`dense_flops_per_image`: BLIP-2's ViT and Q-Former, Qwen-VL's resampler). This matches
+  (`dense_flops_per_image`, and its attention `attention_flops_per_image`: BLIP-2's ViT and
+  Q-Former, Qwen-VL's resampler). This matches
   torch.utils.flop_counter's matmul count exactly (tested).
 - Attention: a (query, key) pair costs 4·d_attn FLOPs forward per layer (2·d_attn for QKᵀ, 2·d_attn
   for AV; d_attn = heads × head dim) and twice that backward. Pairs are the packed layout's actual
@@ -95,10 +96,15 @@ class ModelFlops:
         # and its Q-Former the queries, Qwen-VL's resampler the patches and the queries) prices
         # each image itself; the rest are priced per token below.
         self.per_image: dict[str, int] = {}
+        # Their attention, per image too (BLIP-2's Q-Former, Qwen-VL's resampler).
+        self.attention_per_image: dict[str, int] = {}
         for name, module in model.named_children():
             per_image = getattr(module, "dense_flops_per_image", None)
             if per_image is not None:
-                self.per_image[name] = per_image(name != "vision" and self.vision_trainable)
+                input_needs_grad = name != "vision" and self.vision_trainable
+                self.per_image[name] = per_image(input_needs_grad)
+                attention = module.attention_flops_per_image(input_needs_grad)
+                self.attention_per_image[name] = attention
                 continue
             trainable, frozen = dense_weights(module)
             experts = [m.expert for m in module.modules() if getattr(m, "expert", None) is not None]
@@ -216,7 +222,7 @@ class ModelFlops:
         return flops
 
     def attention(self, batch) -> int:
-        flops = 0
+        flops = sum(self.attention_per_image.values()) * len(batch.image_grids)
         for name, layout_field in self.attention_layout.items():
             if name == "image_head_blocks" and not _image_loss_runs(batch):
                 continue

@@ -480,6 +480,17 @@ class Blip2QueryTower(nn.Module):
             upstream |= trains(module)
         return flops
 
+    def attention_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        """The Q-Former's attention FLOPs per image (models/flops.py): 4 · width per (query,
+        key) pair forward, three times that with a backward; the queries attend to each other
+        in every layer and to the ViT's output (its CLS token included) in the cross-attention
+        layers. (The ViT's own attention is the tower's pairs.)"""
+        qformer, queries = self.config.qformer_config, self.config.num_query_tokens
+        cross = sum(layer.has_cross_attention for layer in self.qformer.encoder.layer)
+        pairs = qformer.num_hidden_layers * queries * queries + cross * queries * self.num_patches
+        backward = input_needs_grad or any(p.requires_grad for p in self.parameters())
+        return (3 if backward else 1) * 4 * qformer.hidden_size * pairs
+
     def _init_weights(self, module: nn.Module) -> None:
         # The queries start as LAVIS's BLIP-2 draws them (transformers' init zeroes them: every
         # query alike); the rest as transformers' Blip2PreTrainedModel initializes it.
@@ -824,6 +835,13 @@ class QueryResampler(nn.Module):
         )
         out = self.out_proj(attended.transpose(1, 2).flatten(2))
         return self.proj(self.ln_post(out))
+
+    def attention_flops_per_image(self, input_needs_grad: bool) -> int:
+        """Its attention FLOPs per image: every query with every patch, 4 · d_model a pair
+        forward, three times that with a backward (models/flops.py)."""
+        backward = input_needs_grad or any(p.requires_grad for p in self.parameters())
+        pairs = self.query.shape[0] * self.num_patches
+        return (3 if backward else 1) * 4 * self.query.shape[1] * pairs
 
     def dense_flops_per_image(self, input_needs_grad: bool) -> int:
         """Forward + backward FLOPs of its linear layers per image (models/flops.py): the

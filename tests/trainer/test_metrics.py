@@ -203,10 +203,15 @@ def test_dense_model_flops_equal_pytorchs_flop_count(
     aten = torch.ops.aten
     matmuls = (aten.mm, aten.addmm, aten.bmm, aten.convolution, aten.convolution_backward)
     # Attention runs as SDPA kernels, which the counter prices as dense masks; compared below.
-    # BLIP-2's Q-Former attends with batched matmuls: attention, not dense weights.
+    # BLIP-2's Q-Former attends with batched matmuls: attention, not dense weights, which the
+    # count prices exactly (no mask).
+    flops = ModelFlops(model)
     qformer_attention = counts.get("SplitVLM.vision.qformer", {}).get(aten.bmm, 0)
     dense = sum(counted.get(op, 0) for op in matmuls) - qformer_attention
-    assert ModelFlops(model).dense(batch) == dense
+    assert flops.dense(batch) == dense
+    if "qformer" in dict(model.vision.named_children()):
+        per_image = flops.attention_per_image["vision"]
+        assert qformer_attention == per_image * len(batch.image_grids) > 0
 
 
 def test_attention_pairs_are_the_visible_pairs_of_the_mask():
