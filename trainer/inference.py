@@ -19,7 +19,7 @@ from models.split_vlm import SplitVLM, image_loss, pool_grid
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import Config, config_from_dict
 from trainer.data.decode import Document, SampleDecoder, load_tokenizer, tokenizer_dir
-from trainer.data.grounding import GROUNDING_TOKENS
+from trainer.data.grounding import GROUNDING_TOKENS, grounding_hits
 from trainer.data.packing import collate, layout_options
 from trainer.data.shards import IMAGE_PLACEHOLDER, pack_blobs
 
@@ -158,6 +158,7 @@ def evaluate(
     samples = [dataset[i] for i in range(count)]
     tokenizer = decoder.tokenizer
     correct, total = defaultdict(int), defaultdict(int)
+    box_hits = box_count = 0  # reference boxes, and those answered at IoU >= 0.5
     loss_sum, loss_count = 0.0, 0
     conversations = [
         (i, s)
@@ -176,6 +177,9 @@ def evaluate(
             generated = answer_text(tokenizer, answer, model.cfg)
             total[prompt] += 1
             correct[prompt] += int(generated == reference)
+            if model.cfg.grounding:
+                hits, count = grounding_hits(generated, reference)
+                box_hits, box_count = box_hits + hits, box_count + count
     # Teacher-forced losses, with the training masks (seeded per sample, so the same every eval).
     image_loss_sum, predictions_and_targets = 0.0, []
     for start in range(0, count, 64):
@@ -211,6 +215,7 @@ def evaluate(
         "exact_match_by_prompt": accuracy,
         "text_loss": loss_sum / max(loss_count, 1),
         **image,
+        **({"box_accuracy_iou50": box_hits / box_count} if box_count else {}),
     }
 
 

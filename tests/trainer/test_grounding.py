@@ -14,7 +14,12 @@ from streaming import StreamingDataset
 from models.config import ModelConfig
 from trainer.data.decode import DecodeError, SampleDecoder, load_tokenizer
 from trainer.data.formats import convert
-from trainer.data.grounding import GROUNDING_TOKENS, normalize_boxes, parse_boxes
+from trainer.data.grounding import (
+    GROUNDING_TOKENS,
+    grounding_hits,
+    normalize_boxes,
+    parse_boxes,
+)
 from trainer.inference import answer_text
 
 SIZES = {"wide.png": (640, 320), "tall.png": (300, 500)}
@@ -146,3 +151,12 @@ def test_a_bad_box_is_skipped_as_an_invalid_record(tmp_path):
     with pytest.raises(DecodeError) as error:
         decoder(sample, 0)
     assert error.value.reason == "invalid_record" and "<box>" in error.value.detail
+
+
+def test_an_answer_counts_a_box_when_it_overlaps_the_reference_at_iou_half():
+    reference = "<ref>a</ref><box>(100,100),(300,300)</box> <ref>b</ref><box>(0,0),(10,10)</box>"
+    close = "<ref>a</ref><box>(120,110),(310,300)</box> <ref>b</ref><box>(500,500),(600,600)</box>"
+    assert grounding_hits(close, reference) == (1, 2)  # a: IoU 0.85; b: no overlap
+    assert grounding_hits("no box at all", reference) == (0, 2)
+    assert grounding_hits(reference, reference) == (2, 2)
+    assert grounding_hits("anything", "no boxes") == (0, 0)

@@ -87,3 +87,21 @@ def parse_boxes(text: str, width: int, height: int) -> list[Box]:
         )
         cursor = match.end()
     return boxes
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (0 for a degenerate pair)."""
+    width = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    height = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = width * height
+    union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_hits(generated: str, reference: str, threshold: float = 0.5) -> tuple[int, int]:
+    """(hits, boxes): of the reference text's boxes, how many the generated text's box in the
+    same place (first with first, …) overlaps with IoU >= `threshold`; both texts in bins."""
+    want = parse_boxes(reference, BINS, BINS)
+    got = parse_boxes(generated, BINS, BINS)
+    hits = sum(box_iou(a, b) >= threshold for a, b in zip(got, want, strict=False))
+    return hits, len(want)
