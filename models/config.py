@@ -22,7 +22,15 @@ ATTENTION_BACKEND_NAMES = (
     "varlen_emulated",
     "auto",
 )
-ADAPTOR_NAMES = ("linear", "mlp", "patch_merger", "qwen2_merger", "pixel_shuffle", "resampler")
+ADAPTOR_NAMES = (
+    "linear",
+    "mlp",
+    "patch_merger",
+    "qwen2_merger",
+    "pixel_shuffle",
+    "resampler",
+    "hybrid_aligner",
+)
 NORM_STYLES = ("default", "gemma", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "relu")
 LAYER_TYPES = ("full", "sliding")
@@ -34,7 +42,16 @@ IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
 MERGED_BLOCK_GROUPS = ("core", "text_head_blocks", "image_head_blocks")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
-VISION_TOWER_NAMES = ("siglip", "clip", "pixtral", "qwen2_vl", "idefics3", "none", "blip2")
+VISION_TOWER_NAMES = (
+    "siglip",
+    "clip",
+    "pixtral",
+    "qwen2_vl",
+    "idefics3",
+    "none",
+    "blip2",
+    "deepseek_hybrid",
+)
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
 # `model.image_row_break`: none, after every row but the last (Pixtral), after every row (Fuyu).
@@ -55,7 +72,9 @@ class VisionConfig:
     # (Idefics3's SigLIP: its own position ids; square tiles) or "none" (Fuyu's: no encoder, the
     # features are each patch's normalized pixels, 3 · patch_size² values, for the adaptor to
     # embed) or "blip2" (BLIP-2's ViT and Q-Former: `num_queries` learned queries read the image,
-    # its Q-Former as wide and deep as the ViT).
+    # its Q-Former as wide and deep as the ViT) or "deepseek_hybrid" (DeepSeek-VL 7B's: SAM-B on
+    # the image at `high_res_size`, SigLIP on it resized to `image_size`, with adaptor:
+    # hybrid_aligner).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -104,6 +123,10 @@ class VisionConfig:
     # grid; with tower: blip2 (its Q-Former's: 32) or adaptor: resampler (Qwen-VL's: 256, a
     # square); 0 otherwise (the patch grid).
     num_queries: int = 0
+    # Pixels a side of a two-resolution tower's high-resolution path (deepseek_hybrid's SAM:
+    # 1024): images are loaded at this size, and its low-resolution path sees them resized to
+    # `image_size`; 0 for every other tower.
+    high_res_size: int = 0
 
     @property
     def token_size(self) -> int:
@@ -290,6 +313,19 @@ class VisionConfig:
             raise ValueError(
                 "model.vision.grid_pinpoints: (height, width) pairs, multiples of image_size, "
                 "with tiling: llava_next (and only with it)"
+            )
+        hybrid = self.tower == "deepseek_hybrid" and not self.pretrained
+        if (self.high_res_size > 0) != hybrid or self.high_res_size % 16:
+            raise ValueError(
+                "model.vision.high_res_size: a multiple of 16 (SAM's patches) with tower: "
+                "deepseek_hybrid, and 0 otherwise"
+            )
+        if self.high_res_size and (
+            self.native or self.tiling != "none" or self.normalization != "clip"
+        ):
+            raise ValueError(
+                "model.vision.tower: deepseek_hybrid takes square images (resize: square, no "
+                "tiling) normalized as its SAM path is (normalization: clip)"
             )
         if self.num_queries < 0 or (self.tower == "blip2" and not self.num_queries):
             raise ValueError("model.vision.num_queries: > 0 with tower: blip2, else >= 0")
@@ -512,6 +548,8 @@ class ModelConfig:
 
     def pixel_shape(self, grid: tuple[int, int]) -> tuple[int, int]:
         """(height, width) in pixels of an image whose token grid is `grid`."""
+        if self.vision.high_res_size:
+            return self.vision.high_res_size, self.vision.high_res_size
         if self.vision.num_queries:
             return self.vision.image_size, self.vision.image_size
         token = self.vision.token_size
@@ -683,7 +721,11 @@ class ModelConfig:
                 f"adaptor: resampler: a square grid of queries (model.vision.num_queries "
                 f"{self.vision.num_queries}) and d_model divisible by 4 (its 2-D positions)"
             )
-        if self.vision.num_queries and (
+        if (self.adaptor == "hybrid_aligner") != (self.vision.tower == "deepseek_hybrid"):
+            raise ValueError(
+                "model.adaptor: hybrid_aligner goes with model.vision.tower: deepseek_hybrid"
+            )
+        if (self.vision.num_queries or self.vision.high_res_size) and (
             self.mask_rate_max
             or self.full_mask_prob
             or self.image_scales
@@ -691,9 +733,9 @@ class ModelConfig:
             or self.image_target == "pixels"
         ):
             raise ValueError(
-                "model.vision.num_queries: query tokens stand for no region of the image, so "
-                "none is masked (mask_rate_max and full_mask_prob 0, no image_scales, no "
-                "dual_input, image_target: encoder)"
+                "model.vision.num_queries, high_res_size: nothing is masked (query tokens stand "
+                "for no region; a hybrid tower sees two resolutions): mask_rate_max and "
+                "full_mask_prob 0, no image_scales, no dual_input, image_target: encoder"
             )
         if self.vision.tiling == "llava_next" and (
             self.mask_rate_max or self.full_mask_prob or self.image_scales or self.dual_input

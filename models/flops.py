@@ -125,8 +125,12 @@ class ModelFlops:
         # frozen tower's output), so autograd skips its input-gradient matmul.
         first_on_image_path = "vision" if self.vision_trainable else "adaptor"
         if first_on_image_path in self.dense_per_token:
-            first_weight = _weights(getattr(model, first_on_image_path))[0]
-            self.dense_per_token[first_on_image_path] -= 2 * first_weight.numel()
+            first = getattr(model, first_on_image_path)
+            # An adaptor may read the tower's output with several layers (DeepSeek-VL 7B's
+            # aligner: one per tower).
+            inputs = getattr(first, "input_layers", None)
+            weights = [layer.weight for layer in inputs] if inputs else _weights(first)[:1]
+            self.dense_per_token[first_on_image_path] -= 2 * sum(w.numel() for w in weights)
         attention_width = cfg.num_heads * cfg.head_dim
         # Per visible pair, forward + backward, by window (None: full) over the stack's layers.
         self.pair_flops: dict[str, Counter] = {}

@@ -39,6 +39,8 @@ from models.vision import (
     Blip2QueryTower,
     Blip2TowerConfig,
     CLIPTower,
+    DeepseekHybridTower,
+    DeepseekHybridTowerConfig,
     Idefics3Tower,
     PackedPixtralVisionModel,
     PackedQwen2VisionModel,
@@ -270,14 +272,16 @@ def _import_vlm(
     prefixes=None,
     extra=None,
     tower_config=None,
+    processor_keys=("image_mean", "image_std"),
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
     `projector` maps our adaptor's submodules to the projector's (`_projector_names`);
     `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's; "" for
-    a tower whose modules sit at the top level, BLIP-2's), `extra(tensor names)` our other
-    parameters' tensors ({ours: theirs}; LLaVA-NeXT's newline) and `tower_config(hf config)`
-    the tower's transformers config as a dict (default: its `vision_config`)."""
+    BLIP-2's tower, whose modules sit at the top level), `extra(tensor names)` our other
+    parameters' tensors ({ours: theirs}; LLaVA-NeXT's newline), `tower_config(hf config)`
+    the tower's transformers config as a dict (default: its `vision_config`) and
+    `processor_keys` the image processor's mean and std our normalization is read from."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -285,7 +289,7 @@ def _import_vlm(
         raise ValueError(f"{path / 'config.json'} ({design}): {err}") from None
     cfg.pretrained_llm = str(path)
     llm.apply_config(cfg)
-    normalization = _image_normalization(path)
+    normalization = _image_normalization(path, *processor_keys)
     if normalization is not None:
         cfg.vision.normalization = normalization
     cfg.pretrained_llm = ""  # the export holds the weights
@@ -309,10 +313,12 @@ def _import_vlm(
     with torch.no_grad():
         for ours, theirs in sources.items():
             parameters[ours].copy_(checkpoint.read(theirs, tuple(parameters[ours].shape)))
-    # The tower's tensors: all under its prefix, or its own top-level names without one.
+    # The tower's tensors: all under its prefix, or, for a tower of several modules that sit
+    # beside the language model (BLIP-2's, DeepSeek-VL 7B's), its modules' names under it.
     tower_names = (vision_prefix,)
-    if not vision_prefix:
-        tower_names = tuple({name.split(".")[0] for name, _ in model.vision.named_parameters()})
+    if getattr(model.vision, "modules_at_model_level", False):
+        tops = {name.split(".")[0] for name, _ in model.vision.named_parameters()}
+        tower_names = tuple(vision_prefix + top for top in tops)
     unread = [
         name
         for name in checkpoint.tensor_files
@@ -366,13 +372,18 @@ def _save_vlm(
     (out / "config.json").write_text(hf.to_json_string())
 
 
-def _image_normalization(path: Path) -> str | None:
-    """Our normalization name for the checkpoint's image processor, None without one."""
+def _image_normalization(
+    path: Path, mean_key: str = "image_mean", std_key: str = "image_std"
+) -> str | None:
+    """Our normalization name for the checkpoint's image processor (its `mean_key` and
+    `std_key`), None without one or without those keys."""
     processor = path / "preprocessor_config.json"
     if not processor.is_file():
         return None
     config = json.loads(processor.read_text())
-    pair = (tuple(config.get("image_mean", ())), tuple(config.get("image_std", ())))
+    if mean_key not in config:
+        return None
+    pair = (tuple(config.get(mean_key, ())), tuple(config.get(std_key, ())))
     for name, (mean, std) in PIXEL_NORMALIZATIONS.items():
         close = all(
             len(a) == 3 and all(abs(x - y) < 1e-4 for x, y in zip(a, b, strict=True))
@@ -381,7 +392,7 @@ def _image_normalization(path: Path) -> str | None:
         if close:
             return name
     raise ValueError(
-        f"{processor}: image_mean/image_std {list(pair[0])}/{list(pair[1])} are neither of "
+        f"{processor}: {mean_key}/{std_key} {list(pair[0])}/{list(pair[1])} are neither of "
         f"our normalizations ({', '.join(PIXEL_NORMALIZATIONS)})"
     )
 
@@ -1297,6 +1308,97 @@ def _fuyu_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | 
     )
 
 
+# -- DeepSeek-VL 7B (hybrid) ------------------------------------------------------------------
+
+
+def deepseek_vl_hybrid_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers DeepseekVLHybridConfig: its SAM and SigLIP towers as one
+    (`model.vision.tower: deepseek_hybrid`, `DeepseekHybridTower`), images loaded at SAM's size
+    (`high_res_size`) and normalized as SAM's path is (CLIP's), the aligner (`hybrid_aligner`),
+    Llama."""
+    vision = hf.vision_config
+    if vision.model_type != "siglip_vision_model":
+        raise ValueError(f"a {vision.model_type!r} vision tower; supported: siglip_vision_model")
+    cfg = decoder_vlm_config("causal", "hybrid_aligner", vision, "deepseek_hybrid", 0)
+    cfg.vision.high_res_size = hf.high_res_vision_config.image_size
+    cfg.vision.normalization = "clip"
+    return cfg
+
+
+def _deepseek_hybrid_tower_config(hf, path: Path) -> dict:
+    """The tower's config; its SigLIP path normalized as the processor's `image_mean` and
+    `image_std` say (transformers' default: CLIP's)."""
+    return DeepseekHybridTowerConfig(
+        vision_config=hf.vision_config.to_dict(),
+        high_res_vision_config=hf.high_res_vision_config.to_dict(),
+        low_res_normalization=_image_normalization(path) or "clip",
+    ).to_dict()
+
+
+_deepseek_vl_hybrid_prefixes = _fixed_prefixes("model.", "model.aligner.")
+
+
+def _import_deepseek_vl_hybrid(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "deepseek_vl_hybrid",
+        deepseek_vl_hybrid_model_config,
+        {},  # our HybridAligner has transformers' names
+        _deepseek_vl_hybrid_prefixes,
+        tower_config=lambda hf: _deepseek_hybrid_tower_config(hf, path),
+        processor_keys=("high_res_image_mean", "high_res_image_std"),  # the SAM path's
+    )
+
+
+_DEEPSEEK_VL_HYBRID_SHAPE = {
+    **_DEEPSEEK_VL_SHAPE,
+    "adaptor": "hybrid_aligner",
+    "vision.tower": "deepseek_hybrid",
+    "vision.normalization": "clip",
+}
+
+
+def _deepseek_vl_hybrid_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_mismatch(model.cfg, "DeepSeek-VL (hybrid)", _DEEPSEEK_VL_HYBRID_SHAPE)
+    if reason is None and type(model.vision) is not DeepseekHybridTower:
+        return "DeepSeek-VL 7B's vision tower is its SAM and SigLIP pair (DeepseekHybridTower)"
+    return reason
+
+
+def _deepseek_vl_hybrid_export(
+    model: SplitVLM, out: Path, base: dict | None, image_id: int | None
+) -> None:
+    from transformers import DeepseekVLHybridConfig  # seconds; only when exporting
+
+    cfg, tower = model.cfg, model.vision.config
+    hf = DeepseekVLHybridConfig(
+        vision_config=tower.vision_config.to_dict(),
+        high_res_vision_config=tower.high_res_vision_config.to_dict(),
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        image_token_id=_image_token(base, image_id, "DeepSeek-VL", key="image_token_id"),
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["DeepseekVLHybridForConditionalGeneration"]
+    prefixes = _deepseek_vl_hybrid_prefixes({})
+    _save_vlm(model, out, "deepseek_vl_hybrid", {}, hf, prefixes=prefixes)
+    size, high = cfg.vision.image_size, cfg.vision.high_res_size
+    low_mean, low_std = PIXEL_NORMALIZATIONS[tower.low_res_normalization]
+    _save_image_processor(
+        out,
+        cfg,
+        "DeepseekVLHybridImageProcessor",
+        size={"height": size, "width": size},
+        high_res_size={"height": high, "width": high},
+        high_res_image_mean=list(PIXEL_NORMALIZATIONS["clip"][0]),
+        high_res_image_std=list(PIXEL_NORMALIZATIONS["clip"][1]),
+        image_mean=list(low_mean),  # the low-resolution path's own
+        image_std=list(low_std),
+        do_resize=True,
+        do_pad=True,
+    )
+
+
 # -- BLIP-2 -----------------------------------------------------------------------------------
 
 
@@ -1467,6 +1569,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_deepseek_vl,
         export_checkpoint=_deepseek_vl_export,
         mismatch=_deepseek_vl_mismatch,
+    ),
+    "deepseek_vl_hybrid": HFDesign(
+        transformers_class="DeepseekVLHybridForConditionalGeneration",
+        import_checkpoint=_import_deepseek_vl_hybrid,
+        export_checkpoint=_deepseek_vl_hybrid_export,
+        mismatch=_deepseek_vl_hybrid_mismatch,
     ),
     "blip-2": HFDesign(
         transformers_class="Blip2ForConditionalGeneration",

@@ -436,6 +436,18 @@ SUPPORTED_LLMS = {
     "smolvlm": _IDEFICS3_LLM,
     # DeepseekVLForConditionalGeneration: its language model (the whole model: hf_designs).
     "deepseek_vl": _DEEPSEEK_VL_LLM,
+    # DeepseekVLHybridForConditionalGeneration's (DeepSeek-VL 7B), under its nested names.
+    "deepseek_vl_hybrid": _llama_under(
+        "model.language_model.",
+        (
+            "model.vision_model.",
+            "model.high_res_vision_model.",
+            "model.high_res_vision_neck.",
+            "model.high_res_vision_proj.",
+            "model.high_res_vision_alpha",
+            "model.aligner.",
+        ),
+    ),
     # Blip2ForConditionalGeneration with a decoder-only language model: that model (the whole
     # model: hf_designs), under transformers' saved names.
     "blip-2": _language_model_of_vlm(

@@ -132,7 +132,7 @@ class SplitVLM(nn.Module):
                 f"(resize: square, not {cfg.vision.resize})"
             )
         vision_dim = self.vision.feature_dim
-        self.adaptor = build_adaptor(vision_dim, cfg)
+        self.adaptor = build_adaptor(self.vision, cfg)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
         # LLaVA-NeXT's learned embedding after every row of a tiled image's grid.
         self.image_newline = None
@@ -324,10 +324,15 @@ class SplitVLM(nn.Module):
             per_image = iter(packed.split(features))
             return [torch.stack([next(per_image) for _ in batch]) for batch in batches]
 
+    @property
+    def tile_pixels(self) -> int:
+        """The side of a batched tower's input: image_size (a hybrid tower's: its high res)."""
+        return self.cfg.pixel_shape(self.cfg.square_grid)[0]
+
     def _tiles(self, batch: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) images of whole image_size tiles (one for a square image; LLaVA-NeXT's
         padded pinpoints: several) → (n · tiles, 3, image_size, image_size), row-major."""
-        size = self.cfg.vision.image_size
+        size = self.tile_pixels
         n, channels, height, width = batch.shape
         if (height, width) == (size, size):
             return batch
@@ -337,7 +342,7 @@ class SplitVLM(nn.Module):
     def _stitched(self, features: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The tiles' features (n · tiles, patches a tile, C) of images of `shape` → (n, patches,
         C), row-major over each image's whole grid of patches."""
-        size = self.cfg.vision.image_size
+        size = self.tile_pixels
         n, _, height, width = shape
         rows, cols = height // size, width // size
         if (rows, cols) == (1, 1):

@@ -40,10 +40,16 @@ from transformers.models.blip_2.modeling_blip_2 import (
     Blip2QFormerModel,
     Blip2VisionModel,
 )
+from transformers.models.deepseek_vl_hybrid.modeling_deepseek_vl_hybrid import (
+    DeepseekVLSamVisionNeck,
+    DeepseekVLSamVisionProj,
+)
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.sam.configuration_sam import SamVisionConfig
+from transformers.models.sam.modeling_sam import SamVisionModel
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
 
@@ -419,6 +425,7 @@ class Blip2QueryTower(nn.Module):
 
     packs_square_images = False
     num_prefix_tokens = 0
+    modules_at_model_level = True  # models/hf_designs.py: its checkpoint names
 
     def __init__(self, config: Blip2TowerConfig):
         super().__init__()
@@ -510,6 +517,153 @@ class Blip2QueryTower(nn.Module):
         return self(pixel_values)
 
 
+class DeepseekHybridTowerConfig(PretrainedConfig):
+    """The config of `DeepseekHybridTower`: DeepSeek-VL 7B's SigLIP and SAM configs and the
+    pixel normalization of each path (the parts of a transformers DeepseekVLHybridConfig that
+    are not the language model)."""
+
+    model_type = "deepseek_hybrid_tower"
+
+    def __init__(
+        self,
+        vision_config: dict | None = None,
+        high_res_vision_config: dict | None = None,
+        low_res_normalization: str = "siglip",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vision_config = SiglipVisionConfig(**(vision_config or {}))
+        self.high_res_vision_config = SamVisionConfig(**(high_res_vision_config or {}))
+        self.low_res_normalization = low_res_normalization
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["high_res_vision_config"] = self.high_res_vision_config.to_dict()
+        return out
+
+
+class DeepseekHybridTower(nn.Module):
+    """DeepSeek-VL 7B's two towers, transformers' own modules under
+    DeepseekVLHybridForConditionalGeneration's names: SAM-B reads the image at its size (the
+    high-resolution path, normalized as `model.vision.normalization`: CLIP's), its neck and
+    strided convolutions bring its features onto SigLIP's grid, and SigLIP reads the image
+    resized to its own `image_size` (the low-resolution path, renormalized to its own
+    normalization). Each token's features are the two side by side, SAM's first; the
+    `hybrid_aligner` adaptor projects each half. Square images, batched."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+    modules_at_model_level = True  # models/hf_designs.py: its checkpoint names
+
+    def __init__(self, config: DeepseekHybridTowerConfig):
+        super().__init__()
+        self.config = config
+        sam, siglip = config.high_res_vision_config, config.vision_config
+        self.high_res_vision_model = SamVisionModel(sam)
+        self.high_res_vision_neck = DeepseekVLSamVisionNeck(sam)
+        self.high_res_vision_proj = DeepseekVLSamVisionProj(
+            sam, output_size=siglip.image_size // siglip.patch_size
+        )
+        self.high_res_vision_alpha = nn.Parameter(torch.zeros(1))
+        self.vision_model = SiglipVisionModel(siglip)
+        head = getattr(self.vision_model.vision_model, "head", None)
+        if head is not None:  # SigLIP's pooling head: in the checkpoint, never run (`_low_res`)
+            head.requires_grad_(False)
+
+    @property
+    def high_res_dim(self) -> int:
+        """The width of the SAM path's features (the first part of each token's)."""
+        return 4 * self.config.high_res_vision_config.output_channels
+
+    @property
+    def feature_dim(self) -> int:
+        return self.high_res_dim + self.config.vision_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.vision_config.num_hidden_layers
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Each tower by its own transformers init; the neck and projection as
+        # DeepseekVLHybridModel initializes them, SAM's early features switched off (alpha 0).
+        if module is self:
+            self.high_res_vision_alpha.data.zero_()
+            return
+        for tower in (self.vision_model, self.high_res_vision_model):
+            if any(module is part for part in tower.modules()):
+                tower._init_weights(module)
+                return
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def low_res_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The low-resolution path's input: the images resized (antialiased bicubic) to SigLIP's
+        `image_size` and renormalized from CLIP's normalization to its own."""
+        clip_mean, clip_std = (
+            torch.tensor(v, device=pixel_values.device).view(3, 1, 1)
+            for v in PIXEL_NORMALIZATIONS["clip"]
+        )
+        mean, std = (
+            torch.tensor(v, device=pixel_values.device).view(3, 1, 1)
+            for v in PIXEL_NORMALIZATIONS[self.config.low_res_normalization]
+        )
+        size = self.config.vision_config.image_size
+        unit = pixel_values * clip_std + clip_mean
+        resized = F.interpolate(unit, size=(size, size), mode="bicubic", antialias=True)
+        return ((resized.clamp(0, 1) - mean) / std).to(pixel_values.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) at SAM's size → (N, grid², high_res_dim + SigLIP width), row-major over
+        SigLIP's grid. A forward of its own, so that a sharded engine's hooks run."""
+        low = self._low_res(self.low_res_pixels(pixel_values))
+        sam = self.high_res_vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        last = self.high_res_vision_proj(sam.last_hidden_state)
+        index = self.config.high_res_vision_config.global_attn_indexes[0] + 1  # after embeddings
+        early = self.high_res_vision_proj(self.high_res_vision_neck(sam.hidden_states[index]))
+        high = (last + early * self.high_res_vision_alpha).flatten(2).transpose(1, 2)
+        return torch.cat([high, low], dim=-1)
+
+    def _low_res(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP's last_hidden_state, without its pooling head (transformers runs the head and
+        drops its output)."""
+        siglip = self.vision_model.vision_model
+        hidden = siglip.encoder(inputs_embeds=siglip.embeddings(pixel_values)).last_hidden_state
+        return siglip.post_layernorm(hidden)
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values)
+
+    def _forward_flops(self) -> tuple[int, int]:
+        """(weights, attention) FLOPs of one image's forward, counted by torch's flop counter on
+        a copy of the tower built on the meta device (no memory, no compute): SAM's windows,
+        relative positions and strided convolutions are priced as they run."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.device("meta"):
+            twin = DeepseekHybridTower(self.config)
+        side = self.config.high_res_vision_config.image_size
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            twin(torch.zeros(1, 3, side, side, device="meta"))
+        counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        weights = sum(counts.get(f"aten.{op}", 0) for op in ("convolution", "addmm", "mm"))
+        return weights, counts.get("aten.bmm", 0)  # on meta, attention runs as matmuls
+
+    def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        """Its linear and convolution layers' FLOPs per image (models/flops.py): the forward,
+        and a trained tower's backward priced at twice it."""
+        trained = input_needs_grad or any(p.requires_grad for p in self.parameters())
+        return (3 if trained else 1) * self._forward_flops()[0]
+
+    def attention_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        """Both towers' attention FLOPs per image, forward (and a backward at twice it)."""
+        trained = input_needs_grad or any(p.requires_grad for p in self.parameters())
+        return (3 if trained else 1) * self._forward_flops()[1]
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -539,6 +693,7 @@ VISION_TOWERS = {
     "smolvlm_vision": (SmolVLMVisionConfig, SmolVLMTower),
     "raw_patches": (RawPatchesConfig, RawPatches),
     "blip_2_tower": (Blip2TowerConfig, Blip2QueryTower),
+    "deepseek_hybrid_tower": (DeepseekHybridTowerConfig, DeepseekHybridTower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -603,6 +758,25 @@ def _random_blip2(cfg: VisionConfig):
     return config, Blip2QueryTower
 
 
+def _random_deepseek_hybrid(cfg: VisionConfig):
+    """SigLIP of the size in `cfg`; SAM as wide and deep, on `high_res_size` pixels in 16-pixel
+    patches, windows of half its grid, the last layer global (the neck's input)."""
+    grid = cfg.high_res_size // 16
+    sam = dict(
+        hidden_size=cfg.hidden_size,
+        output_channels=cfg.hidden_size // 2,
+        mlp_dim=cfg.hidden_size * 4,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.high_res_size,
+        patch_size=16,
+        window_size=max(1, grid // 2),
+        global_attn_indexes=[cfg.num_layers - 1],
+    )
+    config = DeepseekHybridTowerConfig(vision_config=_random_size(cfg), high_res_vision_config=sam)
+    return config, DeepseekHybridTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -616,6 +790,7 @@ RANDOM_TOWERS = {
     "idefics3": _random_idefics3,
     "none": _no_tower,
     "blip2": _random_blip2,
+    "deepseek_hybrid": _random_deepseek_hybrid,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
@@ -694,11 +869,13 @@ def pretrained_tower_weights(path: str, tower: nn.Module) -> dict[str, torch.Ten
 # features to its (N, num_queries, d_model) tokens.
 
 
-def _linear_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+def _linear_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    vision_dim = tower.feature_dim
     return nn.Linear(vision_dim * cfg.vision.spatial_merge**2, cfg.d_model)
 
 
-def _mlp_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+def _mlp_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    vision_dim = tower.feature_dim
     width, d_model = vision_dim * cfg.vision.spatial_merge**2, cfg.d_model
     return nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
 
@@ -733,7 +910,8 @@ class PatchMergerAdaptor(nn.Module):
         return self.linear_2(self.act(self.linear_1(merged)))
 
 
-def _patch_merger_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+def _patch_merger_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    vision_dim = tower.feature_dim
     # Mistral 3's projector norm takes the LLM's epsilon.
     return PatchMergerAdaptor(vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps)
 
@@ -755,14 +933,15 @@ class Qwen2MergerAdaptor(nn.Module):
         return self.mlp(self.ln_q(patches).flatten(-2))
 
 
-def _qwen2_merger_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+def _qwen2_merger_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    vision_dim = tower.feature_dim
     return Qwen2MergerAdaptor(vision_dim, cfg.d_model, cfg.vision.spatial_merge, cfg.norm_eps)
 
 
-def _pixel_shuffle_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+def _pixel_shuffle_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
     """Idefics3's connector: its pixel shuffle puts each token's merge × merge patches side by
     side in `merge_patches`' order, then one bias-free linear."""
-    return nn.Linear(vision_dim * cfg.vision.spatial_merge**2, cfg.d_model, bias=False)
+    return nn.Linear(tower.feature_dim * cfg.vision.spatial_merge**2, cfg.d_model, bias=False)
 
 
 def sincos_2d(width: int, rows: int, cols: int) -> torch.Tensor:
@@ -862,7 +1041,37 @@ class QueryResampler(nn.Module):
         return flops + layer_flops(self.proj, queries, upstream)
 
 
-def _resampler_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
+class HybridAligner(nn.Module):
+    """DeepSeek-VL 7B's aligner: each half of a hybrid tower's features (SAM's, then SigLIP's)
+    projected to half the LLM's width, side by side (SAM's first), GELU, one more linear.
+    Parameter names are transformers' `DeepseekVLHybridAligner`'s."""
+
+    def __init__(self, high_res_dim: int, low_res_dim: int, d_model: int):
+        super().__init__()
+        self.high_res_dim = high_res_dim
+        self.vision_proj = nn.Linear(low_res_dim, d_model // 2)
+        self.high_res_vision_proj = nn.Linear(high_res_dim, d_model // 2)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(d_model, d_model)
+
+    @property
+    def input_layers(self) -> list[nn.Module]:
+        """The layers that read the tower's features (models/flops.py)."""
+        return [self.vision_proj, self.high_res_vision_proj]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        high, low = features.split([self.high_res_dim, features.shape[-1] - self.high_res_dim], -1)
+        both = torch.cat([self.high_res_vision_proj(high), self.vision_proj(low)], dim=-1)
+        return self.proj(self.act(both))
+
+
+def _hybrid_aligner(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    high_res_dim = tower.high_res_dim
+    return HybridAligner(high_res_dim, tower.feature_dim - high_res_dim, cfg.d_model)
+
+
+def _resampler_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    vision_dim = tower.feature_dim
     side = cfg.vision.image_size // cfg.vision.patch_size  # square images only
     return QueryResampler(
         vision_dim, cfg.d_model, cfg.vision.num_queries, cfg.num_heads, num_patches=side * side
@@ -876,15 +1085,16 @@ ADAPTORS = {
     "qwen2_merger": _qwen2_merger_adaptor,
     "pixel_shuffle": _pixel_shuffle_adaptor,
     "resampler": _resampler_adaptor,
+    "hybrid_aligner": _hybrid_aligner,
 }
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
 
-def build_adaptor(vision_dim: int, cfg: ModelConfig) -> nn.Module:
-    """`cfg.adaptor` from the tower's feature width to the LLM's."""
+def build_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """`cfg.adaptor` from the tower's features (`tower.feature_dim` wide) to the LLM's width."""
     if cfg.adaptor not in ADAPTORS:
         raise ValueError(f"unknown adaptor {cfg.adaptor!r}; valid: {', '.join(sorted(ADAPTORS))}")
-    return ADAPTORS[cfg.adaptor](vision_dim, cfg)
+    return ADAPTORS[cfg.adaptor](tower, cfg)
 
 
 def merge_patches(features: torch.Tensor, grid: tuple[int, int], merge: int) -> torch.Tensor:

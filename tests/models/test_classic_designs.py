@@ -155,12 +155,12 @@ def transformers_ids(pieces) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def parity(ours: SplitVLM, reference, num_images: int, seed: int) -> float:
-    """Max |diff| of our logits of three documents (`documents`, 16 × 16 images) packed into one
-    micro-batch against each document alone in the transformers `reference`."""
+def parity(ours: SplitVLM, reference, num_images: int, seed: int, size: int = 16) -> float:
+    """Max |diff| of our logits of three documents (`documents`, `size`-pixel square images)
+    packed into one micro-batch against each document alone in the transformers `reference`."""
     generator = torch.Generator().manual_seed(seed)
     pieces = documents(num_images, seed=seed)
-    pixels = [torch.randn(num_images, 3, 16, 16, generator=generator) for _ in pieces]
+    pixels = [torch.randn(num_images, 3, size, size, generator=generator) for _ in pieces]
     docs = [as_document(p, x, str(i)) for i, (p, x) in enumerate(zip(pieces, pixels, strict=True))]
     batch = collate(docs, image_attention="causal", attention_backend="sdpa")
     with torch.no_grad():
@@ -355,10 +355,12 @@ def test_llava_preset_trains_with_a_falling_text_loss_and_exports_to_transformer
     assert probe_difference(ours, hf, image_id, num_tokens=16) <= 1e-5
 
 
-def probe_difference(ours: SplitVLM, hf, image_id: int, num_tokens: int, pad_id: int = 0) -> float:
+def probe_difference(
+    ours: SplitVLM, hf, image_id: int, num_tokens: int, pad_id: int = 0, size: int = 32
+) -> float:
     """Max |diff| of our logits and a transformers model's (an export of ours) on one causal
-    probe document: three text tokens, a 32-pixel image of `num_tokens` tokens, three more."""
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe document: three text tokens, a `size`-pixel image of `num_tokens` tokens, three more."""
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     text = [[2, 5, 9], [11, 12, 3]]
     doc = Document(
         sample_id="probe",
@@ -425,6 +427,7 @@ def _engine_worker(
         "yaml/cogvlm.yaml",
         "yaml/blip2.yaml",
         "yaml/qwen_vl.yaml",
+        "yaml/deepseek_vl_hybrid.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
@@ -433,7 +436,7 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     all, Persimmon's LayerNorms and biases; CogVLM: a frozen LLM, only the adaptor and the
     visual experts trained; BLIP-2: a
     frozen ViT under a trained Q-Former; Qwen-VL: a frozen LLM under a trained ViT and
-    resampler)."""
+    resampler; DeepSeek-VL 7B: two frozen towers on two resolutions)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

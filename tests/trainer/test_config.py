@@ -186,6 +186,8 @@ def test_bad_data_options_are_config_errors():
             "adaptor: resampler: a square grid of queries",
         ),
         (["model.vision.num_queries=4"], "model.vision.num_queries (> 0) goes with"),
+        (["model.vision.high_res_size=64"], "model.vision.high_res_size: a multiple of 16"),
+        (["model.adaptor=hybrid_aligner"], "model.adaptor: hybrid_aligner goes with model.vision"),
         (
             ["model.learned_positions=16", "model.rope_fraction=0"],
             "data.max_tokens=1024 > model.learned_positions=16",

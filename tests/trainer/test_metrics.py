@@ -181,6 +181,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (True, (), "yaml/blip2.yaml"),
         (False, (), "yaml/blip2.yaml"),
         (True, (), "yaml/qwen_vl.yaml"),
+        (False, (), "yaml/deepseek_vl_hybrid.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -189,6 +190,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "blip2_qformer",
         "blip2_frozen",
         "qwen_vl_resampler",
+        "deepseek_vl_hybrid",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(
@@ -203,11 +205,12 @@ def test_dense_model_flops_equal_pytorchs_flop_count(
     aten = torch.ops.aten
     matmuls = (aten.mm, aten.addmm, aten.bmm, aten.convolution, aten.convolution_backward)
     # Attention runs as SDPA kernels, which the counter prices as dense masks; compared below.
-    # BLIP-2's Q-Former attends with batched matmuls: attention, not dense weights, which the
-    # count prices exactly (no mask).
+    # Towers whose attention runs as batched matmuls (BLIP-2's Q-Former, SAM): attention, not
+    # dense weights; the count prices the Q-Former's exactly (no mask).
     flops = ModelFlops(model)
     qformer_attention = counts.get("SplitVLM.vision.qformer", {}).get(aten.bmm, 0)
-    dense = sum(counted.get(op, 0) for op in matmuls) - qformer_attention
+    tower_attention = counts.get("SplitVLM.vision", {}).get(aten.bmm, 0)
+    dense = sum(counted.get(op, 0) for op in matmuls) - tower_attention
     assert flops.dense(batch) == dense
     if "qformer" in dict(model.vision.named_children()):
         per_image = flops.attention_per_image["vision"]

@@ -613,8 +613,8 @@ class SampleDecoder:
         if cfg.vision.flat_pixels:
             pixels = np.concatenate([image.ravel() for image in images] or [np.zeros(0, np.uint8)])
         else:
-            size = cfg.vision.image_size
-            pixels = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
+            shape = (0, 3, *cfg.pixel_shape(cfg.square_grid))  # a document without images
+            pixels = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
         image_mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
         span_full = (
             np.concatenate([np.full(mask.size, mask.all()) for mask in masks])
