@@ -142,11 +142,10 @@ class ModelFlops:
         # Attention width of the tower's layers: its feature width, but a query tower's ViT's.
         self.tower_width = getattr(vision, "attention_width", vision.feature_dim)
         self.tower_layers = vision.num_layers
-        # With queries the tower sees its own patch grid, whatever the image tokens (BLIP-2's
-        # tower says how many, its CLS token included).
-        side = cfg.vision.image_size // cfg.vision.patch_size
-        self.patches_per_image = getattr(vision, "num_patches", 0) or (
-            side * side if cfg.vision.num_queries else 0
+        # With queries the tower sees its own patch grid, whatever the image tokens: BLIP-2's
+        # tower (its CLS token included) or Qwen-VL's resampler says how many.
+        self.patches_per_image = getattr(vision, "num_patches", 0) or getattr(
+            model.adaptor, "num_patches", 0
         )
         self.vision_pair_flops = (
             (3 if self.vision_trainable else 1) * 4 * self.tower_width * self.tower_layers

@@ -1142,11 +1142,22 @@ _DEEPSEEK_VL_SHAPE = {
 }
 
 
-def _deepseek_vl_mismatch(model: SplitVLM) -> str | None:
-    reason = _shape_mismatch(model.cfg, "DeepSeek-VL", _DEEPSEEK_VL_SHAPE)
-    if reason is None and type(model.vision) is not PackedSiglipVisionModel:
-        return "DeepSeek-VL's vision tower is a SigLIP one"
-    return reason
+def _shape_and_tower_mismatch(design: str, shape: dict, tower: type, tower_text: str):
+    """A design's `mismatch`: the first field of `shape` the model differs in, else its tower
+    if that is not a `tower`."""
+
+    def mismatch(model: SplitVLM) -> str | None:
+        reason = _shape_mismatch(model.cfg, design, shape)
+        if reason is None and type(model.vision) is not tower:
+            return f"{design}'s vision tower is {tower_text}"
+        return reason
+
+    return mismatch
+
+
+_deepseek_vl_mismatch = _shape_and_tower_mismatch(
+    "DeepSeek-VL", _DEEPSEEK_VL_SHAPE, PackedSiglipVisionModel, "a SigLIP one"
+)
 
 
 def _deepseek_vl_export(
@@ -1359,11 +1370,12 @@ _DEEPSEEK_VL_HYBRID_SHAPE = {
 }
 
 
-def _deepseek_vl_hybrid_mismatch(model: SplitVLM) -> str | None:
-    reason = _shape_mismatch(model.cfg, "DeepSeek-VL (hybrid)", _DEEPSEEK_VL_HYBRID_SHAPE)
-    if reason is None and type(model.vision) is not DeepseekHybridTower:
-        return "DeepSeek-VL 7B's vision tower is its SAM and SigLIP pair (DeepseekHybridTower)"
-    return reason
+_deepseek_vl_hybrid_mismatch = _shape_and_tower_mismatch(
+    "DeepSeek-VL 7B",
+    _DEEPSEEK_VL_HYBRID_SHAPE,
+    DeepseekHybridTower,
+    "its SAM and SigLIP pair (DeepseekHybridTower)",
+)
 
 
 def _deepseek_vl_hybrid_export(
@@ -1439,9 +1451,8 @@ def _blip2_tower_config(hf) -> dict:
     ).to_dict()
 
 
-def _blip2_prefixes(files: dict) -> tuple[str, str]:
-    """(tower, projector) prefixes: the tower's modules are at the top level."""
-    return "", "language_projection."
+# The tower's modules are at the top level.
+_blip2_prefixes = _fixed_prefixes("", "language_projection.")
 
 
 def _import_blip2(path: Path, seed: int) -> SplitVLM:
@@ -1466,11 +1477,10 @@ _BLIP2_INPUTS = {
 _BLIP2_SHAPE = {**_LLAVA_SHAPE, **_BLIP2_INPUTS}
 # With an OPT language model (the released checkpoints): learned positions, no RoPE.
 _BLIP2_OPT_SHAPE = {
-    **_DECODER_SHAPE,
+    **{k: v for k, v in _DECODER_SHAPE.items() if k != "learned_positions"},  # any table
     **_BLIP2_INPUTS,
     "image_attention": "causal",
     "image_positions": "sequential",
-    "learned_positions": None,  # any table: checked below
     "position_offset": 2,
     "rope_fraction": 0.0,
     "norm_style": "layernorm",
@@ -1495,8 +1505,7 @@ def _blip2_text_model(cfg: ModelConfig) -> str:
 def _blip2_mismatch(model: SplitVLM) -> str | None:
     cfg = model.cfg
     if _blip2_text_model(cfg) == "opt":
-        shape = {k: v for k, v in _BLIP2_OPT_SHAPE.items() if k != "learned_positions"}
-        reason = _shape_mismatch(cfg, "BLIP-2 (OPT)", shape)
+        reason = _shape_mismatch(cfg, "BLIP-2 (OPT)", _BLIP2_OPT_SHAPE)
         if reason is None and cfg.num_kv_heads != cfg.num_heads:
             reason = f"model.num_kv_heads={cfg.num_kv_heads}: OPT has no grouped-query attention"
     else:
@@ -1521,7 +1530,7 @@ def _blip2_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     )
     hf.architectures = ["Blip2ForConditionalGeneration"]
     family = language_model_family("blip-2", text_model)
-    _save_vlm(model, out, family, {}, hf, prefixes=("", "language_projection."))
+    _save_vlm(model, out, family, {}, hf, prefixes=_blip2_prefixes({}))
     size = cfg.vision.image_size
     _save_image_processor(
         out,

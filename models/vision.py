@@ -567,6 +567,7 @@ class DeepseekHybridTower(nn.Module):
         )
         self.high_res_vision_alpha = nn.Parameter(torch.zeros(1))
         self.vision_model = SiglipVisionModel(siglip)
+        self._flops: tuple[int, int] | None = None  # `_forward_flops`
         head = getattr(self.vision_model.vision_model, "head", None)
         if head is not None:  # SigLIP's pooling head: in the checkpoint, never run (`_low_res`)
             head.requires_grad_(False)
@@ -643,6 +644,8 @@ class DeepseekHybridTower(nn.Module):
         relative positions and strided convolutions are priced as they run."""
         from torch.utils.flop_counter import FlopCounterMode
 
+        if self._flops is not None:  # counted once: dense and attention both read it
+            return self._flops
         with torch.device("meta"):
             twin = DeepseekHybridTower(self.config)
         side = self.config.high_res_vision_config.image_size
@@ -650,7 +653,8 @@ class DeepseekHybridTower(nn.Module):
             twin(torch.zeros(1, 3, side, side, device="meta"))
         counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
         weights = sum(counts.get(f"aten.{op}", 0) for op in ("convolution", "addmm", "mm"))
-        return weights, counts.get("aten.bmm", 0)  # on meta, attention runs as matmuls
+        self._flops = weights, counts.get("aten.bmm", 0)  # on meta, attention runs as matmuls
+        return self._flops
 
     def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
         """Its linear and convolution layers' FLOPs per image (models/flops.py): the forward,
