@@ -48,6 +48,16 @@ class PackedBatch:
     def num_masked_image_tokens(self) -> int:
         return int(self.image_mask.sum())
 
+    def image_targets(self, which: str = "masked") -> torch.Tensor:
+        """Indices into the image stream of the image tokens with a loss under
+        `model.image_loss_tokens` (`which`): the masked ones, or "all"."""
+        if which == "all":
+            return torch.arange(self.image_index.numel(), device=self.image_index.device)
+        return self.image_mask.nonzero().squeeze(1)
+
+    def num_image_targets(self, which: str = "masked") -> int:
+        return int(self.image_index.numel()) if which == "all" else self.num_masked_image_tokens
+
     @property
     def num_diffusion_targets(self) -> int:
         return int((self.image_mask & self.image_span_full).sum())

@@ -51,6 +51,31 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, cfg.norm_eps, offset_weight=cfg.norm_style == "gemma")
 
 
+class PerHeadLayerNorm(nn.Module):
+    """Chameleon's q/k norm: a LayerNorm over each head's width (eps 1e-5), then each head's own
+    weight and bias, (heads, head_dim) each (transformers' ChameleonLayerNorm)."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x_THD: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x_THD, (x_THD.shape[-1],), eps=1e-5)
+        return normed * self.weight + self.bias
+
+
+def _qk_norm(cfg: ModelConfig, num_heads: int) -> nn.Module:
+    """The q (or k, with the KV heads) norm `model.qk_norm` asks for."""
+    if cfg.qk_norm == "per_head_layernorm":
+        return PerHeadLayerNorm(num_heads, cfg.head_dim)
+    return make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+
+
 class TokenEmbedding(nn.Embedding):
     """Token embeddings, times sqrt(width) with `scaled` (Gemma)."""
 
@@ -194,8 +219,8 @@ class Attention(nn.Module):
         self.scale = cfg.attention_scale or None
         self.window = window  # None: full attention
         self.wq, self.wk, self.wv, self.wo = _projections(cfg)
-        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = _qk_norm(cfg, cfg.num_heads)
+        self.k_norm = _qk_norm(cfg, cfg.num_kv_heads)
 
     def forward(
         self, x_TC: torch.Tensor, layout: PackedLayout, rope, expert=None, route=None
@@ -278,18 +303,25 @@ class VisualExpert(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm block; `sliding`: its attention has the sliding window (`cfg.sliding_window`)
-    and its RoPE is the sliding layers' table; `expert`: it carries a `VisualExpert`."""
+    """A pre-norm block (with `model.post_norms` normed on both sides of each sublayer, with
+    `model.swin_norm` on its output only); `sliding`: its attention has the sliding window
+    (`cfg.sliding_window`) and its RoPE is the sliding layers' table; `expert`: it carries a
+    `VisualExpert`."""
 
     def __init__(self, cfg: ModelConfig, sliding: bool = False, expert: bool = False):
         super().__init__()
         self.sliding = sliding
-        self.attn_norm = make_norm(cfg, cfg.d_model)
+
+        def norm(used: bool) -> nn.Module:
+            return make_norm(cfg, cfg.d_model) if used else nn.Identity()
+
+        pre, post = not cfg.swin_norm, cfg.post_norms or cfg.swin_norm
+        self.attn_norm = norm(pre)
         self.attn = Attention(cfg, window=cfg.sliding_window if sliding else None)
-        self.attn_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
-        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.attn_post_norm = norm(post)
+        self.mlp_norm = norm(pre)
         self.mlp = _make_mlp(cfg)
-        self.mlp_post_norm = make_norm(cfg, cfg.d_model) if cfg.post_norms else nn.Identity()
+        self.mlp_post_norm = norm(post)
         self.expert = VisualExpert(cfg) if expert else None
 
     def forward(

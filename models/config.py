@@ -30,6 +30,7 @@ ADAPTOR_NAMES = (
     "pixel_shuffle",
     "resampler",
     "hybrid_aligner",
+    "vocabulary",
 )
 NORM_STYLES = ("default", "gemma", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "relu")
@@ -38,6 +39,13 @@ RESIZE_MODES = ("square", "native", "longest_side", "smart")
 TILINGS = ("none", "idefics3", "llava_next")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
+IMAGE_TARGETS = ("encoder", "pixels", "tokens")
+# `model.image_loss_tokens`: the image tokens with a loss, the masked ones or every one (an
+# autoregressive image loss: Chameleon's).
+IMAGE_LOSS_TOKENS = ("masked", "all")
+# `model.qk_norm`: none, one norm of a head's width shared by every head (Qwen3, Gemma 3), or
+# a LayerNorm over each head's width with weights and biases of each head's own (Chameleon's).
+QK_NORMS = (False, True, "per_head_layernorm")
 # The block stacks over the merged sequence: the ones a visual expert (`model.visual_expert`) is in.
 MERGED_BLOCK_GROUPS = ("core", "text_head_blocks", "image_head_blocks")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
@@ -51,12 +59,13 @@ VISION_TOWER_NAMES = (
     "none",
     "blip2",
     "deepseek_hybrid",
+    "chameleon_vq",
 )
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
 # `model.image_row_break`: none, after every row but the last (Pixtral), after every row (Fuyu).
 IMAGE_ROW_BREAKS = (False, True, "all")
-PIXEL_NORMALIZATION_NAMES = ("siglip", "clip")
+PIXEL_NORMALIZATION_NAMES = ("siglip", "clip", "chameleon")
 _MAX_TILED_SIDE = 4096  # Idefics3's MAX_IMAGE_SIZE: no side of a tiled image beyond it
 
 
@@ -74,7 +83,9 @@ class VisionConfig:
     # embed) or "blip2" (BLIP-2's ViT and Q-Former: `num_queries` learned queries read the image,
     # its Q-Former as wide and deep as the ViT) or "deepseek_hybrid" (DeepSeek-VL 7B's: SAM-B on
     # the image at `high_res_size`, SigLIP on it resized to `image_size`, with adaptor:
-    # hybrid_aligner).
+    # hybrid_aligner) or "chameleon_vq" (Chameleon's VQ-VAE image tokenizer: each patch_size ×
+    # patch_size region becomes one of `codebook_size` codes, a vocabulary id of the LLM, with
+    # image_target: tokens; `hidden_size` its base channels, `num_layers` resnet blocks a level).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -127,6 +138,8 @@ class VisionConfig:
     # 1024): images are loaded at this size, and its low-resolution path sees them resized to
     # `image_size`; 0 for every other tower.
     high_res_size: int = 0
+    # Codes of a VQ tokenizer's codebook (tower: chameleon_vq; Chameleon's: 8192), 0 otherwise.
+    codebook_size: int = 0
 
     @property
     def token_size(self) -> int:
@@ -336,6 +349,22 @@ class VisionConfig:
                 "model.vision.num_queries: square images (resize: square), no tiling, "
                 "spatial_merge 1, feature_layer 0 (the Q-Former's output)"
             )
+        vq = self.tower == "chameleon_vq" and not self.pretrained
+        if (self.codebook_size > 0) != vq or (
+            vq
+            and (
+                self.patch_size & (self.patch_size - 1)
+                or self.hidden_size % 32
+                or self.native
+                or self.tiling != "none"
+                or self.trainable
+            )
+        ):
+            raise ValueError(
+                "model.vision.codebook_size: > 0 with tower: chameleon_vq (and only there), "
+                "whose patch_size is a power of 2 (its downsampling), hidden_size a multiple of "
+                "32 (its group norms), images square (resize: square, no tiling), frozen"
+            )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
         if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
@@ -394,13 +423,16 @@ class ModelConfig:
     # Linear RoPE scaling (`rope_scaling: {rope_type: linear}`): every frequency divided by the
     # factor; 0: off.
     rope_linear_factor: float = 0.0
-    qk_norm: bool = False
+    qk_norm: bool | str = False  # QK_NORMS
     norm_eps: float = 1e-5
     # "default": RMSNorm scales by its weight; "gemma": by (1 + weight), computed in fp32, so the
     # weights are offsets from 1 and start at 0; "layernorm": LayerNorm with a bias (Persimmon).
     norm_style: str = "default"
     # A second norm on each sublayer's output, before the residual add (Gemma's sandwich norms).
     post_norms: bool = False
+    # Each sublayer's output normed before its residual add and its input not (Chameleon-30B's
+    # swin_norm): x + norm(attn(x)), then h + norm(mlp(h)).
+    swin_norm: bool = False
     scale_embeddings: bool = False  # token embeddings × sqrt(d_model) (Gemma)
     # The MLP: gated, down(act(gate(x)) * up(x)), or not (Persimmon), down(act(up(x))); its
     # activation "silu" (SwiGLU), "gelu_tanh" (Gemma) or "relu2" (squared ReLU, Persimmon); with
@@ -479,8 +511,17 @@ class ModelConfig:
     # unmasked copy.
     image_scales: list[int] = field(default_factory=list)
     dual_input: bool = False
-    image_target: str = "encoder"  # frozen-encoder features, or "pixels"
-    image_loss: str = "mse"  # or "cosine"
+    # What the image head predicts of an image token: frozen-encoder features ("encoder"), its
+    # pixels ("pixels"), or, for a VQ tokenizer's codes ("tokens", Chameleon's), the code as a
+    # vocabulary id: image tokens are then embedded by the token embedding, predicted by the
+    # text branch and LM head with a cross-entropy loss, as text is, and text positions never
+    # predict them (their logits are masked, as Chameleon's are).
+    image_target: str = "encoder"
+    # The vocabulary id of code 0 (codes are ids image_vocab_start … + codebook_size - 1); -1:
+    # the rows after the tokenizer's vocabulary, set when the model is built.
+    image_vocab_start: int = -1
+    image_loss_tokens: str = "masked"  # IMAGE_LOSS_TOKENS
+    image_loss: str = "mse"  # or "cosine"; a cross-entropy with image_target: tokens
     image_loss_weight: float = 1.0
     # Optional diffusion head: an MLP denoiser on image-head hidden states (DDPM, noise
     # prediction), trained on the targets of fully masked spans.
@@ -757,8 +798,47 @@ class ModelConfig:
             raise ValueError("model.full_mask_prob must be in [0, 1]")
         if self.diffusion_head and self.diffusion_steps < 2:
             raise ValueError("model.diffusion_steps must be >= 2")
-        if self.image_target not in ("encoder", "pixels"):
-            raise ValueError(f"model.image_target={self.image_target!r}; valid: encoder, pixels")
+        if self.image_target not in IMAGE_TARGETS:
+            raise ValueError(
+                f"model.image_target={self.image_target!r}; valid: {', '.join(IMAGE_TARGETS)}"
+            )
+        if self.image_loss_tokens not in IMAGE_LOSS_TOKENS:
+            raise ValueError(
+                f"model.image_loss_tokens={self.image_loss_tokens!r}; "
+                f"valid: {', '.join(IMAGE_LOSS_TOKENS)}"
+            )
+        if self.image_loss_tokens == "all" and self.image_attention != "causal":
+            raise ValueError(
+                "model.image_loss_tokens=all predicts token j at j - 1, which sees token j "
+                "unless image attention is causal (model.image_attention: causal)"
+            )
+        if self.swin_norm and self.post_norms:
+            raise ValueError(
+                "model.swin_norm and model.post_norms: one of them (both norm outputs)"
+            )
+        if not any(self.qk_norm is m or self.qk_norm == m for m in QK_NORMS):
+            raise ValueError(
+                f"model.qk_norm={self.qk_norm!r}; valid: false, true, per_head_layernorm"
+            )
+        if (self.image_target == "tokens") != (self.vision.tower == "chameleon_vq"):
+            raise ValueError(
+                "model.image_target: tokens goes with a VQ tokenizer (model.vision.tower: "
+                "chameleon_vq), and such a tower with tokens"
+            )
+        if self.image_target == "tokens" and (
+            self.num_image_head_blocks
+            or self.diffusion_head
+            or self.image_scales
+            or self.dual_input
+            or self.adaptor != "vocabulary"
+        ):
+            raise ValueError(
+                "model.image_target=tokens: image tokens are vocabulary ids (model.adaptor: "
+                "vocabulary) of the image itself, predicted by the text branch: "
+                "num_image_head_blocks 0, no diffusion_head, no image_scales, no dual_input"
+            )
+        if (self.adaptor == "vocabulary") != (self.image_target == "tokens"):
+            raise ValueError("model.adaptor: vocabulary goes with model.image_target: tokens")
         if self.image_loss not in ("mse", "cosine"):
             raise ValueError(f"model.image_loss={self.image_loss!r}; valid: mse, cosine")
         if not 0.0 <= self.mask_rate_min <= self.mask_rate_max <= 1.0:

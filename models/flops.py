@@ -87,6 +87,7 @@ class ModelFlops:
         assert not undeclared, f"{type(model).__name__}.TOKENS_THROUGH lacks {sorted(undeclared)}"
         vision = model.vision
         self.vision_trainable = any(p.requires_grad for p in vision.parameters())
+        self.vocabulary_images = cfg.image_target == "tokens"
         # Per token: FLOPs of the dense weights of each module, forward + backward. A block
         # stack's visual experts are counted apart: their weights see the image tokens only, the
         # stack's text weights the rest.
@@ -196,6 +197,7 @@ class ModelFlops:
         return (patches[0], patches[1]), (pairs[0], pairs[1])
 
     def dense(self, batch) -> int:
+        cfg = self.cfg
         num_masked = batch.num_masked_image_tokens
         (patches_with_grad, patches_forward_only), _ = self.vision_work(batch)
         tokens = {
@@ -204,7 +206,9 @@ class ModelFlops:
             "image": int(batch.image_index.numel()),
             "patches": patches_with_grad if self.vision_trainable else patches_forward_only,
             "diffusion_targets": batch.num_diffusion_targets,
-            "text_targets": batch.num_text_targets,
+            # Image tokens that are vocabulary ids are predicted by the LM head too.
+            "text_targets": batch.num_text_targets
+            + (batch.num_image_targets(cfg.image_loss_tokens) if self.vocabulary_images else 0),
             "masked": num_masked,
             "all_if_image_loss": batch.num_tokens if _image_loss_runs(batch) else 0,
         }

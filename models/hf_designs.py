@@ -36,8 +36,10 @@ from models.safetensors_dir import SafetensorsDir
 from models.split_vlm import SplitVLM
 from models.vision import (
     PIXEL_NORMALIZATIONS,
+    PIXEL_RESCALE,
     Blip2QueryTower,
     Blip2TowerConfig,
+    ChameleonVQTower,
     CLIPTower,
     DeepseekHybridTower,
     DeepseekHybridTowerConfig,
@@ -1542,6 +1544,160 @@ def _blip2_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     )
 
 
+# -- Chameleon ---------------------------------------------------------------------------------
+
+_CHAMELEON_IMAGE_PREFIX = "IMGIMG"  # its vocabulary's names of image tokens: IMGIMG<code>Z
+
+
+def chameleon_image_token_name(code: int) -> str:
+    """The vocabulary name of VQ code `code` in Chameleon's tokenizer: its decimal digits as the
+    letters A-J between IMGIMG and Z (transformers' `ChameleonImageVocabularyMapping`)."""
+    return _CHAMELEON_IMAGE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def chameleon_vocabulary(vocabulary_map: dict[str, int], codebook_size: int) -> tuple[int, list]:
+    """(the id of our code 0, their code of each of our codes): Chameleon's image tokens must be
+    `codebook_size` consecutive ids, in whatever order of codes; ours are in id order."""
+    codes = {}
+    for name, token_id in vocabulary_map.items():
+        if name.startswith(_CHAMELEON_IMAGE_PREFIX):
+            digits = "".join(
+                str(ord(c) - ord("A")) for c in name[len(_CHAMELEON_IMAGE_PREFIX) : -1]
+            )
+            codes[token_id] = int(digits)
+    start = min(codes, default=0)
+    if sorted(codes) != list(range(start, start + codebook_size)) or sorted(codes.values()) != list(
+        range(codebook_size)
+    ):
+        raise ValueError(
+            f"vocabulary_map: its {len(codes)} image tokens ({_CHAMELEON_IMAGE_PREFIX}…) are not "
+            f"the {codebook_size} codes of the VQ-VAE at consecutive ids"
+        )
+    return start, [codes[start + ours] for ours in range(codebook_size)]
+
+
+def chameleon_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers ChameleonConfig: its VQ-VAE as the tower
+    (`model.vision.tower: chameleon_vq`), each code a vocabulary id (`model.adaptor:
+    vocabulary`, `model.image_target: tokens`, trained as text: `image_loss_tokens: all`),
+    <racm3:break> and <eoss> around every image, causal attention everywhere; its language
+    model's fields come from the checkpoint (`_chameleon`)."""
+    vq = hf.vq_config
+    if vq.double_latent or vq.in_channels != 3 or vq.attn_type not in ("vanilla", None):
+        raise ValueError("only a VQ-VAE of RGB images, single latent (double_latent false)")
+    if hf.vocabulary_map is None:
+        raise ValueError("no vocabulary_map (the image tokens' ids)")
+    start, _ = chameleon_vocabulary(hf.vocabulary_map, vq.num_embeddings)
+    vision = VisionConfig(
+        tower="chameleon_vq",
+        image_size=vq.resolution,
+        patch_size=2 ** (len(vq.channel_multiplier) - 1),
+        hidden_size=vq.base_channels,
+        num_layers=vq.num_res_blocks,
+        codebook_size=vq.num_embeddings,
+        normalization="chameleon",
+    )
+    cfg = decoder_config("causal", "vocabulary", vision)
+    cfg.image_target, cfg.image_loss_tokens, cfg.image_vocab_start = "tokens", "all", start
+    cfg.image_markers, cfg.image_start_token, cfg.image_end_token = True, "<racm3:break>", "<eoss>"
+    return cfg
+
+
+def _import_chameleon(path: Path, seed: int) -> SplitVLM:
+    model = _import_vlm(
+        path,
+        seed,
+        "chameleon",
+        chameleon_model_config,
+        {},
+        prefixes=_fixed_prefixes("model.vqmodel.", "model.vqmodel."),
+        tower_config=lambda hf: hf.vq_config.to_dict(),
+    )
+    # Our codes are in vocabulary order: the codebook's rows follow.
+    vocabulary_map = _read_config(path)["vocabulary_map"]
+    _, their_codes = chameleon_vocabulary(vocabulary_map, model.vision.codebook_size)
+    codebook = model.vision.quantize.embedding.weight
+    with torch.no_grad():
+        codebook.copy_(codebook[torch.tensor(their_codes)].clone())
+    return model
+
+
+_CHAMELEON_SHAPE = {
+    **_DECODER_SHAPE,
+    **_GATED_BLOCK,
+    "image_attention": "causal",
+    "image_positions": "sequential",
+    "norm_style": "default",
+    "post_norms": False,
+    "scale_embeddings": False,
+    "mlp_activation": "silu",
+    "attention_scale": 0.0,
+    "qk_norm": "per_head_layernorm",
+    "attention_bias": False,
+    "layer_types": [],
+    "rope_llama3_factor": 0.0,
+    "image_target": "tokens",
+    "adaptor": "vocabulary",
+    "image_markers": True,
+    "image_row_break": False,
+    "vision.resize": "square",
+}
+
+_chameleon_mismatch = _shape_and_tower_mismatch(
+    "Chameleon", _CHAMELEON_SHAPE, ChameleonVQTower, "its VQ-VAE"
+)
+
+
+def _chameleon_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import ChameleonConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    # The imported names of every token, with the image tokens named after our codes (our
+    # codebook is in vocabulary order) and <image> the id transformers finds images by.
+    vocabulary_map = {
+        name: token_id
+        for name, token_id in ((base or {}).get("vocabulary_map") or {}).items()
+        if not name.startswith(_CHAMELEON_IMAGE_PREFIX)
+    }
+    vocabulary_map["<image>"] = vocabulary_map.get("<image>", image_id)
+    if vocabulary_map["<image>"] is None:
+        raise ValueError(
+            f"no image token id: the export has neither the original Chameleon config "
+            f"({HF_CONFIG_FILE}) nor a tokenizer with an <image> or a pad token"
+        )
+    for code, token_id in enumerate(model.image_vocabulary):
+        vocabulary_map[chameleon_image_token_name(code)] = token_id
+    text = {**_text_config(model, base), "head_dim": None}
+    text.pop("model_type", None)
+    text.pop("text_config", None)
+    ours = ("vq_config", "vocabulary_map", "rope_scaling", "swin_norm", "tie_word_embeddings")
+    skipped = ("model_type", "architectures", "transformers_version", "image_token_id", *ours)
+    base_fields = {k: v for k, v in (base or {}).items() if k not in skipped}
+    hf = ChameleonConfig(
+        **{**base_fields, **{k: v for k, v in text.items() if v is not None}},
+        rope_scaling=(
+            {"type": "linear", "factor": cfg.rope_linear_factor} if cfg.rope_linear_factor else None
+        ),
+        swin_norm=cfg.swin_norm,
+        tie_word_embeddings=cfg.tie_embeddings,
+        vq_config=model.vision.config.to_dict(),
+        vocabulary_map=vocabulary_map,
+    )
+    hf.architectures = ["ChameleonForConditionalGeneration"]
+    _save_vlm(model, out, "chameleon", {}, hf, prefixes=("model.vqmodel.", "model.vqmodel."))
+    size = cfg.vision.image_size
+    _save_image_processor(
+        out,
+        cfg,
+        "ChameleonImageProcessor",
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
+        do_resize=True,
+        rescale_factor=PIXEL_RESCALE["chameleon"],
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1590,6 +1746,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_blip2,
         export_checkpoint=_blip2_export,
         mismatch=_blip2_mismatch,
+    ),
+    "chameleon": HFDesign(
+        transformers_class="ChameleonForConditionalGeneration",
+        import_checkpoint=_import_chameleon,
+        export_checkpoint=_chameleon_export,
+        mismatch=_chameleon_mismatch,
     ),
     "fuyu": HFDesign(
         transformers_class="FuyuForCausalLM",

@@ -22,15 +22,29 @@ LOGITS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
 
 class LMHead(nn.Linear):
     """`nn.Linear(d_model, vocab_size, bias=False)`; called with `labels`, the summed
-    cross-entropy of its logits (computed in fp32) instead of the logits."""
+    cross-entropy of its logits (computed in fp32) instead of the logits. `blocked`: a range of
+    ids whose logits are set to the dtype's lowest value (never predicted: Chameleon's image
+    tokens at text positions)."""
 
     def __init__(self, d_model: int, vocab_size: int):
         super().__init__(d_model, vocab_size, bias=False)
 
-    def forward(self, hidden_NC: torch.Tensor, labels_N: torch.Tensor | None = None):
+    def forward(
+        self,
+        hidden_NC: torch.Tensor,
+        labels_N: torch.Tensor | None = None,
+        blocked: range | None = None,
+    ):
         if labels_N is None:
-            return super().forward(hidden_NC)
-        return ChunkedCrossEntropy.apply(hidden_NC, self.weight, labels_N)
+            return block_logits(super().forward(hidden_NC), blocked)
+        return ChunkedCrossEntropy.apply(hidden_NC, self.weight, labels_N, blocked)
+
+
+def block_logits(logits: torch.Tensor, blocked: range | None) -> torch.Tensor:
+    """`logits` with the ids of `blocked` at the dtype's lowest value (in place)."""
+    if blocked is not None and len(blocked):
+        logits[..., blocked.start : blocked.stop] = torch.finfo(logits.dtype).min
+    return logits
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -38,7 +52,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     in the forward (the loss is a scalar, so the backward only scales them)."""
 
     @staticmethod
-    def forward(ctx, hidden_NC, weight_VC, labels_N):
+    def forward(ctx, hidden_NC, weight_VC, labels_N, blocked=None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_targets, vocab_size = hidden_NC.shape[0], weight_VC.shape[0]
         rows = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
@@ -49,7 +63,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, num_targets, rows):
             hidden = hidden_NC[start : start + rows]
             labels = labels_N[start : start + rows]
-            logits = F.linear(hidden, weight_VC).to(loss_dtype)
+            logits = block_logits(F.linear(hidden, weight_VC).to(loss_dtype), blocked)
             loss += F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
             if not (need_hidden or need_weight):
                 continue
@@ -77,4 +91,4 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             None if grad is None else grad.mul_(grad_loss.to(grad.dtype))
             for grad in ctx.saved_tensors
         ]
-        return grads[0], grads[1], None
+        return grads[0], grads[1], None, None

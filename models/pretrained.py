@@ -72,6 +72,13 @@ _GEMMA3_LAYER_KEYS = {
     "mlp_norm": "pre_feedforward_layernorm",
     "mlp_post_norm": "post_feedforward_layernorm",
 }
+# Chameleon's: Llama's, q/k LayerNorms per head, and with swin_norm its two norms on the
+# sublayers' outputs (our post norms) instead of their inputs.
+_CHAMELEON_LAYER_KEYS = {
+    **_LLAMA_LAYER_KEYS,
+    "attn_post_norm": "input_layernorm",
+    "mlp_post_norm": "post_attention_layernorm",
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ def _decoder(
     cfg.num_core_blocks = num_core
     cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
     cfg.norm_style, cfg.post_norms, cfg.scale_embeddings = "default", False, False
+    cfg.swin_norm = False
     cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = True, "silu", False
     cfg.attention_output_bias, cfg.attention_scale = False, 0.0
     _set_windows(cfg, None, [])
@@ -237,6 +245,17 @@ def _persimmon(hf, cfg: ModelConfig) -> None:
     cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = False, "relu2", True
 
 
+def _chameleon(hf, cfg: ModelConfig) -> None:
+    """Chameleon's language model: Llama's block with q/k LayerNorms over each head's width
+    with per-head weights and biases, and with swin_norm (Chameleon-30B) each sublayer's
+    output normed before the residual add instead of its input."""
+    if getattr(hf, "model_parallel_size", 1) != 1:
+        raise ValueError("model_parallel_size != 1 is not supported")
+    _refuse_output_bias(hf)
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+    cfg.qk_norm, cfg.swin_norm = "per_head_layernorm", bool(hf.swin_norm)
+
+
 def _only(model_type: str, translate: Callable[[object, ModelConfig], None]):
     """The translation of a vision-language checkpoint's language model that must be a
     `model_type` (Fuyu's Persimmon, BLIP-2's OPT, Idefics3's, SmolVLM's and DeepSeek-VL's Llama)."""
@@ -277,6 +296,7 @@ def _opt(hf, cfg: ModelConfig) -> None:
     bias = bool(hf.enable_bias)
     cfg.attention_bias = cfg.attention_output_bias = cfg.mlp_bias = bias
     cfg.qk_norm, cfg.scale_embeddings, cfg.attention_scale = False, False, 0.0
+    cfg.swin_norm = False
     cfg.mlp_gated, cfg.mlp_activation = False, "relu"
     cfg.tie_embeddings = bool(hf.tie_word_embeddings)
     cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size)
@@ -455,6 +475,11 @@ SUPPORTED_LLMS = {
         _LLAMA_LAYER_KEYS,
         "legacy",
         extra_parts=_BLIP2_PARTS,
+    ),
+    # ChameleonForConditionalGeneration: its language model (the whole model: hf_designs); its
+    # VQ-VAE is under model.vqmodel.
+    "chameleon": LLMFamily(
+        _chameleon, layer_keys=dict(_CHAMELEON_LAYER_KEYS), other_parts=("model.vqmodel.",)
     ),
     "persimmon": _persimmon_family("model.", "lm_head.weight"),
     "opt": _opt_family("model.", "lm_head.weight"),

@@ -31,6 +31,7 @@ from models.batch import IGNORE_INDEX
 from models.blocks import (
     Block,
     ExpertRoute,
+    PerHeadLayerNorm,
     RMSNorm,
     RopeTables,
     TokenEmbedding,
@@ -151,9 +152,13 @@ class SplitVLM(nn.Module):
         self.image_head_blocks = blocks("image_head_blocks", cfg.num_image_head_blocks)
         self.text_norm = make_norm(cfg, cfg.d_model)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
-        self.image_norm = make_norm(cfg, cfg.d_model)
-        self.target_dim = image_target_dim(cfg, vision_dim)
-        self.image_head = nn.Linear(cfg.d_model, self.target_dim)
+        # Image tokens that are vocabulary ids (image_target: tokens) are predicted by the text
+        # branch and LM head; there is no image head then.
+        self.image_norm, self.image_head, self.target_dim = None, None, 0
+        if cfg.image_target != "tokens":
+            self.image_norm = make_norm(cfg, cfg.d_model)
+            self.target_dim = image_target_dim(cfg, vision_dim)
+            self.image_head = nn.Linear(cfg.d_model, self.target_dim)
         self.diffusion = (
             DiffusionHead(self.target_dim, cfg.d_model, cfg.diffusion_hidden, cfg.diffusion_steps)
             if cfg.diffusion_head
@@ -225,8 +230,8 @@ class SplitVLM(nn.Module):
                         part.weight.normal_(0.0, std, generator=generator)
                         if getattr(part, "bias", None) is not None:
                             part.bias.zero_()
-                    elif isinstance(part, RMSNorm):
-                        part.reset_parameters()  # 1, or 0 for (1 + w) norms
+                    elif isinstance(part, RMSNorm | PerHeadLayerNorm):
+                        part.reset_parameters()  # 1 (and bias 0), or 0 for (1 + w) norms
                     elif isinstance(part, nn.RMSNorm):  # an adaptor's (Mistral 3's)
                         part.weight.fill_(1.0)
                     elif isinstance(part, QueryResampler):  # its learned queries
@@ -384,6 +389,8 @@ class SplitVLM(nn.Module):
         tower packs images.
         """
         cfg = self.cfg
+        if cfg.image_target == "tokens":
+            return self.vocabulary_inputs_and_targets(pixel_values)
         tiles = tiles or [(0, 0)] * len(grids)
         canvases = [self.canvas(grid, tile) for grid, tile in zip(grids, tiles, strict=True)]
         images = [
@@ -445,6 +452,21 @@ class SplitVLM(nn.Module):
             for row, index in enumerate(indices):
                 inputs[index], targets[index] = group_inputs[row], group_targets[row]
         return torch.cat(inputs), torch.cat(targets)
+
+    def vocabulary_inputs_and_targets(self, pixel_values: torch.Tensor):
+        """A VQ tokenizer's image tokens (image_target: tokens, Chameleon's): each square image's
+        codes as vocabulary ids, row-major, embedded by the token embedding (T_image, C), and
+        the ids themselves (T_image,) as the targets. The codes come from the clean image: a
+        masked token's region still shapes its neighbours' codes (the VQ encoder's middle block
+        attends across the image), as in MaskGIT."""
+        pixels = normalize_pixels(pixel_values, self.cfg.vision.normalization)
+        ids = self.adaptor(self.vision.codes(pixels.to(self.embed.weight.dtype))).flatten()
+        return self.embed(ids), ids
+
+    @property
+    def image_vocabulary(self) -> range | None:
+        """The vocabulary ids of image tokens (image_target: tokens), which text never predicts."""
+        return self.adaptor.ids if self.cfg.image_target == "tokens" else None
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -526,12 +548,18 @@ class SplitVLM(nn.Module):
             image_TC = image_TC + positions_TC.to(image_TC.dtype)
         return run_blocks(self.image_in, image_TC, layout, rope)
 
-    def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor, labels=None):
-        """Logits at `positions`; with `labels` (one per position), their summed cross-entropy
-        instead, without materializing all the logits at once (models/lm_head.py)."""
+    def text_hidden(self, batch, trunk: Trunk) -> torch.Tensor:
+        """The text branch's hidden states of the whole sequence (after the text-head blocks)."""
         route = self.expert_route(batch)
-        hidden = run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope, route)
-        return self.lm_head(self.text_norm(hidden[positions]), labels)
+        return run_blocks(self.text_head_blocks, trunk.hidden_TC, batch.layout, trunk.rope, route)
+
+    def text_logits(self, batch, trunk: Trunk, positions: torch.Tensor, labels=None, hidden=None):
+        """Logits at `positions`; with `labels` (one per position), their summed cross-entropy
+        instead, without materializing all the logits at once (models/lm_head.py). Image
+        tokens' ids (`image_vocabulary`) get the lowest logit, as Chameleon's do. `hidden`: the
+        `text_hidden` of this trunk, when the caller has it."""
+        hidden = self.text_hidden(batch, trunk) if hidden is None else hidden
+        return self.lm_head(self.text_norm(hidden[positions]), labels, self.image_vocabulary)
 
     def image_condition(self, batch, trunk: Trunk, image_tokens: torch.Tensor) -> torch.Tensor:
         """Normalized image-head hidden states that predict the given image tokens (indices into
@@ -552,9 +580,14 @@ class SplitVLM(nn.Module):
         trunk = self.trunk(batch)
         text_positions = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
         labels = batch.labels[text_positions]
-        losses = {"text_loss_sum": self.text_logits(batch, trunk, text_positions, labels)}
+        hidden = self.text_hidden(batch, trunk)
+        text_loss = self.text_logits(batch, trunk, text_positions, labels, hidden)
+        losses = {"text_loss_sum": text_loss}
         zero = trunk.hidden_TC.new_zeros(())
         losses["image_loss_sum"] = zero
+        if self.cfg.image_target == "tokens":
+            losses["image_loss_sum"] = self.image_token_loss(batch, trunk, hidden)
+            return losses
         if self.diffusion is not None:
             losses["diffusion_loss_sum"] = zero
         has_masked = trunk.image_targets is not None and bool(batch.image_mask.any())
@@ -568,6 +601,16 @@ class SplitVLM(nn.Module):
             full = batch.image_span_full[masked]
             losses["diffusion_loss_sum"] = self.diffusion.loss(condition[full], targets[full])
         return losses
+
+    def image_token_loss(self, batch, trunk: Trunk, hidden: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of the image tokens with a loss (`batch.image_targets`) as
+        vocabulary ids, each predicted at the position before it by the text branch and LM head
+        over the whole vocabulary: an image token is trained as a text token is (Chameleon)."""
+        if trunk.image_targets is None:  # no image in the micro-batch
+            return hidden.new_zeros(())
+        chosen = batch.image_targets(self.cfg.image_loss_tokens)
+        read_at = batch.image_index[chosen] - 1
+        return self.lm_head(self.text_norm(hidden[read_at]), trunk.image_targets[chosen])
 
     def masked_image_predictions(self, batch, trunk: Trunk):
         """For every masked image token: its index in the image stream, the image-head condition,

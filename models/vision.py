@@ -40,6 +40,8 @@ from transformers.models.blip_2.modeling_blip_2 import (
     Blip2QFormerModel,
     Blip2VisionModel,
 )
+from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
+from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 from transformers.models.deepseek_vl_hybrid.modeling_deepseek_vl_hybrid import (
     DeepseekVLSamVisionNeck,
     DeepseekVLSamVisionProj,
@@ -668,6 +670,68 @@ class DeepseekHybridTower(nn.Module):
         return (3 if trained else 1) * self._forward_flops()[1]
 
 
+class ChameleonVQTower(ChameleonVQVAE):
+    """Chameleon's image tokenizer: transformers' own VQ-VAE (its encoder, quant_conv and
+    codebook; post_quant_conv, the decoder's entry, is kept to be written back). Each
+    patch_size × patch_size region of an image becomes the index of its nearest codebook
+    vector, which `model.adaptor: vocabulary` turns into a vocabulary id. Always frozen: it
+    makes integer codes, through which no gradient flows."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+    discrete = True  # its output is codes, not features (models/split_vlm.py)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def num_layers(self) -> int:
+        return 0  # no transformer layers (models/flops.py prices it per image)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.num_embeddings
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels a side of the region one code stands for."""
+        return 2 ** (len(self.config.channel_multiplier) - 1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalized pixels → (N, rows · cols) int64 codes, row-major."""
+        with torch.no_grad():
+            _, _, indices = self.encode(pixel_values)
+        return indices.view(pixel_values.shape[0], -1)
+
+    def codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self(pixel_values)  # through the module's call: hooks (the flop counter's) see it
+
+    def _forward_flops(self) -> tuple[int, int]:
+        """(dense, attention) FLOPs of one image's encoding, by torch's flop counter over a
+        meta-device copy of the tower: its convolutions and codebook distances, and the batched
+        matmuls of its middle block's attention."""
+        if not hasattr(self, "_flops"):
+            from torch.utils.flop_counter import FlopCounterMode
+
+            size = self.config.resolution
+            with torch.device("meta"):
+                twin = ChameleonVQTower(self.config)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    twin.codes(torch.empty(1, 3, size, size))
+            counts = counter.get_flop_counts()["Global"]
+            attention = counts.get(torch.ops.aten.bmm, 0)
+            self._flops = (counter.get_total_flops() - attention, attention)
+        return self._flops
+
+    def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        return self._forward_flops()[0]  # frozen, and no gradient flows through codes
+
+    def attention_flops_per_image(self, input_needs_grad: bool = False) -> int:
+        return self._forward_flops()[1]
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -698,6 +762,7 @@ VISION_TOWERS = {
     "raw_patches": (RawPatchesConfig, RawPatches),
     "blip_2_tower": (Blip2TowerConfig, Blip2QueryTower),
     "deepseek_hybrid_tower": (DeepseekHybridTowerConfig, DeepseekHybridTower),
+    "chameleon_vqgan": (ChameleonVQVAEConfig, ChameleonVQTower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -781,6 +846,24 @@ def _random_deepseek_hybrid(cfg: VisionConfig):
     return config, DeepseekHybridTower
 
 
+def _random_chameleon_vq(cfg: VisionConfig):
+    """Chameleon's VQ-VAE at `patch_size` downsampling (log2 of it halvings, constant width
+    `hidden_size`, `num_layers` resnet blocks a level, attention in its middle block only),
+    `codebook_size` codes of hidden_size values."""
+    levels = int(math.log2(cfg.patch_size)) + 1
+    config = ChameleonVQVAEConfig(
+        embed_dim=cfg.hidden_size,
+        num_embeddings=cfg.codebook_size,
+        latent_channels=cfg.hidden_size,
+        resolution=cfg.image_size,
+        base_channels=cfg.hidden_size,
+        channel_multiplier=[1] * levels,
+        num_res_blocks=cfg.num_layers,
+        attn_resolutions=[],
+    )
+    return config, ChameleonVQTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -795,6 +878,7 @@ RANDOM_TOWERS = {
     "none": _no_tower,
     "blip2": _random_blip2,
     "deepseek_hybrid": _random_deepseek_hybrid,
+    "chameleon_vq": _random_chameleon_vq,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
@@ -1082,6 +1166,33 @@ def _resampler_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
     )
 
 
+class VocabularyAdaptor(nn.Module):
+    """A VQ tokenizer's codes → vocabulary ids: code c is id `start` + c (`model.adaptor:
+    vocabulary`, Chameleon's). No parameters: the ids are embedded by the token embedding."""
+
+    def __init__(self, start: int, codebook_size: int):
+        super().__init__()
+        self.start, self.codebook_size = start, codebook_size
+
+    @property
+    def ids(self) -> range:
+        """The image tokens' vocabulary ids."""
+        return range(self.start, self.start + self.codebook_size)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + self.start
+
+
+def _vocabulary_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    start = cfg.image_vocab_start
+    if start < 0 or start + tower.codebook_size > cfg.vocab_size:
+        raise ValueError(
+            f"model.image_vocab_start={start}: the {tower.codebook_size} image token ids must "
+            f"lie in the vocabulary ({cfg.vocab_size} ids)"
+        )
+    return VocabularyAdaptor(start, tower.codebook_size)
+
+
 ADAPTORS = {
     "linear": _linear_adaptor,
     "mlp": _mlp_adaptor,
@@ -1090,6 +1201,7 @@ ADAPTORS = {
     "pixel_shuffle": _pixel_shuffle_adaptor,
     "resampler": _resampler_adaptor,
     "hybrid_aligner": _hybrid_aligner,
+    "vocabulary": _vocabulary_adaptor,
 }
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 
@@ -1118,7 +1230,11 @@ def merge_patches(features: torch.Tensor, grid: tuple[int, int], merge: int) -> 
 PIXEL_NORMALIZATIONS = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "chameleon": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
 }
+# The factor uint8 pixels are rescaled by before the mean and std: 1 / 255, but Chameleon's
+# image processor's 0.0078 (pixels in [-1, 0.99]).
+PIXEL_RESCALE = {"chameleon": 0.0078}
 assert tuple(PIXEL_NORMALIZATIONS) == PIXEL_NORMALIZATION_NAMES, "update models.config as well"
 
 
@@ -1134,6 +1250,8 @@ def normalize_pixels(pixels: torch.Tensor, normalization: str = "siglip") -> tor
         torch.tensor(v, device=pixels.device).view(3, 1, 1)
         for v in PIXEL_NORMALIZATIONS[normalization]
     )
+    if normalization in PIXEL_RESCALE:
+        return (pixels.float() * PIXEL_RESCALE[normalization] - mean) / std
     return (pixels.float() / 255.0 - mean) / std
 
 

@@ -181,7 +181,7 @@ def evaluate(
                 hits, count = grounding_hits(generated, reference)
                 box_hits, box_count = box_hits + hits, box_count + count
     # Teacher-forced losses, with the training masks (seeded per sample, so the same every eval).
-    image_loss_sum, predictions_and_targets = 0.0, []
+    image_loss_sum, predictions_and_targets, image_token_count = 0.0, [], 0
     for start in range(0, count, 64):
         docs = [decoder(samples[i], i) for i in range(start, min(start + 64, count))]
         batch = collate(docs, **layout_options(model.cfg, model_device(model)))
@@ -190,11 +190,17 @@ def evaluate(
         logits = model.text_logits(batch, trunk, positions).float()
         loss_sum += float(F.cross_entropy(logits, batch.labels[positions], reduction="sum"))
         loss_count += batch.num_text_targets
-        if trunk.image_targets is not None and bool(batch.image_mask.any()):
+        if model.cfg.image_target == "tokens" and trunk.image_targets is not None:
+            hidden = model.text_hidden(batch, trunk)  # vocabulary ids: a cross-entropy
+            image_loss_sum += float(model.image_token_loss(batch, trunk, hidden))
+            image_token_count += batch.num_image_targets(model.cfg.image_loss_tokens)
+        elif trunk.image_targets is not None and bool(batch.image_mask.any()):
             _, _, prediction, target = model.masked_image_predictions(batch, trunk)
             image_loss_sum += float(image_loss(prediction, target, model.cfg.image_loss))
             predictions_and_targets.append(target)
     image = {}
+    if image_token_count:
+        image = {"image_loss": image_loss_sum / image_token_count}
     if predictions_and_targets:
         targets = torch.cat(predictions_and_targets)
         # The baseline a model must beat: always predicting the mean masked target.

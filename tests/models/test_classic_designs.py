@@ -428,6 +428,7 @@ def _engine_worker(
         "yaml/blip2.yaml",
         "yaml/qwen_vl.yaml",
         "yaml/deepseek_vl_hybrid.yaml",
+        "yaml/chameleon.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
@@ -436,7 +437,8 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     all, Persimmon's LayerNorms and biases; CogVLM: a frozen LLM, only the adaptor and the
     visual experts trained; BLIP-2: a
     frozen ViT under a trained Q-Former; Qwen-VL: a frozen LLM under a trained ViT and
-    resampler; DeepSeek-VL 7B: two frozen towers on two resolutions)."""
+    resampler; DeepSeek-VL 7B: two frozen towers on two resolutions; Chameleon: image tokens as
+    vocabulary ids from a frozen VQ-VAE, their loss the LM head's)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo
@@ -467,9 +469,16 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
         start_method="spawn",
     )
     assert context is None or context.join()
-    local = [m["text_loss"] for m in read_metrics(tmp_path / "local")]
+
+    def losses(name: str) -> list[tuple[float, float]]:
+        # (text, image): the image loss is Chameleon's image tokens' (none elsewhere)
+        return [(m["text_loss"], m.get("image_loss", 0.0)) for m in read_metrics(tmp_path / name)]
+
+    local = losses("local")
     assert len(local) == 3
+    assert all(image > 0 for _, image in local) == preset.endswith("chameleon.yaml")
     for name in ("fsdp", "ds"):
-        got = [m["text_loss"] for m in read_metrics(tmp_path / name)]
-        assert got == pytest.approx(local, rel=1e-5), name
-        assert all(m.get("image_loss", 0.0) == 0.0 for m in read_metrics(tmp_path / name))
+        got = losses(name)
+        assert [v for pair in got for v in pair] == pytest.approx(
+            [v for pair in local for v in pair], rel=1e-5
+        ), name

@@ -182,6 +182,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (False, (), "yaml/blip2.yaml"),
         (True, (), "yaml/qwen_vl.yaml"),
         (False, (), "yaml/deepseek_vl_hybrid.yaml"),
+        (False, (), "yaml/chameleon.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -191,6 +192,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "blip2_frozen",
         "qwen_vl_resampler",
         "deepseek_vl_hybrid",
+        "chameleon_vq",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(
@@ -212,6 +214,8 @@ def test_dense_model_flops_equal_pytorchs_flop_count(
     tower_attention = counts.get("SplitVLM.vision", {}).get(aten.bmm, 0)
     dense = sum(counted.get(op, 0) for op in matmuls) - tower_attention
     assert flops.dense(batch) == dense
+    if model.cfg.image_target == "tokens":  # the VQ-VAE's middle block attends by bmm
+        assert tower_attention == flops.attention_per_image["vision"] * len(batch.image_grids) > 0
     if "qformer" in dict(model.vision.named_children()):
         per_image = flops.attention_per_image["vision"]
         assert qformer_attention == per_image * len(batch.image_grids) > 0

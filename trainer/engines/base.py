@@ -46,7 +46,7 @@ class Engine(ABC):
         counts = all_reduce_sum(
             [
                 sum(mb.num_text_targets for mb in micro_batches),
-                sum(mb.num_masked_image_tokens for mb in micro_batches),
+                sum(mb.num_image_targets(self.cfg.model.image_loss_tokens) for mb in micro_batches),
                 sum(mb.num_diffusion_targets for mb in micro_batches),
             ]
         )
