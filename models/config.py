@@ -50,6 +50,8 @@ QK_NORMS = (False, True, "per_head_layernorm")
 MERGED_BLOCK_GROUPS = ("core", "text_head_blocks", "image_head_blocks")
 # Random towers by `model.vision.tower` and pixel normalizations by `model.vision.normalization`
 # (models.vision.RANDOM_TOWERS and PIXEL_NORMALIZATIONS, which assert they match).
+# The towers whose images are codes of a VQ tokenizer (image_target: tokens).
+VQ_TOWERS = ("chameleon_vq", "janus")
 VISION_TOWER_NAMES = (
     "siglip",
     "clip",
@@ -60,6 +62,7 @@ VISION_TOWER_NAMES = (
     "blip2",
     "deepseek_hybrid",
     "chameleon_vq",
+    "janus",
 )
 # `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
 IMAGE_MARKERS = (True, False, "end")
@@ -85,7 +88,11 @@ class VisionConfig:
     # the image at `high_res_size`, SigLIP on it resized to `image_size`, with adaptor:
     # hybrid_aligner) or "chameleon_vq" (Chameleon's VQ-VAE image tokenizer: each patch_size ×
     # patch_size region becomes one of `codebook_size` codes, a vocabulary id of the LLM, with
-    # image_target: tokens; `hidden_size` its base channels, `num_layers` resnet blocks a level).
+    # image_target: tokens; `hidden_size` its base channels, `num_layers` resnet blocks a level)
+    # or "janus" (Janus's two image paths: its SigLIP-like ViT of the size fields for the images
+    # the model reads, with the `mlp` adaptor as its aligner, and a VQ-VAE that turns the images
+    # it generates into codes of its own codebook, `codebook_size` codes of patch_size pixels a
+    # side; a random one's VQ-VAE is 32 channels wide, one resnet block a level).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -138,7 +145,8 @@ class VisionConfig:
     # 1024): images are loaded at this size, and its low-resolution path sees them resized to
     # `image_size`; 0 for every other tower.
     high_res_size: int = 0
-    # Codes of a VQ tokenizer's codebook (tower: chameleon_vq; Chameleon's: 8192), 0 otherwise.
+    # Codes of a VQ tokenizer's codebook (tower: chameleon_vq, Chameleon's: 8192; tower: janus,
+    # Janus's: 16384), 0 otherwise.
     codebook_size: int = 0
 
     @property
@@ -349,21 +357,22 @@ class VisionConfig:
                 "model.vision.num_queries: square images (resize: square), no tiling, "
                 "spatial_merge 1, feature_layer 0 (the Q-Former's output)"
             )
-        vq = self.tower == "chameleon_vq" and not self.pretrained
+        vq = self.tower in VQ_TOWERS and not self.pretrained
         if (self.codebook_size > 0) != vq or (
             vq
             and (
                 self.patch_size & (self.patch_size - 1)
-                or self.hidden_size % 32
+                or (self.tower == "chameleon_vq" and self.hidden_size % 32)
                 or self.native
                 or self.tiling != "none"
-                or self.trainable
+                or (self.tower == "chameleon_vq" and self.trainable)
             )
         ):
             raise ValueError(
-                "model.vision.codebook_size: > 0 with tower: chameleon_vq (and only there), "
-                "whose patch_size is a power of 2 (its downsampling), hidden_size a multiple of "
-                "32 (its group norms), images square (resize: square, no tiling), frozen"
+                "model.vision.codebook_size: > 0 with a VQ tokenizer (tower: chameleon_vq or "
+                "janus, and only there), whose patch_size is a power of 2 (its downsampling), "
+                "images square (resize: square, no tiling); chameleon_vq's hidden_size a "
+                "multiple of 32 (its group norms), and it frozen"
             )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
@@ -515,7 +524,10 @@ class ModelConfig:
     # pixels ("pixels"), or, for a VQ tokenizer's codes ("tokens", Chameleon's), the code as a
     # vocabulary id: image tokens are then embedded by the token embedding, predicted by the
     # text branch and LM head with a cross-entropy loss, as text is, and text positions never
-    # predict them (their logits are masked, as Chameleon's are).
+    # predict them (their logits are masked, as Chameleon's are). With tower: janus the codes are
+    # of its own codebook instead: the images it generates (spans masked whole) are embedded by
+    # its generation embedding and aligner and predicted by its generation head after the final
+    # norm, the images it reads are its ViT's tokens through the adaptor.
     image_target: str = "encoder"
     # The vocabulary id of code 0 (codes are ids image_vocab_start … + codebook_size - 1); -1:
     # the rows after the tokenizer's vocabulary, set when the model is built.
@@ -820,25 +832,39 @@ class ModelConfig:
             raise ValueError(
                 f"model.qk_norm={self.qk_norm!r}; valid: false, true, per_head_layernorm"
             )
-        if (self.image_target == "tokens") != (self.vision.tower == "chameleon_vq"):
+        if (self.image_target == "tokens") != (self.vision.tower in VQ_TOWERS):
             raise ValueError(
                 "model.image_target: tokens goes with a VQ tokenizer (model.vision.tower: "
-                "chameleon_vq), and such a tower with tokens"
+                "chameleon_vq or janus), and such a tower with tokens"
             )
         if self.image_target == "tokens" and (
             self.num_image_head_blocks
             or self.diffusion_head
             or self.image_scales
             or self.dual_input
-            or self.adaptor != "vocabulary"
         ):
             raise ValueError(
-                "model.image_target=tokens: image tokens are vocabulary ids (model.adaptor: "
-                "vocabulary) of the image itself, predicted by the text branch: "
-                "num_image_head_blocks 0, no diffusion_head, no image_scales, no dual_input"
+                "model.image_target=tokens: image tokens are codes of the image itself, "
+                "predicted by the text branch: num_image_head_blocks 0, no diffusion_head, no "
+                "image_scales, no dual_input"
             )
-        if (self.adaptor == "vocabulary") != (self.image_target == "tokens"):
-            raise ValueError("model.adaptor: vocabulary goes with model.image_target: tokens")
+        if (self.adaptor == "vocabulary") != (self.vision.tower == "chameleon_vq"):
+            raise ValueError(
+                "model.adaptor: vocabulary goes with model.vision.tower: chameleon_vq (its codes "
+                "as vocabulary ids), and that tower with it"
+            )
+        if self.vision.tower == "janus" and (
+            self.mask_rate_max
+            or self.image_attention != "causal"
+            or self.image_loss_tokens != "masked"
+            or self.adaptor != "mlp"
+        ):
+            raise ValueError(
+                "model.vision.tower=janus: an image is read (its ViT's tokens) or generated "
+                "whole (its codes, each predicted at the position before it), as "
+                "model.full_mask_prob draws: mask_rate_max 0, image_attention causal, "
+                "image_loss_tokens masked, adaptor mlp (its aligner)"
+            )
         if self.image_loss not in ("mse", "cosine"):
             raise ValueError(f"model.image_loss={self.image_loss!r}; valid: mse, cosine")
         if not 0.0 <= self.mask_rate_min <= self.mask_rate_max <= 1.0:

@@ -87,7 +87,7 @@ class ModelFlops:
         assert not undeclared, f"{type(model).__name__}.TOKENS_THROUGH lacks {sorted(undeclared)}"
         vision = model.vision
         self.vision_trainable = any(p.requires_grad for p in vision.parameters())
-        self.vocabulary_images = cfg.image_target == "tokens"
+        self.vocabulary_images = cfg.adaptor == "vocabulary"
         # Per token: FLOPs of the dense weights of each module, forward + backward. A block
         # stack's visual experts are counted apart: their weights see the image tokens only, the
         # stack's text weights the rest.
@@ -99,7 +99,13 @@ class ModelFlops:
         self.per_image: dict[str, int] = {}
         # Their attention, per image too (BLIP-2's Q-Former, Qwen-VL's resampler).
         self.attention_per_image: dict[str, int] = {}
+        # A tower whose images cost what their role is (Janus's: read by its ViT, or encoded
+        # into codes) prices the micro-batch's images itself.
+        self.batch_priced: dict[str, nn.Module] = {}
         for name, module in model.named_children():
+            if getattr(module, "batch_flops", None) is not None:
+                self.batch_priced[name] = module
+                continue
             per_image = getattr(module, "dense_flops_per_image", None)
             if per_image is not None:
                 input_needs_grad = name != "vision" and self.vision_trainable
@@ -121,7 +127,7 @@ class ModelFlops:
                 self.dense_per_token[name] = 6 * trainable + 4 * frozen
         # A tower pass whose output no gradient reaches (the clean pass, when it only feeds the
         # detached targets) costs its forward only.
-        self.vision_forward_per_token = 2 * sum(dense_weights(vision))
+        self.vision_forward_per_token = 0 if self.batch_priced else 2 * sum(dense_weights(vision))
         # The first layer on the image path gets an input that needs no gradient (pixels, or the
         # frozen tower's output), so autograd skips its input-gradient matmul.
         first_on_image_path = "vision" if self.vision_trainable else "adaptor"
@@ -142,7 +148,7 @@ class ModelFlops:
             )
         # Attention width of the tower's layers: its feature width, but a query tower's ViT's.
         self.tower_width = getattr(vision, "attention_width", vision.feature_dim)
-        self.tower_layers = vision.num_layers
+        self.tower_layers = 0 if self.batch_priced else vision.num_layers
         # With queries the tower sees its own patch grid, whatever the image tokens: BLIP-2's
         # tower (its CLS token included) or Qwen-VL's resampler says how many.
         self.patches_per_image = getattr(vision, "num_patches", 0) or getattr(
@@ -204,6 +210,8 @@ class ModelFlops:
             "all": batch.num_tokens,
             "text": int(batch.text_index.numel()),
             "image": int(batch.image_index.numel()),
+            # Janus's: a generated image's tokens are its codes', the others' the adaptor's.
+            "read_image": int(batch.image_index.numel()) - num_masked,
             "patches": patches_with_grad if self.vision_trainable else patches_forward_only,
             "diffusion_targets": batch.num_diffusion_targets,
             # Image tokens that are vocabulary ids are predicted by the LM head too.
@@ -214,6 +222,7 @@ class ModelFlops:
         }
         # One pass per image: designs of queries mask nothing.
         flops = sum(self.per_image.values()) * len(batch.image_grids)
+        flops += sum(m.batch_flops(batch, self.cfg)[0] for m in self.batch_priced.values())
         for name, per_token in self.dense_per_token.items():
             kind = self.tokens_through[name]
             if kind is None:
@@ -230,6 +239,7 @@ class ModelFlops:
 
     def attention(self, batch) -> int:
         flops = sum(self.attention_per_image.values()) * len(batch.image_grids)
+        flops += sum(m.batch_flops(batch, self.cfg)[1] for m in self.batch_priced.values())
         for name, layout_field in self.attention_layout.items():
             if name == "image_head_blocks" and not _image_loss_runs(batch):
                 continue

@@ -44,6 +44,8 @@ from models.vision import (
     DeepseekHybridTower,
     DeepseekHybridTowerConfig,
     Idefics3Tower,
+    JanusTower,
+    JanusTowerConfig,
     PackedPixtralVisionModel,
     PackedQwen2VisionModel,
     PackedSiglipVisionModel,
@@ -275,6 +277,7 @@ def _import_vlm(
     extra=None,
     tower_config=None,
     processor_keys=("image_mean", "image_std"),
+    modules: dict[str, str] | None = None,
 ) -> SplitVLM:
     """A LLaVA-like checkpoint (`vision_tower.*`, `multi_modal_projector.*`, a language model of
     `SUPPORTED_LLMS[design]`) as our model: `model_config` turns its config into ours,
@@ -282,8 +285,10 @@ def _import_vlm(
     `prefixes(tensor names)` gives the tower's and projector's tensor prefixes (LLaVA's; "" for
     BLIP-2's tower, whose modules sit at the top level), `extra(tensor names)` our other
     parameters' tensors ({ours: theirs}; LLaVA-NeXT's newline), `tower_config(hf config)`
-    the tower's transformers config as a dict (default: its `vision_config`) and
-    `processor_keys` the image processor's mean and std our normalization is read from."""
+    the tower's transformers config as a dict (default: its `vision_config`),
+    `processor_keys` the image processor's mean and std our normalization is read from, and
+    `modules` ({our module: prefix}) our modules whose parameters have transformers' names
+    under a prefix (Janus's generation path)."""
     llm = PretrainedLLM(path)
     try:
         cfg = model_config(llm.hf_config)
@@ -311,6 +316,11 @@ def _import_vlm(
     for ours, theirs in _projector_names(model, projector).items():
         sources[ours] = projector_prefix + theirs
     sources |= extra(checkpoint.tensor_files) if extra else {}
+    module_names = []  # their names of our `modules`' submodules
+    for ours, prefix in (modules or {}).items():
+        for name, _ in getattr(model, ours).named_parameters():
+            sources[f"{ours}.{name}"] = prefix + name
+        module_names += [prefix + top for top, _ in getattr(model, ours).named_children()]
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in sources.items():
@@ -324,7 +334,8 @@ def _import_vlm(
     unread = [
         name
         for name in checkpoint.tensor_files
-        if name.startswith((*tower_names, projector_prefix)) and name not in sources.values()
+        if name.startswith((*tower_names, projector_prefix, *module_names))
+        and name not in sources.values()
     ]
     if unread:
         raise ValueError(
@@ -1177,11 +1188,16 @@ def _deepseek_vl_export(
     hf.architectures = ["DeepseekVLForConditionalGeneration"]
     prefixes = _deepseek_vl_prefixes({})
     _save_vlm(model, out, "deepseek_vl", _DEEPSEEK_VL_ALIGNER, hf, prefixes=prefixes)
+    _save_padded_square_processor(out, cfg, "DeepseekVLImageProcessor")
+
+
+def _save_padded_square_processor(out: Path, cfg: ModelConfig, processor_type: str) -> None:
+    """DeepSeek-VL's and Janus's image processor: padded to a square, resized to image_size."""
     size = cfg.vision.image_size
     _save_image_processor(
         out,
         cfg,
-        "DeepseekVLImageProcessor",
+        processor_type,
         size={"height": size, "width": size},
         do_resize=True,
         do_pad=True,
@@ -1698,6 +1714,97 @@ def _chameleon_export(model: SplitVLM, out: Path, base: dict | None, image_id: i
     )
 
 
+# -- Janus ------------------------------------------------------------------------------------
+
+
+def janus_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers JanusConfig: its ViT and VQ-VAE as one tower
+    (`model.vision.tower: janus`, `JanusTower`), the understanding aligner as our `mlp` adaptor,
+    the generation path's codes as image tokens (`model.image_target: tokens`, its embedding,
+    aligner and head: `JanusGeneration`), <begin_of_image> and <end_of_image> around every image,
+    Llama. Its processor's default normalization is OpenAI CLIP's."""
+    vision, vq, width = hf.vision_config, hf.vq_config, hf.text_config.hidden_size
+    if vision.depth != 2 or vision.hidden_act != "gelu":
+        raise ValueError(
+            f"an aligner of depth {vision.depth} with {vision.hidden_act!r}; supported: depth 2, "
+            "gelu (Linear-GELU-Linear)"
+        )
+    if vq.double_latent or vq.in_channels != 3:
+        raise ValueError("only a VQ-VAE of RGB images, single latent (double_latent false)")
+    widths = (vision.projection_dim, vq.projection_dim, vq.image_token_embed_dim)
+    if any(w != width for w in widths):
+        raise ValueError(
+            f"the aligners' projection_dim and the generation head's image_token_embed_dim "
+            f"{widths} must be the language model's hidden_size ({width})"
+        )
+    cfg = decoder_vlm_config("causal", "mlp", vision, "janus", feature_layer=0)
+    cfg.vision.codebook_size = vq.num_embeddings
+    cfg.image_target = "tokens"
+    cfg.image_markers = True
+    cfg.image_start_token, cfg.image_end_token = "<begin_of_image>", "<end_of_image>"
+    return cfg
+
+
+# Our MLP adaptor's layers → the understanding aligner's.
+_JANUS_ALIGNER = {"0": "fc1", "2": "hidden_layers.0"}
+
+
+def _janus_tower_config(hf) -> dict:
+    return JanusTowerConfig(
+        vision_config=hf.vision_config.to_dict(), vq_config=hf.vq_config.to_dict()
+    ).to_dict()
+
+
+def _import_janus(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "janus",
+        janus_model_config,
+        _JANUS_ALIGNER,
+        _fixed_prefixes("model.", "model.aligner."),
+        tower_config=_janus_tower_config,
+        modules={"generation": "model."},
+    )
+
+
+_JANUS_SHAPE = {
+    **_DEEPSEEK_VL_SHAPE,
+    "image_markers": True,
+    "image_target": "tokens",
+    "vision.tower": "janus",
+}
+
+_janus_mismatch = _shape_and_tower_mismatch(
+    "Janus", _JANUS_SHAPE, JanusTower, "its ViT and VQ-VAE (JanusTower)"
+)
+
+
+def _janus_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import JanusConfig  # seconds; only when exporting
+
+    cfg, tower = model.cfg, model.vision.config
+    aligner_layers = 1 + len(model.generation.generation_aligner.hidden_layers)
+    hf = JanusConfig(
+        text_config=_llama_layout_text_config(model, base).to_dict(),
+        vision_config={**tower.vision_config.to_dict(), "projection_dim": cfg.d_model, "depth": 2},
+        vq_config={
+            **tower.vq_config.to_dict(),
+            "projection_dim": cfg.d_model,
+            "image_token_embed_dim": cfg.d_model,
+            "num_hidden_layers": aligner_layers,
+        },
+        image_token_id=_image_token(base, image_id, "Janus", key="image_token_id"),
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf.architectures = ["JanusForConditionalGeneration"]
+    generation = {f"generation.{name}": f"model.{name}" for name in model.generation.state_dict()}
+    _save_vlm(
+        model, out, "janus", _JANUS_ALIGNER, hf, ("model.", "model.aligner."), extra=generation
+    )
+    _save_padded_square_processor(out, cfg, "JanusImageProcessor")
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1746,6 +1853,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_blip2,
         export_checkpoint=_blip2_export,
         mismatch=_blip2_mismatch,
+    ),
+    "janus": HFDesign(
+        transformers_class="JanusForConditionalGeneration",
+        import_checkpoint=_import_janus,
+        export_checkpoint=_janus_export,
+        mismatch=_janus_mismatch,
     ),
     "chameleon": HFDesign(
         transformers_class="ChameleonForConditionalGeneration",

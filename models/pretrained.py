@@ -478,6 +478,18 @@ SUPPORTED_LLMS = {
     ),
     # ChameleonForConditionalGeneration: its language model (the whole model: hf_designs); its
     # VQ-VAE is under model.vqmodel.
+    # JanusForConditionalGeneration's, under its nested names.
+    "janus": _llama_under(
+        "model.language_model.",
+        (
+            "model.vision_model.",
+            "model.aligner.",
+            "model.vqmodel.",
+            "model.generation_embeddings.",
+            "model.generation_aligner.",
+            "model.generation_head.",
+        ),
+    ),
     "chameleon": LLMFamily(
         _chameleon, layer_keys=dict(_CHAMELEON_LAYER_KEYS), other_parts=("model.vqmodel.",)
     ),

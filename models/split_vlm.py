@@ -43,8 +43,11 @@ from models.config import ModelConfig, model_config_from_dict
 from models.diffusion import DiffusionHead
 from models.lm_head import LMHead
 from models.vision import (
+    JanusGeneration,
+    JanusTower,
     PackedImages,
     QueryResampler,
+    VocabularyAdaptor,
     build_adaptor,
     build_vision_tower,
     image_target_dim,
@@ -89,6 +92,7 @@ class SplitVLM(nn.Module):
         "image_head_blocks": "all_if_image_loss",
         "image_norm": "masked",
         "image_head": "masked",
+        "generation": "masked",  # Janus's: a generated image's tokens, in and out
         "diffusion": "diffusion_targets",
     }
     # Block stacks and the `PackedBatch` layout their attention runs on.
@@ -106,6 +110,7 @@ class SplitVLM(nn.Module):
         "adaptor": "adaptor",
         "mask_embedding": "adaptor",
         "image_newline": "adaptor",
+        "generation": "adaptor",
     }
 
     def __init__(self, cfg: ModelConfig, vision_config: dict | None = None):
@@ -135,6 +140,12 @@ class SplitVLM(nn.Module):
         vision_dim = self.vision.feature_dim
         self.adaptor = build_adaptor(self.vision, cfg)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.d_model))
+        # Janus's generation path: its codes' embedding, aligner and head.
+        self.generation = None
+        if isinstance(self.vision, JanusTower):
+            self.generation = JanusGeneration(self.vision.config.vq_config, cfg.d_model)
+            # Its adaptor reads the images it reads only (models/flops.py).
+            self.TOKENS_THROUGH = {**self.TOKENS_THROUGH, "adaptor": "read_image"}
         # LLaVA-NeXT's learned embedding after every row of a tiled image's grid.
         self.image_newline = None
         if cfg.vision.tiling == "llava_next":
@@ -389,6 +400,8 @@ class SplitVLM(nn.Module):
         tower packs images.
         """
         cfg = self.cfg
+        if self.generation is not None:
+            return self.generation_inputs_and_targets(pixel_values, image_mask)
         if cfg.image_target == "tokens":
             return self.vocabulary_inputs_and_targets(pixel_values)
         tiles = tiles or [(0, 0)] * len(grids)
@@ -463,10 +476,29 @@ class SplitVLM(nn.Module):
         ids = self.adaptor(self.vision.codes(pixels.to(self.embed.weight.dtype))).flatten()
         return self.embed(ids), ids
 
+    def generation_inputs_and_targets(self, pixel_values: torch.Tensor, image_mask: torch.Tensor):
+        """Janus's two kinds of images, square, in one tower call: an image whose tokens are
+        masked is generated, its inputs (T, C) its codes' embeddings through the generation
+        aligner (teacher forcing) and its targets the codes; every other image is read, its
+        inputs the ViT's tokens through the adaptor (its aligner), its targets IGNORE_INDEX."""
+        pixels = normalize_pixels(pixel_values, self.cfg.vision.normalization)
+        per_image = self.cfg.num_image_tokens()
+        generated = image_mask.view(-1, per_image)[:, 0]
+        features, codes = self.vision(pixels.to(self.embed.weight.dtype), generated)
+        read = self.adaptor(features)
+        made = self.generation.embed(codes).to(read.dtype)
+        inputs = read.new_empty(len(generated), per_image, read.shape[-1])
+        inputs[~generated], inputs[generated] = read, made
+        targets = torch.full_like(generated, IGNORE_INDEX, dtype=torch.long)[:, None]
+        targets = targets.expand(-1, per_image).clone()
+        targets[generated] = codes
+        return inputs.flatten(0, 1), targets.flatten()
+
     @property
     def image_vocabulary(self) -> range | None:
-        """The vocabulary ids of image tokens (image_target: tokens), which text never predicts."""
-        return self.adaptor.ids if self.cfg.image_target == "tokens" else None
+        """The vocabulary ids of image tokens (image_target: tokens with the vocabulary adaptor),
+        which text never predicts."""
+        return self.adaptor.ids if isinstance(self.adaptor, VocabularyAdaptor) else None
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -498,9 +530,11 @@ class SplitVLM(nn.Module):
                 batch.pixel_values, batch.image_mask, batch.image_grids, batch.image_tiles
             )
             adapted = adapted if image_tokens is None else image_tokens
+            # A Janus image the model generates takes its codes' embeddings, not mask tokens.
+            input_mask = batch.image_mask if self.generation is None else None
             image_TC = self.image_in_blocks(
                 adapted,
-                batch.image_mask,
+                input_mask,
                 batch.image_layout,
                 rope.select(batch.image_index),
                 None if positions_TC is None else positions_TC[batch.image_index],
@@ -542,8 +576,10 @@ class SplitVLM(nn.Module):
     def image_in_blocks(self, adapted_TC, image_mask, layout, rope, positions_TC=None):
         """Masked tokens become the mask embedding, the tokens' learned positions are added
         (`positions_TC`, OPT's); then the image-in blocks, one span each."""
-        mask_embedding = self.mask_embedding.to(adapted_TC.dtype)
-        image_TC = torch.where(image_mask[:, None], mask_embedding, adapted_TC)
+        image_TC = adapted_TC
+        if image_mask is not None:
+            mask_embedding = self.mask_embedding.to(adapted_TC.dtype)
+            image_TC = torch.where(image_mask[:, None], mask_embedding, adapted_TC)
         if positions_TC is not None:
             image_TC = image_TC + positions_TC.to(image_TC.dtype)
         return run_blocks(self.image_in, image_TC, layout, rope)
@@ -603,13 +639,20 @@ class SplitVLM(nn.Module):
         return losses
 
     def image_token_loss(self, batch, trunk: Trunk, hidden: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of the image tokens with a loss (`batch.image_targets`) as
-        vocabulary ids, each predicted at the position before it by the text branch and LM head
-        over the whole vocabulary: an image token is trained as a text token is (Chameleon)."""
+        """The summed cross-entropy of the image tokens with a loss (`batch.image_targets`),
+        each predicted at the position before it from the text branch after the final norm: as
+        vocabulary ids by the LM head over the whole vocabulary, as a text token is
+        (Chameleon), or as codes by the generation head (Janus)."""
         if trunk.image_targets is None:  # no image in the micro-batch
-            return hidden.new_zeros(())
+            if self.generation is None or not self.run_every_branch:
+                return hidden.new_zeros(())
+            # The generation head on no position: zero, with zero gradients on every rank.
+            empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
+            return self.generation(self.text_norm(hidden[:0]), empty)
         chosen = batch.image_targets(self.cfg.image_loss_tokens)
         read_at = batch.image_index[chosen] - 1
+        if self.generation is not None:
+            return self.generation(self.text_norm(hidden[read_at]), trunk.image_targets[chosen])
         return self.lm_head(self.text_norm(hidden[read_at]), trunk.image_targets[chosen])
 
     def masked_image_predictions(self, batch, trunk: Trunk):

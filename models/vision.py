@@ -48,6 +48,13 @@ from transformers.models.deepseek_vl_hybrid.modeling_deepseek_vl_hybrid import (
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+from transformers.models.janus.modeling_janus import (
+    JanusVisionModel,
+    JanusVQVAE,
+    JanusVQVAEAlignerMLP,
+    JanusVQVAEHead,
+)
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.sam.configuration_sam import SamVisionConfig
@@ -732,6 +739,164 @@ class ChameleonVQTower(ChameleonVQVAE):
         return self._forward_flops()[1]
 
 
+class JanusTowerConfig(PretrainedConfig):
+    """The config of `JanusTower`: Janus's ViT and VQ-VAE configs (the parts of a transformers
+    JanusConfig that are neither the language model nor the generation path's)."""
+
+    model_type = "janus_tower"
+
+    def __init__(self, vision_config: dict | None = None, vq_config: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = JanusVisionConfig(**(vision_config or {}))
+        self.vq_config = JanusVQVAEConfig(**(vq_config or {}))
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["vq_config"] = self.vq_config.to_dict()
+        return out
+
+
+class JanusTower(nn.Module):
+    """Janus's two image paths, transformers' own modules under JanusForConditionalGeneration's
+    names: its SigLIP-like ViT (`vision_model`, read at its last_hidden_state) for the images the
+    model reads, and its VQ-VAE (`vqmodel`, always frozen) that turns the images the model
+    generates into codes of its own codebook, one per patch_size × patch_size region, on the
+    ViT's grid. One call encodes a micro-batch's images of both kinds (`forward`): under a
+    sharded engine every rank then gathers the tower once per micro-batch, whatever its images
+    are. Square images, batched."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+    modules_at_model_level = True  # models/hf_designs.py: its checkpoint names
+
+    def __init__(self, config: JanusTowerConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = JanusVisionModel(config.vision_config)
+        self.vqmodel = JanusVQVAE(config.vq_config)
+        self.vqmodel.requires_grad_(False)
+        vision = config.vision_config
+        if self.downsampling != vision.patch_size:
+            raise ValueError(
+                f"Janus's VQ-VAE makes a code of {self.downsampling} pixels a side, its ViT a "
+                f"token of {vision.patch_size}: they must be equal (one image token each)"
+            )
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.vision_config.num_hidden_layers
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.vq_config.num_embeddings
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels a side of the region one code stands for."""
+        return 2 ** (len(self.config.vq_config.channel_multiplier) - 1)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        super().requires_grad_(requires_grad)
+        self.vqmodel.requires_grad_(False)  # codes: no gradient flows through them
+        return self
+
+    def _init_weights(self, module: nn.Module) -> None:
+        for part in (self.vision_model, self.vqmodel):
+            if any(module is m for m in part.modules()):
+                part._init_weights(module)
+                return
+
+    def forward(self, pixel_values: torch.Tensor, generated: torch.Tensor | None = None):
+        """(N, 3, S, S) normalized images and which of them the model generates (bool (N,),
+        default none) → (features (N_read, grid², width) of the others, codes (N_generated,
+        grid²) int64), each row-major. With no image to read, the ViT still runs, on the first
+        image, and gives no features: every parameter gets a (zero) gradient on every rank."""
+        if generated is None:
+            generated = torch.zeros(len(pixel_values), dtype=torch.bool, device=pixel_values.device)
+        read = ~generated
+        any_read = bool(read.any())
+        pixels = pixel_values[read] if any_read else pixel_values[:1]
+        features = self.vision_model(pixel_values=pixels).last_hidden_state
+        features = features if any_read else features[:0]
+        codes = torch.zeros(0, features.shape[1], dtype=torch.long, device=pixel_values.device)
+        if bool(generated.any()):
+            with torch.no_grad():
+                _, _, indices = self.vqmodel.encode(pixel_values[generated])
+            codes = indices.view(int(generated.sum()), -1)
+        return features, codes
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values)[0]
+
+    def _forward_flops(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((dense, attention) FLOPs of reading one image, the same of encoding one into
+        codes), by torch's flop counter over a meta-device copy of the tower."""
+        if not hasattr(self, "_flops"):
+            from torch.utils.flop_counter import FlopCounterMode
+
+            size = self.config.vision_config.image_size
+            self._flops = []
+            with torch.device("meta"), torch.no_grad():
+                twin, image = JanusTower(self.config), torch.empty(1, 3, size, size)
+                for run in (twin.vision_model, twin.vqmodel.encode):
+                    with FlopCounterMode(display=False) as counter:
+                        run(image)
+                    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+                    attention = sum(
+                        n for op, n in counts.items() if "bmm" in op or "scaled_dot" in op
+                    )
+                    self._flops.append((counter.get_total_flops() - attention, attention))
+        return self._flops[0], self._flops[1]
+
+    def batch_flops(self, batch, cfg, input_needs_grad: bool = False) -> tuple[int, int]:
+        """(dense, attention) FLOPs of the micro-batch's images: each read one through the ViT
+        (forward, and a trained ViT's backward at twice it), each generated one through the
+        VQ-VAE's encoder (forward only); the ViT runs on one image when none is read."""
+        (read_dense, read_attention), (code_dense, code_attention) = self._forward_flops()
+        num_images = len(batch.image_grids)
+        if not num_images:
+            return 0, 0
+        generated = int(batch.image_mask.sum()) // cfg.num_image_tokens()
+        read = max(num_images - generated, 1)
+        trained = any(p.requires_grad for p in self.parameters())
+        factor = 3 if trained or input_needs_grad else 1
+        dense = factor * read * read_dense + generated * code_dense
+        if trained and not input_needs_grad:  # the patch embedding's input is pixels: no gradient
+            patches = self.config.vision_config.image_size // self.downsampling
+            conv = self.vision_model.embeddings.patch_embedding.weight
+            dense -= read * 2 * conv.numel() * patches**2
+        return dense, factor * read * read_attention + generated * code_attention
+
+
+class JanusGeneration(nn.Module):
+    """Janus's generation path beside its language model, transformers' own modules under its
+    names: each code's embedding (`generation_embeddings`) and the aligner that brings it to the
+    LLM's width (`generation_aligner`) make a generated image's input tokens; the head
+    (`generation_head`) predicts a code from the final norm's output, over the codebook."""
+
+    def __init__(self, vq_config: JanusVQVAEConfig, d_model: int):
+        super().__init__()
+        vq = JanusVQVAEConfig(**{**vq_config.to_dict(), "projection_dim": d_model})
+        vq.image_token_embed_dim = d_model
+        self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
+        self.generation_aligner = JanusVQVAEAlignerMLP(vq)
+        self.generation_head = JanusVQVAEHead(vq)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (..., T) → input tokens (..., T, d_model)."""
+        return self.generation_aligner(self.generation_embeddings(codes))
+
+    def forward(self, hidden_TC: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of `codes` (T,) predicted from normed hidden states (T, C)."""
+        logits = self.generation_head(hidden_TC).float()
+        return F.cross_entropy(logits, codes, reduction="sum")
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -763,6 +928,7 @@ VISION_TOWERS = {
     "blip_2_tower": (Blip2TowerConfig, Blip2QueryTower),
     "deepseek_hybrid_tower": (DeepseekHybridTowerConfig, DeepseekHybridTower),
     "chameleon_vqgan": (ChameleonVQVAEConfig, ChameleonVQTower),
+    "janus_tower": (JanusTowerConfig, JanusTower),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -864,6 +1030,25 @@ def _random_chameleon_vq(cfg: VisionConfig):
     return config, ChameleonVQTower
 
 
+def _random_janus(cfg: VisionConfig):
+    """Janus's ViT of the size in `cfg` (its aligner: our `mlp` adaptor) and a VQ-VAE of
+    `codebook_size` codes at `patch_size` downsampling, 32 channels wide, one resnet block a
+    level (Janus's: 128 base channels, 16 × downsampling, 16384 codes of 8 values)."""
+    levels = int(math.log2(cfg.patch_size)) + 1
+    vision = {**_random_size(cfg), "mlp_ratio": 4.0}
+    vision.pop("intermediate_size")
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=cfg.codebook_size,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1] * levels,
+        num_res_blocks=1,
+        num_patches=cfg.image_size // cfg.patch_size,
+    )
+    return JanusTowerConfig(vision_config=vision, vq_config=vq), JanusTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -879,6 +1064,7 @@ RANDOM_TOWERS = {
     "blip2": _random_blip2,
     "deepseek_hybrid": _random_deepseek_hybrid,
     "chameleon_vq": _random_chameleon_vq,
+    "janus": _random_janus,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 

@@ -191,7 +191,7 @@ def evaluate(
         loss_sum += float(F.cross_entropy(logits, batch.labels[positions], reduction="sum"))
         loss_count += batch.num_text_targets
         if model.cfg.image_target == "tokens" and trunk.image_targets is not None:
-            hidden = model.text_hidden(batch, trunk)  # vocabulary ids: a cross-entropy
+            hidden = model.text_hidden(batch, trunk)  # codes: a cross-entropy
             image_loss_sum += float(model.image_token_loss(batch, trunk, hidden))
             image_token_count += batch.num_image_targets(model.cfg.image_loss_tokens)
         elif trunk.image_targets is not None and bool(batch.image_mask.any()):

@@ -56,16 +56,11 @@ def tiny_chameleon(swin_norm: bool = False) -> ChameleonForConditionalGeneration
         ),
     )
     model = with_random_vectors(ChameleonForConditionalGeneration(config))
-    vq = model.model.vqmodel
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "_norm." in name and parameter.dim() == 2:  # per-head q/k norms: (heads, width)
-                parameter.add_(
-                    torch.randn_like(parameter) * 0.2
-                )  # the codebook from the encoder's own outputs: images use many codes
-        images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        latents = vq.quant_conv(vq.encoder(images)).permute(0, 2, 3, 1).flatten(0, 2)
-        vq.quantize.embedding.weight.copy_(latents[torch.randperm(len(latents))[:CODES]])
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    codebook_from_encoder(model.model.vqmodel, CODES)
     return model
 
 
@@ -79,8 +74,18 @@ def imported(chameleon_dir, tmp_path_factory) -> Path:
     return imported_into(chameleon_dir, tmp_path_factory, "ChameleonForConditionalGeneration")
 
 
-def as_document(pieces, pixels: torch.Tensor, name: str) -> Document:
-    """Our document: text, then each image as <racm3:break>, its 16 tokens (the pad id), <eoss>."""
+def codebook_from_encoder(vq, codes: int) -> None:
+    """The VQ-VAE's codebook drawn from its encoder's own outputs: images use many codes."""
+    with torch.no_grad():
+        images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        latents = vq.quant_conv(vq.encoder(images)).permute(0, 2, 3, 1).flatten(0, 2)
+        vq.quantize.embedding.weight.copy_(latents[torch.randperm(len(latents))[:codes]])
+
+
+def as_document(pieces, pixels: torch.Tensor, name: str, generated=None) -> Document:
+    """Our document: text, then each image as <racm3:break>, its 16 tokens (the pad id), <eoss>
+    (Janus's <begin_of_image> … <end_of_image>); the tokens of the images `generated` flags
+    (default none) masked, their whole spans."""
     ids, segments = [], []
     for text, num_images in pieces:
         ids += text
@@ -89,16 +94,16 @@ def as_document(pieces, pixels: torch.Tensor, name: str) -> Document:
         for _ in range(num_images):
             ids += [BOI] + [0] * NUM_TOKENS + [EOI]
             segments += [("text", 1), ("image", NUM_TOKENS), ("text", 1)]
-    num_image_tokens = NUM_TOKENS * pixels.shape[0]
-    is_text = torch.tensor([i != 0 for i in ids])
+    flags = torch.tensor(generated or [False] * pixels.shape[0])
+    mask = flags.repeat_interleave(NUM_TOKENS)
     return Document(
         sample_id=name,
         input_ids=torch.tensor(ids),
-        target_mask=is_text,
+        target_mask=torch.tensor([i != 0 for i in ids]),
         segments=segments,
         pixel_values=pixels,
-        image_mask=torch.zeros(num_image_tokens, dtype=torch.bool),
-        image_span_full=torch.zeros(num_image_tokens, dtype=torch.bool),
+        image_mask=mask,
+        image_span_full=mask.clone(),
     )
 
 

@@ -429,6 +429,7 @@ def _engine_worker(
         "yaml/qwen_vl.yaml",
         "yaml/deepseek_vl_hybrid.yaml",
         "yaml/chameleon.yaml",
+        "yaml/janus.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
@@ -438,7 +439,8 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     visual experts trained; BLIP-2: a
     frozen ViT under a trained Q-Former; Qwen-VL: a frozen LLM under a trained ViT and
     resampler; DeepSeek-VL 7B: two frozen towers on two resolutions; Chameleon: image tokens as
-    vocabulary ids from a frozen VQ-VAE, their loss the LM head's)."""
+    vocabulary ids from a frozen VQ-VAE, their loss the LM head's; Janus: a rank's images read
+    by the ViT or generated as codes, as drawn, with one tower call either way)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo
@@ -471,12 +473,12 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     assert context is None or context.join()
 
     def losses(name: str) -> list[tuple[float, float]]:
-        # (text, image): the image loss is Chameleon's image tokens' (none elsewhere)
+        # (text, image): the image loss is Chameleon's and Janus's image tokens' (none elsewhere)
         return [(m["text_loss"], m.get("image_loss", 0.0)) for m in read_metrics(tmp_path / name)]
 
     local = losses("local")
     assert len(local) == 3
-    assert all(image > 0 for _, image in local) == preset.endswith("chameleon.yaml")
+    assert all(image > 0 for _, image in local) == preset.endswith(("chameleon.yaml", "janus.yaml"))
     for name in ("fsdp", "ds"):
         got = losses(name)
         assert [v for pair in got for v in pair] == pytest.approx(

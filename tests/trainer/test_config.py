@@ -199,7 +199,7 @@ def test_bad_data_options_are_config_errors():
         (["model.swin_norm=true", "model.post_norms=true"], "model.swin_norm and model.post_"),
         (
             ["model.vision.tower=chameleon_vq", "model.vision.codebook_size=8"],
-            "model.vision.codebook_size: > 0 with tower: chameleon_vq (and only there), whose",
+            "model.vision.codebook_size: > 0 with a VQ tokenizer (tower: chameleon_vq or janus",
         ),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["optim.schedule=cosin"], "optim.schedule='cosin'; valid: cosine, linear, constant"),
@@ -223,6 +223,22 @@ def test_bad_data_options_are_config_errors():
 def test_every_section_is_validated_at_load(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "yaml/tiny.yaml", overrides)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.mask_rate_max=0.5"], "model.vision.tower=janus: an image is read (its ViT's"),
+        (["model.image_attention=bidirectional"], "model.vision.tower=janus: an image is read"),
+        (["model.adaptor=vocabulary"], "model.adaptor: vocabulary goes with model.vision.tower"),
+        (["model.vision.codebook_size=0"], "model.vision.codebook_size: > 0 with a VQ tokenizer"),
+        (["model.image_target=encoder"], "model.image_target: tokens goes with a VQ tokenizer"),
+    ],
+)
+def test_janus_two_image_paths_are_validated_at_load(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "yaml/janus.yaml", overrides)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 

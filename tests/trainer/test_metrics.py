@@ -183,6 +183,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (True, (), "yaml/qwen_vl.yaml"),
         (False, (), "yaml/deepseek_vl_hybrid.yaml"),
         (False, (), "yaml/chameleon.yaml"),
+        (False, (), "yaml/janus.yaml"),
+        (True, (), "yaml/janus.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -193,6 +195,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "qwen_vl_resampler",
         "deepseek_vl_hybrid",
         "chameleon_vq",
+        "janus",
+        "janus_trained_vit",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(
@@ -214,7 +218,12 @@ def test_dense_model_flops_equal_pytorchs_flop_count(
     tower_attention = counts.get("SplitVLM.vision", {}).get(aten.bmm, 0)
     dense = sum(counted.get(op, 0) for op in matmuls) - tower_attention
     assert flops.dense(batch) == dense
-    if model.cfg.image_target == "tokens":  # the VQ-VAE's middle block attends by bmm
+    if model.cfg.vision.tower == "janus":  # images of both kinds: read and generated
+        assert 0 < batch.num_masked_image_tokens < batch.image_index.numel()
+        generated = batch.num_masked_image_tokens // model.cfg.num_image_tokens()
+        _, (_, encoding_attention) = model.vision._forward_flops()  # its VQ-VAE's, by bmm
+        assert tower_attention == encoding_attention * generated > 0
+    elif model.cfg.image_target == "tokens":  # the VQ-VAE's middle block attends by bmm
         assert tower_attention == flops.attention_per_image["vision"] * len(batch.image_grids) > 0
     if "qformer" in dict(model.vision.named_children()):
         per_image = flops.attention_per_image["vision"]

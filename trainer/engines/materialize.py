@@ -139,7 +139,7 @@ def build_engine_model(
     initialized (None for the weights); sharded ones get it empty plus its `InitialWeights`."""
     if cfg.model.vocab_size <= 0:
         cfg.model.vocab_size = len(tokenizer)
-    if cfg.model.image_target == "tokens" and cfg.model.image_vocab_start < 0:
+    if cfg.model.adaptor == "vocabulary" and cfg.model.image_vocab_start < 0:
         # A VQ tokenizer's codes get the rows after the tokenizer's vocabulary.
         cfg.model.image_vocab_start = cfg.model.vocab_size
         cfg.model.vocab_size += cfg.model.vision.codebook_size
