@@ -321,8 +321,9 @@ class SplitVLM(nn.Module):
         sized images: one tower call for all of them, packed, or (square SigLIP, CLIP, tiles)
         batched, image_size tile by tile. Sharded engines need the same tower calls on every
         rank, which one call whatever the micro-batch holds gives. No graph when the tower is
-        frozen."""
-        with torch.set_grad_enabled(self.cfg.vision.trainable and torch.is_grad_enabled()):
+        frozen (none of its parameters trains: model.vision.trainable, optim.stage, freeze)."""
+        trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
             if not self.packs_images:
                 tiles = [self._tiles(batch) for batch in batches]
                 features = self.vision.image_features(

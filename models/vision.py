@@ -705,6 +705,9 @@ class ChameleonVQTower(ChameleonVQVAE):
         """Pixels a side of the region one code stands for."""
         return 2 ** (len(self.config.channel_multiplier) - 1)
 
+    def requires_grad_(self, requires_grad: bool = True):
+        return super().requires_grad_(False)  # codes: no gradient flows through them
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized pixels → (N, rows · cols) int64 codes, row-major."""
         with torch.no_grad():

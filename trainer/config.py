@@ -27,6 +27,14 @@ class ConfigError(ValueError):
 ENGINE_NAMES = ("local", "fsdp", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")  # engine.mixed_precision
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+# optim.stage → the components it trains (SplitVLM.COMPONENTS: the vision tower; the adaptor,
+# with the mask embedding, LLaVA-NeXT's newline and Janus's generation path; the language
+# model, everything else, the image heads included).
+STAGES = {
+    "align": ("adaptor",),  # the connector alone: LLaVA's, DeepSeek-VL's and Janus's stage 1
+    "instruct": ("adaptor", "llm"),  # the tower frozen: LLaVA's stage 2
+    "full": ("vision", "adaptor", "llm"),  # every part: PaliGemma's recipe
+}
 ZERO_STAGES = (1, 2, 3)  # engine.zero_stage
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
 
@@ -146,13 +154,19 @@ class OptimConfig:
     # to `lr`; the language model uses `lr` itself. All follow the same schedule.
     vision_lr_scale: float = 1.0
     adaptor_lr_scale: float = 1.0
+    # A classic training stage by name (STAGES): the components it trains, every other one
+    # frozen (models/split_vlm.py `COMPONENTS`), in place of model.vision.trainable; "" none.
+    stage: str = ""
     # Parameter-name patterns (fnmatch, e.g. "vision.*", "core.0.*") to freeze; "!PATTERN"
-    # unfreezes, and the last pattern matching a name wins. Applied after model.vision.trainable.
+    # unfreezes, and the last pattern matching a name wins. Applied after model.vision.trainable
+    # and the stage.
     freeze: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.stage and self.stage not in STAGES:
+            raise ValueError(f"optim.stage={self.stage!r}; valid: {', '.join(STAGES)}")
         for name in ("lr", "weight_decay", "grad_clip", "vision_lr_scale", "adaptor_lr_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")

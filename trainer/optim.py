@@ -9,7 +9,21 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import SCHEDULES, OptimConfig
+from trainer.config import SCHEDULES, STAGES, OptimConfig
+
+
+def apply_stage(model: nn.Module, stage: str) -> None:
+    """`optim.stage`: train exactly the components STAGES[stage] names
+    (`model.parameter_component`), freeze the rest; "" changes nothing. Each top-level module
+    is set through its own `requires_grad_`, so a tower that keeps a part frozen by design (a
+    VQ-VAE, whose codes no gradient flows through) keeps it frozen."""
+    if not stage:
+        return
+    trained = STAGES[stage]
+    for name, module in model.named_children():
+        module.requires_grad_(model.parameter_component(name) in trained)
+    for name, param in model.named_parameters(recurse=False):
+        param.requires_grad_(model.parameter_component(name) in trained)
 
 
 def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:

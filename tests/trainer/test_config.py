@@ -204,6 +204,7 @@ def test_bad_data_options_are_config_errors():
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["optim.schedule=cosin"], "optim.schedule='cosin'; valid: cosine, linear, constant"),
         (["optim.lr=-1e-3"], "optim.lr=-0.001 must be >= 0"),
+        (["optim.stage=warmup"], "optim.stage='warmup'; valid: align, instruct, full"),
         (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 must be >= 0"),
         (["optim.beta2=1"], "optim.beta2=1.0 must be in [0, 1)"),
         (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be >= 0"),

@@ -654,6 +654,39 @@ def test_freeze_patterns_freeze_exactly_the_matched_parameters(tiny_overrides):
         apply_freeze(model, ["visoin.*"])
 
 
+@pytest.mark.parametrize(
+    "preset, stage, trained",
+    [
+        ("yaml/tiny.yaml", "align", ("adaptor.", "mask_embedding")),
+        ("yaml/tiny.yaml", "instruct", ("",)),  # everything but the tower
+        ("yaml/tiny.yaml", "full", ("",)),
+        ("yaml/janus.yaml", "align", ("adaptor.", "mask_embedding", "generation.")),
+        ("yaml/janus.yaml", "full", ("",)),  # but its VQ-VAE: codes carry no gradient
+        ("yaml/chameleon.yaml", "full", ("",)),  # but its VQ-VAE
+    ],
+)
+def test_named_stages_train_exactly_their_components(demo_data, preset, stage, trained):
+    """optim.stage trains the components it names, whatever model.vision.trainable says, and a
+    VQ-VAE stays frozen; optim.freeze patterns still apply after it."""
+    from trainer.data.decode import load_tokenizer, tokenizer_dir
+    from trainer.loop import build_training_model
+
+    overrides = [f"data.path={demo_data}", f"optim.stage={stage}", "optim.freeze=[]"]
+    cfg = load_config(REPO / preset, overrides)
+    model = build_training_model(cfg, load_tokenizer(tokenizer_dir(cfg.data), cfg.model))
+    names = [n for n, _ in model.named_parameters()]
+    never = ("vision.vqmodel.", "vision.encoder.", "vision.quant", "vision.post_quant")
+    if stage != "full":
+        never += ("vision.",)
+    want = {n for n in names if n.startswith(trained) and not n.startswith(never)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == want
+    assert any(n.startswith("vision.") for n in want) == (stage == "full" and "cham" not in preset)
+    frozen_too = load_config(REPO / preset, [*overrides[:2], "optim.freeze=[core.*]"])
+    model = build_training_model(frozen_too, load_tokenizer(tokenizer_dir(cfg.data), cfg.model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in want if not n.startswith("core.")}
+
+
 def test_frozen_parameters_do_not_move_in_training(tiny_overrides, tmp_path):
     from safetensors.torch import load_file
 

@@ -29,7 +29,7 @@ from models.meta import parameters_on_meta, weights_filled_later
 from models.pretrained import build_split_vlm
 from models.split_vlm import SplitVLM
 from trainer.config import Config
-from trainer.optim import apply_freeze
+from trainer.optim import apply_freeze, apply_stage
 
 
 class SafetensorsWeights:
@@ -152,6 +152,7 @@ def build_engine_model(
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     param.copy_(source.read(name))
+        apply_stage(model, cfg.optim.stage)
         apply_freeze(model, cfg.optim.freeze)
         return model, None
     with parameters_on_meta():
@@ -163,6 +164,7 @@ def build_engine_model(
     # Created only now: deepspeed.zero.Init hooks module construction from its own __init__ on.
     with construction(cfg, device or torch.device("cpu")):
         model = build_split_vlm(cfg.model, seed=cfg.run.seed, load_weights=False)
+    apply_stage(model, cfg.optim.stage)
     apply_freeze(model, cfg.optim.freeze)
     return model, InitialWeights(template, cfg.run.seed, sources)
 
