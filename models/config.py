@@ -73,6 +73,23 @@ _MAX_TILED_SIDE = 4096  # Idefics3's MAX_IMAGE_SIZE: no side of a tiled image be
 
 
 @dataclass
+class ExtraTowerConfig:
+    """One more encoder over the same images (`model.vision.extra_towers`), whose features are
+    concatenated after the tower's, token by token."""
+
+    # A local transformers SigLIP, SigLIP2 or CLIP checkpoint, as model.vision.pretrained (one
+    # is set exactly when that is); empty builds a random `tower` of model.vision's size fields.
+    pretrained: str = ""
+    tower: str = "clip"  # of a random build: EXTRA_TOWERS
+    feature_layer: int = 0  # as model.vision.feature_layer (CLIP's, in LLaVA: -2)
+    normalization: str = "clip"  # how this tower reads the image (siglip or clip)
+
+
+# The towers an extra tower can be (square images through transformers' batched forward).
+EXTRA_TOWERS = ("siglip", "clip")
+
+
+@dataclass
 class VisionConfig:
     # A local directory holding a transformers SigLIP, SigLIP2 or CLIP checkpoint (its
     # config.json names the tower); empty builds a random `tower` from the size fields below (the
@@ -148,6 +165,10 @@ class VisionConfig:
     # Codes of a VQ tokenizer's codebook (tower: chameleon_vq, Chameleon's: 8192; tower: janus,
     # Janus's: 16384), 0 otherwise.
     codebook_size: int = 0
+    # More encoders over the same square images, each on the tower's grid of tokens: a token's
+    # features are the tower's, then each extra tower's, side by side (SigLIP and CLIP together,
+    # as Cambrian-1 and Eagle concatenate them), for the adaptor to read.
+    extra_towers: list[ExtraTowerConfig] = field(default_factory=list)
 
     @property
     def token_size(self) -> int:
@@ -384,6 +405,36 @@ class VisionConfig:
             raise ValueError(
                 f"model.vision.feature_layer={self.feature_layer} is outside the tower's "
                 f"{self.num_layers} layers"
+            )
+        for index, extra in enumerate(self.extra_towers):
+            where = f"model.vision.extra_towers[{index}]"
+            if extra.tower not in EXTRA_TOWERS or extra.normalization not in ("siglip", "clip"):
+                raise ValueError(
+                    f"{where}: tower one of {', '.join(EXTRA_TOWERS)}, normalization siglip or "
+                    f"clip (not {extra.tower!r}, {extra.normalization!r})"
+                )
+            if bool(extra.pretrained) != bool(self.pretrained):
+                raise ValueError(
+                    f"{where}.pretrained: set exactly when model.vision.pretrained is (the "
+                    "towers are all pretrained or all random)"
+                )
+            if (
+                not -self.num_layers <= extra.feature_layer <= self.num_layers
+                and not extra.pretrained
+            ):
+                raise ValueError(
+                    f"{where}.feature_layer={extra.feature_layer} is outside the tower's "
+                    f"{self.num_layers} layers"
+                )
+        if self.extra_towers and (
+            (self.tower not in EXTRA_TOWERS and not self.pretrained)
+            or self.native
+            or self.spatial_merge != 1
+            or self.num_queries
+        ):
+            raise ValueError(
+                "model.vision.extra_towers: with a SigLIP or CLIP tower on square images "
+                "(resize: square), spatial_merge 1"
             )
         min_pixels, max_pixels = self.pixel_budget
         if min_pixels < 0 or max_pixels < self.token_size**2 or min_pixels > max_pixels:
@@ -890,9 +941,15 @@ def row_breaks_in_span(rows: int, row_break: bool | str) -> int:
 def model_config_from_dict(raw: dict) -> ModelConfig:
     """The inverse of `dataclasses.asdict(ModelConfig)`; unknown keys are a ValueError."""
     raw = dict(raw)
-    vision = raw.pop("vision", {})
-    for cls, values in ((ModelConfig, raw), (VisionConfig, vision)):
+    vision = dict(raw.pop("vision", {}))
+    extras = vision.pop("extra_towers", [])
+    for cls, values in (
+        (ModelConfig, raw),
+        (VisionConfig, vision),
+        *((ExtraTowerConfig, extra) for extra in extras),
+    ):
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
-    return ModelConfig(**raw, vision=VisionConfig(**vision))
+    extra_towers = [ExtraTowerConfig(**extra) for extra in extras]
+    return ModelConfig(**raw, vision=VisionConfig(**vision, extra_towers=extra_towers))

@@ -154,9 +154,11 @@ class ModelFlops:
         self.patches_per_image = getattr(vision, "num_patches", 0) or getattr(
             model.adaptor, "num_patches", 0
         )
-        self.vision_pair_flops = (
-            (3 if self.vision_trainable else 1) * 4 * self.tower_width * self.tower_layers
+        # Concatenated towers: the sum over them of width × layers.
+        self.tower_width_layers = getattr(
+            vision, "attention_width_layers", self.tower_width * self.tower_layers
         )
+        self.vision_pair_flops = (3 if self.vision_trainable else 1) * 4 * self.tower_width_layers
 
     def micro_batch(self, batch) -> int:
         return self.dense(batch) + self.attention(batch)
@@ -248,7 +250,7 @@ class ModelFlops:
                 flops += pair_flops * attention_pairs(layout, window)
         # The tower attends bidirectionally within each image, once per pass.
         _, (pairs_with_grad, pairs_forward_only) = self.vision_work(batch)
-        forward_pair_flops = 4 * self.tower_width * self.tower_layers
+        forward_pair_flops = 4 * self.tower_width_layers
         if not self.vision_trainable:
             return flops + self.vision_pair_flops * pairs_forward_only
         return (

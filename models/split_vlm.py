@@ -56,7 +56,7 @@ from models.vision import (
     normalize_targets,
     packing_backend,
     patchify,
-    pretrained_tower_weights,
+    pretrained_vision_weights,
 )
 
 # The block stacks, in the order they run (and are sharded and checkpointed).
@@ -223,9 +223,7 @@ class SplitVLM(nn.Module):
         if unit == "vision" and self.cfg.vision.pretrained:
             return {
                 f"vision.{k}": v
-                for k, v in pretrained_tower_weights(
-                    self.cfg.vision.pretrained, self.vision
-                ).items()
+                for k, v in pretrained_vision_weights(self.cfg.vision, self.vision).items()
             }
         module = copy.deepcopy(self.get_submodule(unit)).to_empty(device="cpu")
         if unit == "vision":
@@ -284,7 +282,9 @@ class SplitVLM(nn.Module):
         cfg = model_config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
         vision_file = path / "vision_config.json"
         vision_config = json.loads(vision_file.read_text()) if vision_file.is_file() else None
-        cfg.vision.pretrained = ""  # the exported weights replace the original encoder's
+        cfg.vision.pretrained = ""  # the exported weights replace the original encoders'
+        for extra in cfg.vision.extra_towers:
+            extra.pretrained = ""
         cfg.pretrained_llm = ""
         model = cls(cfg, vision_config)
         state = load_file(str(path / "model.safetensors"), device=device)

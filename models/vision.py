@@ -742,6 +742,123 @@ class ChameleonVQTower(ChameleonVQVAE):
         return self._forward_flops()[1]
 
 
+class ConcatenatedTowersConfig(PretrainedConfig):
+    """The config of `ConcatenatedTowers`: each tower's transformers config, in order, with the
+    feature layer and normalization each reads the image at, and the normalization the images
+    come in (`model.vision.normalization`)."""
+
+    model_type = "concatenated_towers"
+
+    def __init__(
+        self,
+        towers: list[dict] | None = None,
+        feature_layers: list[int] | None = None,
+        normalizations: list[str] | None = None,
+        input_normalization: str = "siglip",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.towers = [dict(tower) for tower in towers or []]
+        self.feature_layers = list(feature_layers or [])
+        self.normalizations = list(normalizations or [])
+        self.input_normalization = input_normalization
+
+
+class ConcatenatedTowers(nn.Module):
+    """Several encoders over the same square images (`model.vision.extra_towers`): each reads
+    the image in its own normalization at its own feature layer, and a token's features are
+    theirs side by side, in order (the tower's, then each extra one's). Every tower must give the
+    same grid of tokens. Batched, transformers' own forward for each."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0  # each tower drops its own (CLIP's CLS)
+
+    def __init__(self, config: ConcatenatedTowersConfig, towers: list[nn.Module] | None = None):
+        super().__init__()
+        self.config = config
+        if towers is None:
+            towers = [model_class(hf) for hf, model_class in map(tower_class, config.towers)]
+        self.towers = nn.ModuleList(towers)
+        for tower in towers:
+            if tower.packs_square_images or not isinstance(tower, BatchedFeatures):
+                raise ValueError(
+                    f"model.vision.extra_towers: a {type(tower).__name__} is not one of the "
+                    "square, batched towers (SigLIP, SigLIP2, CLIP) concatenation takes"
+                )
+
+    @classmethod
+    def of(cls, cfg: VisionConfig, towers: list[nn.Module]) -> ConcatenatedTowers:
+        """The tower of `cfg` and its extra towers, built already, as one."""
+        config = ConcatenatedTowersConfig(
+            towers=[tower.config.to_dict() for tower in towers],
+            feature_layers=[cfg.feature_layer, *(e.feature_layer for e in cfg.extra_towers)],
+            normalizations=[cfg.normalization, *(e.normalization for e in cfg.extra_towers)],
+            input_normalization=cfg.normalization,
+        )
+        return cls(config, towers)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(tower.feature_dim for tower in self.towers)
+
+    @property
+    def num_layers(self) -> int:
+        return max(tower.num_layers for tower in self.towers)
+
+    @property
+    def input_layers(self) -> list[nn.Module]:
+        """Each tower's patch embedding: the layers that read pixels (models/flops.py)."""
+        return [tower.vision_model.embeddings.patch_embedding for tower in self.towers]
+
+    @property
+    def attention_width_layers(self) -> int:
+        """Σ width × layers over the towers: what one attended pair costs (models/flops.py)."""
+        return sum(tower.feature_dim * tower.num_layers for tower in self.towers)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        for tower in self.towers:
+            if any(module is part for part in tower.modules()):
+                tower._init_weights(module)
+                return
+
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int | None = None):
+        """(N, 3, S, S) images in `input_normalization` → (N, grid², Σ widths). A forward of its
+        own, so that a sharded engine's hooks run. `feature_layer` (default the config's)
+        replaces the first tower's."""
+        layers = list(self.config.feature_layers)
+        if feature_layer is not None:
+            layers[0] = feature_layer
+        features = []
+        for tower, layer, normalization in zip(
+            self.towers, layers, self.config.normalizations, strict=True
+        ):
+            pixels = renormalize(pixel_values, self.config.input_normalization, normalization)
+            features.append(tower.image_features(pixels, layer))
+        if len({f.shape[1] for f in features}) != 1:
+            raise ValueError(
+                f"model.vision.extra_towers: the towers give {[f.shape[1] for f in features]} "
+                "tokens per image; they must share one grid"
+            )
+        return torch.cat(features, dim=-1)
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values, feature_layer)
+
+
+def renormalize(pixels: torch.Tensor, source: str, target: str) -> torch.Tensor:
+    """Images normalized as `source` (PIXEL_NORMALIZATIONS) → the same images as `target`."""
+    if source == target:
+        return pixels
+    shape = (3, 1, 1)
+    mean, std = (
+        torch.tensor(v, device=pixels.device).view(shape) for v in PIXEL_NORMALIZATIONS[source]
+    )
+    to_mean, to_std = (
+        torch.tensor(v, device=pixels.device).view(shape) for v in PIXEL_NORMALIZATIONS[target]
+    )
+    return ((pixels * std + mean - to_mean) / to_std).to(pixels.dtype)
+
+
 class JanusTowerConfig(PretrainedConfig):
     """The config of `JanusTower`: Janus's ViT and VQ-VAE configs (the parts of a transformers
     JanusConfig that are neither the language model nor the generation path's)."""
@@ -932,6 +1049,7 @@ VISION_TOWERS = {
     "deepseek_hybrid_tower": (DeepseekHybridTowerConfig, DeepseekHybridTower),
     "chameleon_vqgan": (ChameleonVQVAEConfig, ChameleonVQTower),
     "janus_tower": (JanusTowerConfig, JanusTower),
+    "concatenated_towers": (ConcatenatedTowersConfig, ConcatenatedTowers),
 }
 # Full two-tower checkpoints whose vision half we take.
 _TWO_TOWER_TYPES = {
@@ -1097,30 +1215,56 @@ def tower_class(config: dict):
 
 def build_vision_tower(cfg: VisionConfig, config: dict | None = None) -> nn.Module:
     """From `cfg` (random, or the architecture of `cfg.pretrained`, whose weights the model
-    reads tensor by tensor: `pretrained_tower_weights`), or from `config` (a transformers vision
-    config dict) with random weights."""
+    reads tensor by tensor: `pretrained_vision_weights`), or from `config` (a transformers vision
+    config dict) with random weights. With `cfg.extra_towers`, all of them as one
+    `ConcatenatedTowers`."""
     if config is not None:
         hf_config, model_class = tower_class(config)
-    elif cfg.pretrained:
-        config_class, model_class = VISION_TOWERS[tower_type(cfg.pretrained)]
-        hf_config = config_class.from_pretrained(cfg.pretrained)
-        # SigLIP2 has no image size: its position grid is resized to every image.
-        image_size = getattr(hf_config, "image_size", cfg.image_size)
-        if image_size != cfg.image_size or hf_config.patch_size != cfg.patch_size:
-            raise ValueError(
-                f"model.vision.image_size/patch_size must match the checkpoint at "
-                f"{cfg.pretrained} ({image_size}/{hf_config.patch_size})"
-            )
+        tower = model_class(hf_config)
     else:
-        hf_config, model_class = RANDOM_TOWERS[cfg.tower](cfg)
-    tower = model_class(hf_config)
-    if cfg.pretrained and not building_on_meta():  # on meta the engine fills the shards
-        weights = pretrained_tower_weights(cfg.pretrained, tower)
+        tower = _one_tower(cfg, cfg.pretrained, cfg.tower)
+        if cfg.extra_towers:
+            extras = [_one_tower(cfg, extra.pretrained, extra.tower) for extra in cfg.extra_towers]
+            tower = ConcatenatedTowers.of(cfg, [tower, *extras])
+    if cfg.pretrained and config is None and not building_on_meta():  # on meta: the engine's
+        weights = pretrained_vision_weights(cfg, tower)
         with torch.no_grad():
             for name, parameter in tower.named_parameters():
                 parameter.copy_(weights[name])
     tower.requires_grad_(cfg.trainable)
     return tower
+
+
+def _one_tower(cfg: VisionConfig, pretrained: str, random_tower: str) -> nn.Module:
+    """A tower of `pretrained`'s architecture (its weights not read), or a random
+    `random_tower` of `cfg`'s size fields."""
+    if not pretrained:
+        hf_config, model_class = RANDOM_TOWERS[random_tower](cfg)
+        return model_class(hf_config)
+    config_class, model_class = VISION_TOWERS[tower_type(pretrained)]
+    hf_config = config_class.from_pretrained(pretrained)
+    # SigLIP2 has no image size: its position grid is resized to every image.
+    image_size = getattr(hf_config, "image_size", cfg.image_size)
+    if image_size != cfg.image_size or hf_config.patch_size != cfg.patch_size:
+        raise ValueError(
+            f"model.vision.image_size/patch_size must match the checkpoint at {pretrained} "
+            f"({image_size}/{hf_config.patch_size})"
+        )
+    return model_class(hf_config)
+
+
+def pretrained_vision_weights(cfg: VisionConfig, tower: nn.Module) -> dict[str, torch.Tensor]:
+    """The pretrained tower's parameters by name (fp32, on the CPU): `cfg.pretrained`'s, and
+    with extra towers each one's under its `towers.{i}.` names."""
+    if not isinstance(tower, ConcatenatedTowers):
+        return pretrained_tower_weights(cfg.pretrained, tower)
+    paths = [cfg.pretrained, *(extra.pretrained for extra in cfg.extra_towers)]
+    weights = {}
+    for index, (path, part) in enumerate(zip(paths, tower.towers, strict=True)):
+        weights |= {
+            f"towers.{index}.{k}": v for k, v in pretrained_tower_weights(path, part).items()
+        }
+    return weights
 
 
 def pretrained_tower_weights(path: str, tower: nn.Module) -> dict[str, torch.Tensor]:

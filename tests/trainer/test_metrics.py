@@ -185,6 +185,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (False, (), "yaml/chameleon.yaml"),
         (False, (), "yaml/janus.yaml"),
         (True, (), "yaml/janus.yaml"),
+        (False, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
+        (True, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -197,6 +199,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "chameleon_vq",
         "janus",
         "janus_trained_vit",
+        "concatenated_towers",
+        "concatenated_towers_trained",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(
