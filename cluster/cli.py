@@ -414,7 +414,9 @@ def _cmd_generate(args) -> int:
     from trainer.inference import generate_image, load_for_inference
 
     model, _, decoder = load_for_inference(Path(args.checkpoint))
-    image, scales = generate_image(model, decoder, args.prompt, seed=args.seed, size=args.size)
+    image, scales = generate_image(
+        model, decoder, args.prompt, seed=args.seed, size=args.size, guidance_scale=args.guidance
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Tiny images are upscaled for viewing (aspect ratio kept); each scale, coarse to fine, left
@@ -433,7 +435,8 @@ def add_generate_parser(commands) -> None:
     parser = _add_command(
         commands,
         "generate",
-        "generate an image coarse to fine from a text prompt (pixel-target models)",
+        "generate an image from a text prompt: coarse to fine (pixel-target models) or code by "
+        "code (Janus)",
         'splitvlm generate runs/tiny_gen --prompt "draw a red circle at the top left ." '
         "--out red.png",
     )
@@ -447,6 +450,12 @@ def add_generate_parser(commands) -> None:
         default=None,
         metavar="WxH",
         help="image size for native-resolution models (rounded to their patch grid)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance scale of Janus's code sampling (1: none)",
     )
     parser.set_defaults(func=_cmd_generate)
 

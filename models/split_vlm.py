@@ -506,8 +506,9 @@ class SplitVLM(nn.Module):
     def trunk(self, batch, image_tokens: torch.Tensor | None = None) -> Trunk:
         """Embed, run the modality input blocks, merge, run the core.
 
-        `image_tokens` (T_image, C) replaces the adapted image tokens (generation feeds its own);
-        masked positions still get the mask embedding.
+        `image_tokens` (T_image, C) replaces the adapted image tokens (generation feeds its own;
+        there are no targets then); masked positions still get the mask embedding (not Janus's:
+        a generated image's inputs are its codes').
         """
         cfg = self.cfg
         rope = rope_tables(batch.rope_positions, cfg)
@@ -527,10 +528,11 @@ class SplitVLM(nn.Module):
 
         targets = None
         if batch.image_layout is not None:
-            adapted, targets = self.image_inputs_and_targets(
-                batch.pixel_values, batch.image_mask, batch.image_grids, batch.image_tiles
-            )
-            adapted = adapted if image_tokens is None else image_tokens
+            adapted = image_tokens
+            if image_tokens is None:
+                adapted, targets = self.image_inputs_and_targets(
+                    batch.pixel_values, batch.image_mask, batch.image_grids, batch.image_tiles
+                )
             # A Janus image the model generates takes its codes' embeddings, not mask tokens.
             input_mask = batch.image_mask if self.generation is None else None
             image_TC = self.image_in_blocks(

@@ -3,6 +3,7 @@ and evaluate on a held-out split."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import defaultdict
 from pathlib import Path
@@ -232,8 +233,10 @@ def generate_image(
     prompt: str,
     seed: int = 0,
     size: tuple[int, int] | None = None,
+    guidance_scale: float = 5.0,
 ) -> tuple[Image.Image, list[Image.Image]]:
     """Fill 100%-masked image spans coarse to fine; returns the final image and each scale's.
+    A Janus model samples its codes instead (`generate_code_image`, with `guidance_scale`).
 
     Each span is predicted (diffusion sampler if the model has one, else the regression head),
     turned back into pixels, re-encoded by the vision tower at its scale and fed in unmasked —
@@ -241,15 +244,20 @@ def generate_image(
     to generate, for native-resolution models (rounded to their grid of patches).
     """
     cfg = model.cfg
-    if cfg.image_target != "pixels":
-        raise ValueError("image generation needs model.image_target=pixels")
-    if cfg.vision.tiling != "none":
-        raise ValueError("image generation fills one image, not tiles (model.vision.tiling)")
     if size is not None and not cfg.vision.native:
         raise ValueError(
             "--size needs a native-resolution model (model.vision.resize=native); this one "
             f"makes {cfg.vision.image_size}x{cfg.vision.image_size} images"
         )
+    if model.generation is not None:
+        return generate_code_image(model, decoder, prompt, seed, guidance_scale)
+    if cfg.image_target != "pixels":
+        raise ValueError(
+            "image generation needs model.image_target=pixels, or Janus's generation path "
+            "(model.vision.tower: janus)"
+        )
+    if cfg.vision.tiling != "none":
+        raise ValueError("image generation fills one image, not tiles (model.vision.tiling)")
     patch = cfg.vision.token_size
     blank = Image.new("RGB", size or (cfg.vision.image_size, cfg.vision.image_size))
     buffer = io.BytesIO()
@@ -299,6 +307,96 @@ def generate_image(
             tokens[target] = adapted
             batch.image_mask[target] = False
     return scales[-1], scales
+
+
+def generate_code_image(
+    model: SplitVLM,
+    decoder: SampleDecoder,
+    prompt: str,
+    seed: int = 0,
+    guidance_scale: float = 5.0,
+    greedy: bool = False,
+) -> tuple[Image.Image, list[Image.Image]]:
+    """Janus's image generation from a text prompt: `generate_codes` on the prompt as a user
+    turn with the image as the assistant's, then its VQ-VAE's decoder → (the image, [it])."""
+    cfg = model.cfg
+    size = cfg.vision.image_size
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buffer, format="PNG")
+    sample = {
+        "text": "",
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
+        ],
+        "images": pack_blobs([buffer.getvalue()]),
+    }
+    doc = decoder(sample, 0)
+    keep = [
+        decoder.tokenizer.bos_token_id,
+        decoder.tokenizer.convert_tokens_to_ids(cfg.image_start_token),
+    ]
+    codes = generate_codes(model, doc, keep, decoder.pad_id, seed, guidance_scale, greedy)
+    with torch.no_grad():
+        pixels = model.vision.vqmodel.decode(codes[None].to(model_device(model)))[0]
+    image = to_pil(pixels.float().cpu())
+    return image, [image]
+
+
+@torch.no_grad()
+def generate_codes(
+    model: SplitVLM,
+    doc: Document,
+    keep: list[int],
+    pad_id: int,
+    seed: int = 0,
+    guidance_scale: float = 5.0,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """The codes of `doc`'s first image, generated one at a time (Janus's `generate` in image
+    mode): each from the generation head at the position before it, the codes so far fed back
+    through the generation aligner. With `guidance_scale` > 1, classifier-free guidance: the
+    same document with every token before the image but those in `keep` (BOS, the image's start
+    marker) replaced by `pad_id` gives the unconditional logits u, and the codes are drawn from
+    u + scale · (c − u). Greedy or sampled (`seed`). No KV cache: each step one packed forward
+    of both documents, exact under causal attention. → (image tokens,) int64."""
+    cfg, device = model.cfg, model_device(model)
+    per_image = cfg.num_image_tokens()
+    first_image = [kind for kind, _ in doc.segments].index("image")
+    prompt_length = sum(length for _, length in doc.segments[:first_image])
+    unconditional = doc.input_ids.clone()
+    prompt = unconditional[:prompt_length]
+    prompt[~torch.isin(prompt, torch.tensor(keep))] = pad_id
+    generated = torch.zeros_like(doc.image_mask)
+    generated[:per_image] = True  # the first image: generated, its own inputs, no target
+    docs = [dataclasses.replace(doc, image_mask=generated)]
+    guided = guidance_scale > 1
+    if guided:
+        docs.append(dataclasses.replace(docs[0], input_ids=unconditional))
+    batch = collate(docs, **layout_options(cfg, device))
+    first = torch.tensor([0, doc.image_mask.numel()][: len(docs)], device=device)
+    codes = torch.zeros(per_image, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    width = model.embed.weight.shape[1]
+    for k in range(per_image):
+        tokens = torch.zeros(batch.image_index.numel(), width, device=device)
+        if k:
+            made = model.generation.embed(codes[:k]).to(tokens.dtype)
+            for offset in first.tolist():
+                tokens[offset : offset + k] = made
+        trunk = model.trunk(batch, image_tokens=tokens)
+        hidden = model.text_hidden(batch, trunk)
+        read_at = batch.image_index[first + k] - 1
+        logits = model.generation.generation_head(model.text_norm(hidden[read_at])).float()
+        if guided:
+            logits = logits[1] + guidance_scale * (logits[0] - logits[1])
+        else:
+            logits = logits[0]
+        if greedy:
+            codes[k] = logits.argmax()
+        else:
+            codes[k] = torch.multinomial(logits.softmax(-1), 1, generator=generator)[0]
+    return codes
 
 
 def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:

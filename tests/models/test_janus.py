@@ -70,6 +70,10 @@ def tiny_janus() -> JanusForConditionalGeneration:
     )
     model = with_random_vectors(JanusForConditionalGeneration(config))
     codebook_from_encoder(model.model.vqmodel, CODES)
+    with torch.no_grad():  # a generation path whose output depends on its input
+        for name, parameter in model.model.named_parameters():
+            if name.startswith("generation_") and parameter.dim() == 2:
+                parameter.normal_(0.0, 0.5)
     return model
 
 
@@ -184,6 +188,44 @@ def test_janus_read_images_have_no_loss_and_generated_ones_their_codes_as_inputs
         assert float(ours(mixed)["image_loss_sum"]) > 0.0
 
 
+def test_janus_image_generation_gives_transformers_codes(imported, janus_dir):
+    """Greedy codes with classifier-free guidance (`generate_codes`) are transformers'
+    `generate(generation_mode="image")`'s: the unconditional prompt all pad but BOS and
+    <begin_of_image>, the logits u + scale · (c − u), each code fed back through the
+    generation aligner."""
+    from transformers import GenerationConfig
+
+    from trainer.inference import generate_codes
+
+    reference = JanusForConditionalGeneration.from_pretrained(janus_dir).eval()
+    ours = SplitVLM.from_pretrained(imported).eval()
+    bos, pad = 1, 0
+    text = documents(1, seed=9)[0][0][0]
+    doc = as_document([([bos, *text], 1)], torch.zeros(1, 3, 16, 16), "prompt", [True])
+    prompt = torch.tensor([[bos, *text, 61]])  # … <begin_of_image>
+    config = GenerationConfig(
+        do_sample=False,
+        bos_token_id=bos,
+        pad_token_id=pad,
+        guidance_scale=3.0,
+        generation_kwargs={"boi_token_id": 61},
+    )
+    with torch.no_grad():
+        want = reference.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            generation_mode="image",
+            generation_config=config,
+        )[0]
+    got = generate_codes(ours, doc, keep=[bos, 61], pad_id=pad, guidance_scale=3.0, greedy=True)
+    assert len(set(want.tolist())) > 1  # not one code repeated
+    assert torch.equal(got, want)
+    unguided = generate_codes(
+        ours, doc, keep=[bos, 61], pad_id=pad, guidance_scale=1.0, greedy=True
+    )
+    assert not torch.equal(unguided, want)  # the guidance is what made them
+
+
 def test_janus_round_trip_through_the_cli_gives_transformers_the_same_logits(janus_dir, tmp_path):
     assert main(["import-hf", str(janus_dir), "--out", str(tmp_path / "ours")]) == 0
     assert main(["export", str(tmp_path / "ours"), "--to-hf", "--out", str(tmp_path / "hf")]) == 0
@@ -245,3 +287,8 @@ def test_janus_preset_trains_on_the_demo_data_and_exports_to_transformers(demo_d
         embeds[0, slots[tokens:]] = model.get_image_features(pixels[1:])[0]
         got = hf.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)[0]
     assert (want - got).abs().max() <= 1e-5
+    # It generates an image from a prompt: codes, then its VQ-VAE's decoder.
+    from trainer.inference import generate_image
+
+    generated, _ = generate_image(ours, decoder, "a red circle", seed=0)
+    assert generated.size == (size, size)
