@@ -326,19 +326,9 @@ def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
 
     calls = []
     for (kind, ordinal), call_entries in entries.items():
-        query_lengths, key_lengths, query_ranges = [], [], []
-        cursor = 0
-        for key_start, start, end in call_entries:
-            if key_start > cursor:
-                query_lengths.append(0)
-                key_lengths.append(key_start - cursor)
-            query_lengths.append(end - start)
-            key_lengths.append(end - key_start)
-            query_ranges.append(torch.arange(start, end))
-            cursor = end
-        if cursor < num_tokens:
-            query_lengths.append(0)
-            key_lengths.append(num_tokens - cursor)
+        query_lengths, key_lengths, query_index = _varlen_runs(
+            [(key_start, end, start, end) for key_start, start, end in call_entries], num_tokens
+        )
         calls.append(
             FlashCall(
                 kind=kind,
@@ -346,7 +336,7 @@ def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
                 # Text is causal with keys ending at the segment end: flash-attn aligns causal
                 # masks bottom-right, so query i of the segment sees keys up to itself.
                 causal=kind == "text",
-                query_index=torch.cat(query_ranges),
+                query_index=query_index,
                 cu_seqlens_q=_cumulative_int32(query_lengths),
                 cu_seqlens_k=_cumulative_int32(key_lengths),
                 max_seqlen_q=max(query_lengths),
@@ -356,6 +346,28 @@ def _plan_flash(segments, doc_bounds) -> tuple[tuple[FlashCall, ...], Tensor]:
     query_order = torch.cat([call.query_index for call in calls])
     assert torch.equal(query_order.sort().values, torch.arange(num_tokens))
     return tuple(calls), torch.argsort(query_order)
+
+
+def _varlen_runs(entries, num_keys: int) -> tuple[list[int], list[int], Tensor]:
+    """The batches of one varlen call: `entries` (key_start, key_end, query_start, query_end),
+    key ranges disjoint and increasing, each one batch of its queries over its keys, with
+    zero-query batches over the key rows between them, so that cu_seqlens_k runs from 0 to
+    `num_keys` and every key row is in exactly one batch. → (query lengths, key lengths, the
+    queries' rows in batch order)."""
+    query_lengths, key_lengths, query_ranges = [], [], []
+    cursor = 0
+    for key_start, key_end, query_start, query_end in entries:
+        if key_start > cursor:
+            query_lengths.append(0)
+            key_lengths.append(key_start - cursor)
+        query_lengths.append(query_end - query_start)
+        key_lengths.append(key_end - key_start)
+        query_ranges.append(torch.arange(query_start, query_end))
+        cursor = key_end
+    if cursor < num_keys:
+        query_lengths.append(0)
+        key_lengths.append(num_keys - cursor)
+    return query_lengths, key_lengths, torch.cat(query_ranges)
 
 
 def _block_table(selected: Tensor) -> tuple[Tensor, Tensor]:
