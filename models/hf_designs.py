@@ -1639,18 +1639,8 @@ def _import_chameleon(path: Path, seed: int) -> SplitVLM:
 
 
 _CHAMELEON_SHAPE = {
-    **_DECODER_SHAPE,
-    **_GATED_BLOCK,
-    "image_attention": "causal",
-    "image_positions": "sequential",
-    "norm_style": "default",
-    "post_norms": False,
-    "scale_embeddings": False,
-    "mlp_activation": "silu",
-    "attention_scale": 0.0,
+    **_LLAVA_SHAPE,
     "qk_norm": "per_head_layernorm",
-    "attention_bias": False,
-    "layer_types": [],
     "rope_llama3_factor": 0.0,
     "image_target": "tokens",
     "adaptor": "vocabulary",

@@ -259,18 +259,7 @@ def generate_image(
     if cfg.vision.tiling != "none":
         raise ValueError("image generation fills one image, not tiles (model.vision.tiling)")
     patch = cfg.vision.token_size
-    blank = Image.new("RGB", size or (cfg.vision.image_size, cfg.vision.image_size))
-    buffer = io.BytesIO()
-    blank.save(buffer, format="PNG")
-    sample = {
-        "text": "",
-        "messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
-        ],
-        "images": pack_blobs([buffer.getvalue()]),
-    }
-    doc = decoder(sample, 0)
+    doc = image_prompt(decoder, prompt, size or (cfg.vision.image_size, cfg.vision.image_size))
     (grid,) = doc.image_grids
     spans = cfg.image_spans(grid)
     doc.image_mask = torch.ones_like(doc.image_mask)
@@ -309,6 +298,22 @@ def generate_image(
     return scales[-1], scales
 
 
+def image_prompt(decoder: SampleDecoder, prompt: str, size: tuple[int, int]) -> Document:
+    """`prompt` as a user turn and a blank image of `size` (width, height) as the assistant's:
+    the document an image is generated into."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG")
+    sample = {
+        "text": "",
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
+        ],
+        "images": pack_blobs([buffer.getvalue()]),
+    }
+    return decoder(sample, 0)
+
+
 def generate_code_image(
     model: SplitVLM,
     decoder: SampleDecoder,
@@ -320,18 +325,7 @@ def generate_code_image(
     """Janus's image generation from a text prompt: `generate_codes` on the prompt as a user
     turn with the image as the assistant's, then its VQ-VAE's decoder → (the image, [it])."""
     cfg = model.cfg
-    size = cfg.vision.image_size
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size)).save(buffer, format="PNG")
-    sample = {
-        "text": "",
-        "messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
-        ],
-        "images": pack_blobs([buffer.getvalue()]),
-    }
-    doc = decoder(sample, 0)
+    doc = image_prompt(decoder, prompt, (cfg.vision.image_size, cfg.vision.image_size))
     keep = [
         decoder.tokenizer.bos_token_id,
         decoder.tokenizer.convert_tokens_to_ids(cfg.image_start_token),
