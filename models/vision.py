@@ -155,6 +155,26 @@ def packing_backend(device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "sdpa"
 
 
+def meta_flops(tower_class, config, method: str, size: int) -> tuple[int, int]:
+    """(dense, attention) FLOPs of one size × size image through `method` (a dotted path from
+    the tower, e.g. "vqmodel.encode") of a `tower_class(config)` built on the meta device (no
+    memory, no compute), by torch's flop counter: attention is its batched matmuls and SDPA
+    (on meta, attention runs as matmuls), dense the rest (convolutions, linear layers, a
+    codebook's distances). Windows, relative positions and strided convolutions are priced as
+    they run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), torch.no_grad():
+        run = tower_class(config)
+        for name in method.split("."):
+            run = getattr(run, name)
+        with FlopCounterMode(display=False) as counter:
+            run(torch.empty(1, 3, size, size))
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in counts.items() if "bmm" in op or "scaled_dot" in op)
+    return counter.get_total_flops() - attention, attention
+
+
 class BatchedFeatures:
     """What every tower class shares: `image_features`, transformers' batched forward of equally
     sized images with the feature selection of `model.vision.feature_layer`."""
@@ -613,18 +633,11 @@ class DeepseekHybridTower(nn.Module):
     def low_res_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The low-resolution path's input: the images resized (antialiased bicubic) to SigLIP's
         `image_size` and renormalized from CLIP's normalization to its own."""
-        clip_mean, clip_std = (
-            torch.tensor(v, device=pixel_values.device).view(3, 1, 1)
-            for v in PIXEL_NORMALIZATIONS["clip"]
-        )
-        mean, std = (
-            torch.tensor(v, device=pixel_values.device).view(3, 1, 1)
-            for v in PIXEL_NORMALIZATIONS[self.config.low_res_normalization]
-        )
         size = self.config.vision_config.image_size
-        unit = pixel_values * clip_std + clip_mean
+        unit = to_unit(pixel_values, "clip")
         resized = F.interpolate(unit, size=(size, size), mode="bicubic", antialias=True)
-        return ((resized.clamp(0, 1) - mean) / std).to(pixel_values.dtype)
+        normalization = self.config.low_res_normalization
+        return from_unit(resized.clamp(0, 1), normalization).to(pixel_values.dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) at SAM's size → (N, grid², high_res_dim + SigLIP width), row-major over
@@ -651,18 +664,9 @@ class DeepseekHybridTower(nn.Module):
         """(weights, attention) FLOPs of one image's forward, counted by torch's flop counter on
         a copy of the tower built on the meta device (no memory, no compute): SAM's windows,
         relative positions and strided convolutions are priced as they run."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        if self._flops is not None:  # counted once: dense and attention both read it
-            return self._flops
-        with torch.device("meta"):
-            twin = DeepseekHybridTower(self.config)
-        side = self.config.high_res_vision_config.image_size
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            twin(torch.zeros(1, 3, side, side, device="meta"))
-        counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-        weights = sum(counts.get(f"aten.{op}", 0) for op in ("convolution", "addmm", "mm"))
-        self._flops = weights, counts.get("aten.bmm", 0)  # on meta, attention runs as matmuls
+        if self._flops is None:  # counted once: dense and attention both read it
+            side = self.config.high_res_vision_config.image_size
+            self._flops = meta_flops(DeepseekHybridTower, self.config, "__call__", side)
         return self._flops
 
     def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
@@ -722,17 +726,7 @@ class ChameleonVQTower(ChameleonVQVAE):
         meta-device copy of the tower: its convolutions and codebook distances, and the batched
         matmuls of its middle block's attention."""
         if not hasattr(self, "_flops"):
-            from torch.utils.flop_counter import FlopCounterMode
-
-            size = self.config.resolution
-            with torch.device("meta"):
-                twin = ChameleonVQTower(self.config)
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    twin.codes(torch.empty(1, 3, size, size))
-            counts = counter.get_flop_counts()["Global"]
-            attention = counts.get(torch.ops.aten.bmm, 0)
-            self._flops = (counter.get_total_flops() - attention, attention)
+            self._flops = meta_flops(ChameleonVQTower, self.config, "codes", self.config.resolution)
         return self._flops
 
     def dense_flops_per_image(self, input_needs_grad: bool = False) -> int:
@@ -849,14 +843,24 @@ def renormalize(pixels: torch.Tensor, source: str, target: str) -> torch.Tensor:
     """Images normalized as `source` (PIXEL_NORMALIZATIONS) → the same images as `target`."""
     if source == target:
         return pixels
-    shape = (3, 1, 1)
-    mean, std = (
-        torch.tensor(v, device=pixels.device).view(shape) for v in PIXEL_NORMALIZATIONS[source]
-    )
-    to_mean, to_std = (
-        torch.tensor(v, device=pixels.device).view(shape) for v in PIXEL_NORMALIZATIONS[target]
-    )
-    return ((pixels * std + mean - to_mean) / to_std).to(pixels.dtype)
+    return from_unit(to_unit(pixels, source), target).to(pixels.dtype)
+
+
+def _mean_std(normalization: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = PIXEL_NORMALIZATIONS[normalization]
+    return (torch.tensor(v, device=device).view(3, 1, 1) for v in (mean, std))
+
+
+def to_unit(pixels: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Images normalized as `normalization` → their [0, 1] values."""
+    mean, std = _mean_std(normalization, pixels.device)
+    return pixels * std + mean
+
+
+def from_unit(unit: torch.Tensor, normalization: str) -> torch.Tensor:
+    """[0, 1] images → normalized as `normalization`."""
+    mean, std = _mean_std(normalization, unit.device)
+    return (unit - mean) / std
 
 
 class JanusTowerConfig(PretrainedConfig):
@@ -957,20 +961,11 @@ class JanusTower(nn.Module):
         """((dense, attention) FLOPs of reading one image, the same of encoding one into
         codes), by torch's flop counter over a meta-device copy of the tower."""
         if not hasattr(self, "_flops"):
-            from torch.utils.flop_counter import FlopCounterMode
-
             size = self.config.vision_config.image_size
-            self._flops = []
-            with torch.device("meta"), torch.no_grad():
-                twin, image = JanusTower(self.config), torch.empty(1, 3, size, size)
-                for run in (twin.vision_model, twin.vqmodel.encode):
-                    with FlopCounterMode(display=False) as counter:
-                        run(image)
-                    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-                    attention = sum(
-                        n for op, n in counts.items() if "bmm" in op or "scaled_dot" in op
-                    )
-                    self._flops.append((counter.get_total_flops() - attention, attention))
+            self._flops = [
+                meta_flops(JanusTower, self.config, path, size)
+                for path in ("vision_model.__call__", "vqmodel.encode")
+            ]
         return self._flops[0], self._flops[1]
 
     def batch_flops(self, batch, cfg, input_needs_grad: bool = False) -> tuple[int, int]:

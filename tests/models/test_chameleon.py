@@ -206,20 +206,27 @@ def test_chameleon_round_trip_through_the_cli_gives_transformers_the_same_logits
     assert (want - got).abs().max() <= 1e-5
 
 
-def test_chameleon_preset_trains_on_the_demo_data_and_exports_to_transformers(demo_data, tmp_path):
-    """The preset's text and image losses fall (its image tokens learned as text), and its
-    export is a ChameleonForConditionalGeneration with our logits."""
+def trained_with_falling_image_loss(preset: str, hf_class, demo_data, tmp_path):
+    """`preset` trained 20 steps with falling text and image losses and exported to `hf_class`:
+    (ours, transformers', the decoder, the image start and end marker ids)."""
     from test_classic_designs import read_metrics
     from test_pixtral import trained_and_exported
 
-    ours, hf, decoder = trained_and_exported(
-        "yaml/chameleon.yaml", ChameleonForConditionalGeneration, demo_data, tmp_path
-    )
+    ours, hf, decoder = trained_and_exported(preset, hf_class, demo_data, tmp_path)
     image = [m["image_loss"] for m in read_metrics(tmp_path / "run")]
     assert sum(image[-5:]) < 0.9 * sum(image[:5]), image
     start, end = (
         decoder.tokenizer.convert_tokens_to_ids(token)
         for token in (ours.cfg.image_start_token, ours.cfg.image_end_token)
+    )
+    return ours, hf, decoder, start, end
+
+
+def test_chameleon_preset_trains_on_the_demo_data_and_exports_to_transformers(demo_data, tmp_path):
+    """The preset's text and image losses fall (its image tokens learned as text), and its
+    export is a ChameleonForConditionalGeneration with our logits."""
+    ours, hf, decoder, start, end = trained_with_falling_image_loss(
+        "yaml/chameleon.yaml", ChameleonForConditionalGeneration, demo_data, tmp_path
     )
     size, tokens = ours.cfg.vision.image_size, ours.cfg.num_image_tokens()
     pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1

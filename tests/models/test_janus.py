@@ -23,6 +23,7 @@ from test_chameleon import (  # Janus's markers and placeholder at Chameleon's t
     NUM_TOKENS,
     as_document,
     codebook_from_encoder,
+    trained_with_falling_image_loss,
     transformers_ids,
 )
 from test_classic_designs import documents, imported_into, saved, tiny_llama, with_random_vectors
@@ -101,21 +102,24 @@ def packed(num_images: int, seed: int, generated):
     return pieces, pixels, flags, collate(docs, image_attention="causal", attention_backend="sdpa")
 
 
-def transformers_alone(reference, pieces, pixels, generated):
+def transformers_alone(reference, pieces, pixels, generated, ids=None, slots=None):
     """One document alone through transformers' modules: (text logits (T, V), the generated
-    images' codes (G · 16,), the generation head's logits of each code at the position before
-    it (G · 16, CODES))."""
-    ids = transformers_ids(pieces)
+    images' codes (G · n,), the generation head's logits of each code at the position before
+    it (G · n, codes)). The document: `pieces` (the test's ids), or `ids` (1, T) with its
+    image tokens at `slots`."""
+    if ids is None:
+        ids = transformers_ids(pieces)
+        slots = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
+    slots = slots.view(len(pixels), -1)
     model = reference.model
     embeds = model.get_input_embeddings()(ids)
-    slots = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1).view(len(pixels), NUM_TOKENS)
     made = torch.tensor(generated)
-    codes = torch.zeros(0, NUM_TOKENS, dtype=torch.long)
+    codes = torch.zeros(0, slots.shape[1], dtype=torch.long)
     if (~made).any():
         read = model.get_image_features(pixels[~made])
         embeds[0, slots[~made].flatten()] = read.flatten(0, 1)
     if made.any():
-        codes = model.vqmodel.encode(pixels[made])[2].view(-1, NUM_TOKENS)
+        codes = model.vqmodel.encode(pixels[made])[2].view(-1, slots.shape[1])
         inputs = reference.prepare_embeddings_for_image_generation(codes)
         embeds[0, slots[made].flatten()] = inputs.flatten(0, 1)
     hidden = model.language_model(inputs_embeds=embeds).last_hidden_state[0]
@@ -246,17 +250,8 @@ def test_janus_round_trip_through_the_cli_gives_transformers_the_same_logits(jan
 def test_janus_preset_trains_on_the_demo_data_and_exports_to_transformers(demo_data, tmp_path):
     """Both losses fall (text, and the generated images' codes), and the export is a
     JanusForConditionalGeneration with our logits."""
-    from test_classic_designs import read_metrics
-    from test_pixtral import trained_and_exported
-
-    ours, hf, decoder = trained_and_exported(
+    ours, hf, decoder, start, end = trained_with_falling_image_loss(
         "yaml/janus.yaml", JanusForConditionalGeneration, demo_data, tmp_path
-    )
-    image = [m["image_loss"] for m in read_metrics(tmp_path / "run")]
-    assert sum(image[-5:]) < 0.9 * sum(image[:5]), image
-    start, end = (
-        decoder.tokenizer.convert_tokens_to_ids(token)
-        for token in (ours.cfg.image_start_token, ours.cfg.image_end_token)
     )
     size, tokens = ours.cfg.vision.image_size, ours.cfg.num_image_tokens()
     pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -279,13 +274,9 @@ def test_janus_preset_trains_on_the_demo_data_and_exports_to_transformers(demo_d
     hf_ids = text[0] + placeholder + text[1] + placeholder + text[2]
     with torch.no_grad():
         want = ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
-        model = hf.model
-        embeds = model.get_input_embeddings()(torch.tensor([hf_ids]))
-        slots = batch.image_index  # one document: the same positions
-        codes = model.vqmodel.encode(pixels[:1])[2].view(1, -1)
-        embeds[0, slots[:tokens]] = hf.prepare_embeddings_for_image_generation(codes)[0]
-        embeds[0, slots[tokens:]] = model.get_image_features(pixels[1:])[0]
-        got = hf.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)[0]
+        # One document: transformers' image positions are ours.
+        ids, slots = torch.tensor([hf_ids]), batch.image_index
+        got, _, _ = transformers_alone(hf, None, pixels, [True, False], ids, slots)
     assert (want - got).abs().max() <= 1e-5
     # It generates an image from a prompt: codes, then its VQ-VAE's decoder.
     from trainer.inference import generate_image
