@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from models.attention import PackedLayout, map_tensors
+from models.cross_attention import CrossLayout
 
 # Label of a position with no next-token target (torch's cross-entropy ignore index).
 IGNORE_INDEX = -100
@@ -35,6 +36,11 @@ class PackedBatch:
     image_mask: torch.Tensor  # bool (T_image,)
     image_span_full: torch.Tensor  # bool (T_image,): the token's span is masked entirely
     sample_ids: list[str]
+    # Cross-attention designs (model.cross_attention_layers), whose images are a stream of keys:
+    # which of them each token sees, and the tower-output row of each key of the stream
+    # (models/cross_attention.py `mllama_layout`). None for other designs and without images.
+    cross_layout: CrossLayout | None = None
+    cross_key_index: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

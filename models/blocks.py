@@ -5,7 +5,9 @@ norms around each sublayer, a GELU-gated MLP, its own softmax scale and sliding-
 with a RoPE base of their own; so is Persimmon's (Fuyu's LLM): LayerNorms with biases, RoPE on
 half of each head, an un-gated squared-ReLU MLP and biases on every linear
 (`models.config.ModelConfig`). A block may carry CogVLM's visual expert: q/k/v, output and MLP
-weights of its own for the image tokens (`VisualExpert`, routed by `ExpertRoute`).
+weights of its own for the image tokens (`VisualExpert`, routed by `ExpertRoute`). A core block
+may instead be LLaMA-3.2-Vision's gated cross-attention block (`CrossAttentionBlock`), whose
+queries are the sequence and whose keys are the images' stream (`models.cross_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from models.attention import PackedLayout, packed_attention
 from models.config import ModelConfig
+from models.cross_attention import CrossContext, cross_attention
 
 
 class RMSNorm(nn.Module):
@@ -325,9 +328,11 @@ class Block(nn.Module):
         self.expert = VisualExpert(cfg) if expert else None
 
     def forward(
-        self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables, route=None
+        self, x_TC: torch.Tensor, layout: PackedLayout, rope: RopeTables, route=None, cross=None
     ) -> torch.Tensor:
-        """`route` (`ExpertRoute`): which tokens take the visual expert, when there is one."""
+        """`route` (`ExpertRoute`): which tokens take the visual expert, when there is one;
+        `cross` is the cross-attention blocks' (`run_blocks` gives every block the same
+        arguments)."""
         table = rope.sliding if self.sliding else rope.full
         route = route if self.expert is not None else None
         attended = self.attn(self.attn_norm(x_TC), layout, table, self.expert, route)
@@ -344,7 +349,73 @@ class Block(nn.Module):
                 parameter.copy_(source[leaf])
 
 
-def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables, route=None):
+class CrossAttention(nn.Module):
+    """Attention of the sequence's tokens (queries) over the images' stream (keys, values):
+    q/k/v and output projections as a self-attention's, an RMSNorm over each head's width on
+    queries and keys, no RoPE (transformers' MllamaTextCrossAttention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.backend = cfg.attention_backend
+        self.window = None  # models/flops.py: attention over its whole layout
+        self.wq, self.wk, self.wv, self.wo = _projections(cfg)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x_TC: torch.Tensor, cross: CrossContext) -> torch.Tensor:
+        states = cross.states_KC.to(x_TC.dtype)
+        q_THD = self.q_norm(self.wq(x_TC).view(x_TC.shape[0], self.num_heads, self.head_dim))
+        k_KHD = self.k_norm(self.wk(states).view(states.shape[0], self.num_kv_heads, self.head_dim))
+        v_KHD = self.wv(states).view(states.shape[0], self.num_kv_heads, self.head_dim)
+        out_THD = cross_attention(q_THD, k_KHD, v_KHD, cross.layout, self.backend)
+        if not cross.layout.segments:
+            # No query sees a key (a micro-batch without images under a sharded engine): the
+            # projections still join the graph, so each of them gets an exact zero gradient.
+            out_THD = out_THD + 0.0 * (q_THD.sum() + k_KHD.sum() + v_KHD.sum())
+        return self.wo(out_THD.reshape(x_TC.shape[0], -1))
+
+
+class CrossAttentionBlock(nn.Module):
+    """LLaMA-3.2-Vision's gated cross-attention block between the language model's layers
+    (transformers' MllamaCrossAttentionDecoderLayer):
+
+        h = x + tanh(attn_gate) · cross_attn(norm(x), images)
+        out = h + tanh(mlp_gate) · sees_image · mlp(norm(h))
+
+    The gates start at 0, so a new block passes its input through unchanged. A query that sees
+    no image has its MLP output dropped (`sees_image`); without images (`cross` None) the block
+    is skipped, as transformers skips it for text."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = CrossAttention(cfg)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = _make_mlp(cfg)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.expert = None
+
+    def reset_gates(self) -> None:
+        nn.init.zeros_(self.attn_gate)
+        nn.init.zeros_(self.mlp_gate)
+
+    def forward(self, x_TC, layout=None, rope=None, route=None, cross: CrossContext | None = None):
+        if cross is None:
+            return x_TC
+        x_TC = x_TC + self.attn_gate.tanh().to(x_TC.dtype) * self.attn(self.attn_norm(x_TC), cross)
+        seen = cross.layout.sees_image[:, None].to(x_TC.dtype)
+        mlp_out = self.mlp(self.mlp_norm(x_TC)) * seen
+        return x_TC + self.mlp_gate.tanh().to(x_TC.dtype) * mlp_out
+
+
+def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables, route=None, cross=None):
+    """`cross` (`CrossContext`): what cross-attention blocks attend to, None without images."""
     for block in blocks:
-        x_TC = block(x_TC, layout, rope, route)
+        x_TC = block(x_TC, layout, rope, route, cross)
     return x_TC

@@ -39,7 +39,7 @@ RESIZE_MODES = ("square", "native", "longest_side", "smart")
 TILINGS = ("none", "idefics3", "llava_next")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
-IMAGE_TARGETS = ("encoder", "pixels", "tokens")
+IMAGE_TARGETS = ("encoder", "pixels", "tokens", "none")
 # `model.image_loss_tokens`: the image tokens with a loss, the masked ones or every one (an
 # autoregressive image loss: Chameleon's).
 IMAGE_LOSS_TOKENS = ("masked", "all")
@@ -63,9 +63,11 @@ VISION_TOWER_NAMES = (
     "deepseek_hybrid",
     "chameleon_vq",
     "janus",
+    "mllama",
 )
-# `model.image_markers`: <image_start> and <image_end> around each image, none, or the end only.
-IMAGE_MARKERS = (True, False, "end")
+# `model.image_markers`: <image_start> and <image_end> around each image, none, the end only,
+# or the start only (LLaMA-3.2-Vision's <|image|>, the one token that stands for its image).
+IMAGE_MARKERS = (True, False, "end", "start")
 # `model.image_row_break`: none, after every row but the last (Pixtral), after every row (Fuyu).
 IMAGE_ROW_BREAKS = (False, True, "all")
 PIXEL_NORMALIZATION_NAMES = ("siglip", "clip", "chameleon")
@@ -109,7 +111,11 @@ class VisionConfig:
     # or "janus" (Janus's two image paths: its SigLIP-like ViT of the size fields for the images
     # the model reads, with the `mlp` adaptor as its aligner, and a VQ-VAE that turns the images
     # it generates into codes of its own codebook, `codebook_size` codes of patch_size pixels a
-    # side; a random one's VQ-VAE is 32 channels wide, one resnet block a level).
+    # side; a random one's VQ-VAE is 32 channels wide, one resnet block a level) or "mllama"
+    # (LLaMA-3.2-Vision's tiled ViT, for model.cross_attention_layers: gated tile position
+    # embeddings, its local layers then gated global layers, the features of its last layer
+    # and of intermediate ones side by side; a random one has one global layer and reads the
+    # middle layer).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -169,6 +175,10 @@ class VisionConfig:
     # features are the tower's, then each extra tower's, side by side (SigLIP and CLIP together,
     # as Cambrian-1 and Eagle concatenate them), for the adaptor to read.
     extra_towers: list[ExtraTowerConfig] = field(default_factory=list)
+    # The tile slots of a tiled tower (tower: mllama; LLaMA-3.2-Vision's: 4): every image is one
+    # image_size tile, followed by zero tiles up to this many, as transformers' processor pads
+    # them; 0 for every other tower.
+    max_num_tiles: int = 0
 
     @property
     def token_size(self) -> int:
@@ -395,6 +405,24 @@ class VisionConfig:
                 "images square (resize: square, no tiling); chameleon_vq's hidden_size a "
                 "multiple of 32 (its group norms), and it frozen"
             )
+        mllama = self.tower == "mllama"
+        if (
+            (self.max_num_tiles >= 1) != mllama
+            or (self.max_num_tiles < 0)
+            or (
+                mllama
+                and (
+                    self.native
+                    or self.tiling != "none"
+                    or self.spatial_merge != 1
+                    or self.feature_layer
+                )
+            )
+        ):
+            raise ValueError(
+                "model.vision.max_num_tiles: >= 1 with tower: mllama, and only there, whose "
+                "images are square (resize: square, no tiling), spatial_merge 1, feature_layer 0"
+            )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
         if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
@@ -558,6 +586,18 @@ class ModelConfig:
     # and row breaks keep the text weights; the norms are shared). They start as copies of the
     # block's text weights, a pretrained LLM's layer included.
     visual_expert: bool = False
+    # LLaMA-3.2-Vision's fusion: images are not in the sequence but a separate stream of keys
+    # (the tower's tokens through the adaptor), which these blocks of the core (indices into
+    # it, transformers' numbering of the language model's layers) cross-attend to, gated by
+    # tanh of a learned scalar that starts at 0, its attention and its MLP each. Each image
+    # stands in the sequence as one token, its start marker (image_markers: start, the
+    # tokenizer's `image_start_token`, <|image|>), and a text token sees the images before it
+    # in its document (models/cross_attention.py `mllama_query_ranges`). Empty: images in the
+    # sequence, as every other design has them.
+    cross_attention_layers: list[int] = field(default_factory=list)
+    # Rows of the LM head, 0: vocab_size. Fewer when the embedding has rows no text predicts
+    # (LLaMA-3.2-Vision's: 8 more than its LM head, <|image|> among them).
+    lm_head_rows: int = 0
     attention_backend: str = "auto"  # varlen on CUDA (fp16/bf16), sdpa otherwise; per call
     vision: VisionConfig = field(default_factory=VisionConfig)
     adaptor: str = "mlp"
@@ -632,6 +672,14 @@ class ModelConfig:
         """Whether the blocks of `group` carry a visual expert."""
         return self.visual_expert and group in MERGED_BLOCK_GROUPS
 
+    def is_cross_attention(self, group: str, index: int) -> bool:
+        """Whether block `index` of `group` is a gated cross-attention block."""
+        return group == "core" and index in self.cross_attention_layers
+
+    @property
+    def lm_head_size(self) -> int:
+        return self.lm_head_rows or self.vocab_size
+
     def is_sliding(self, group: str, index: int) -> bool:
         """Whether block `index` of `group` attends through the sliding window."""
         return bool(self.layer_types) and (
@@ -671,7 +719,9 @@ class ModelConfig:
         """The spans an image whose full grid is `grid` (rows, cols; default the square grid)
         becomes, in order: (the span's grid, is it the unmasked dual copy). A coarser scale s is
         the image's grid shrunk so that its longer side is s; a scale at or above the image's
-        own longer side is left out."""
+        own longer side is left out. None when images are cross-attended, not in the sequence."""
+        if self.cross_attention_layers:
+            return []
         rows, cols = grid or self.square_grid
         longest = max(rows, cols)
         grids = [
@@ -688,7 +738,7 @@ class ModelConfig:
 
     @property
     def image_start_marker(self) -> bool:
-        return self.image_markers is True
+        return self.image_markers is True or self.image_markers == "start"
 
     @property
     def image_end_marker(self) -> bool:
@@ -776,7 +826,9 @@ class ModelConfig:
                 f"valid: {', '.join(IMAGE_ATTENTIONS)}"
             )
         if not any(self.image_markers is m or self.image_markers == m for m in IMAGE_MARKERS):
-            raise ValueError(f"model.image_markers={self.image_markers!r}; valid: true, false, end")
+            raise ValueError(
+                f"model.image_markers={self.image_markers!r}; valid: true, false, end, start"
+            )
         if not any(
             self.image_row_break is m or self.image_row_break == m for m in IMAGE_ROW_BREAKS
         ):
@@ -915,6 +967,54 @@ class ModelConfig:
                 "whole (its codes, each predicted at the position before it), as "
                 "model.full_mask_prob draws: mask_rate_max 0, image_attention causal, "
                 "image_loss_tokens masked, adaptor mlp (its aligner)"
+            )
+        layers = self.cross_attention_layers
+        if layers and (
+            layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.num_core_blocks
+        ):
+            raise ValueError(
+                f"model.cross_attention_layers={layers}: increasing indices of core blocks "
+                f"(0 … num_core_blocks - 1 = {self.num_core_blocks - 1})"
+            )
+        if layers and (
+            self.vision.tower != "mllama"
+            or self.image_target != "none"
+            or self.image_markers != "start"
+            or self.num_text_in_blocks
+            or self.num_image_in_blocks
+            or self.num_text_head_blocks
+            or self.num_image_head_blocks
+            or self.mask_rate_max
+            or self.full_mask_prob
+            or self.diffusion_head
+            or self.visual_expert
+            or self.attention_backend == "flex"
+            or self.layer_types
+        ):
+            raise ValueError(
+                "model.cross_attention_layers: images are a stream of keys, not in the sequence "
+                "(LLaMA-3.2-Vision's): vision.tower mllama, image_target none, image_markers "
+                "start (each image's one token), every depth but the core 0, nothing masked "
+                "(mask_rate_max, full_mask_prob 0), no diffusion head or visual expert, "
+                "no layer_types, attention_backend not flex"
+            )
+        if self.vision.tower == "mllama" and not layers:
+            raise ValueError(
+                "model.vision.tower=mllama is read by cross-attention (model.cross_attention_layers)"
+            )
+        if self.lm_head_rows < 0 or (self.lm_head_rows and self.tie_embeddings):
+            raise ValueError(
+                "model.lm_head_rows must be >= 0, and 0 with tie_embeddings (one matrix)"
+            )
+        if self.image_target == "none" and (
+            self.num_image_head_blocks
+            or self.mask_rate_max
+            or self.full_mask_prob
+            or self.diffusion_head
+        ):
+            raise ValueError(
+                "model.image_target=none: no image loss, so nothing masked (mask_rate_max, "
+                "full_mask_prob 0), no image-head blocks, no diffusion head"
             )
         if self.image_loss not in ("mse", "cosine"):
             raise ValueError(f"model.image_loss={self.image_loss!r}; valid: mse, cosine")

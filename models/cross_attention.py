@@ -7,9 +7,11 @@ queries (`CrossLayout.from_ranges`): LLaMA-3.2-Vision's rule (`mllama_query_rang
 an image is seen from its `<|image|>` token up to the next image's, and consecutive images
 together up to the text after them; Flamingo's is the latest preceding image. The images a
 query sees must be contiguous in the stream, so its visible keys are one interval
-[key_start, key_end), empty for a query that sees no image (its output row is zero, as
-transformers' `full_text_row_masked_out_mask` makes it). Runs of queries that see the same
-interval are the layout's segments:
+[key_start, key_end), empty for a query that sees no image (its output row is zero).
+transformers' LLaMA-3.2-Vision lets a query that sees no image attend to every image of its
+row instead, and zeroes only its MLP output (`full_text_row_masked_out_mask`): `blind` ranges
+give such queries keys to attend to, and `sees_image` marks the queries that see an image of
+their own. Runs of queries that see the same interval are the layout's segments:
 
     layout = CrossLayout.from_ranges(num_queries=12, num_keys=20, images=[(0, 16, 3, 12)])
     out_QHD = cross_attention(q_QHD, k_KHD, v_KHD, layout, backend="sdpa")
@@ -77,7 +79,8 @@ class CrossLayout:
     num_queries: int
     num_keys: int
     key_start: Tensor  # int32 (T_q,)
-    key_end: Tensor  # int32 (T_q,); == key_start: the query sees no image
+    key_end: Tensor  # int32 (T_q,); == key_start: the query attends to nothing
+    sees_image: Tensor  # bool (T_q,): the query sees an image (of `images`, not a blind range)
     segments: tuple[tuple[int, int, int, int], ...]  # (query_start, query_end, key_start, key_end)
     attending_index: Tensor  # int64: the queries that see an image, in order
     sdpa_blocks: tuple[CrossSdpaBlock, ...]
@@ -85,15 +88,23 @@ class CrossLayout:
 
     @classmethod
     def from_ranges(
-        cls, num_queries: int, num_keys: int, images: list[tuple[int, int, int, int]]
+        cls,
+        num_queries: int,
+        num_keys: int,
+        images: list[tuple[int, int, int, int]],
+        blind: list[tuple[int, int, int, int]] = (),
     ) -> CrossLayout:
         """`images`: each image's (key_start, key_end, query_start, query_end), its tokens in
-        the key stream and the queries that see it. ValueError when a query would see images
-        that are not contiguous in the stream."""
+        the key stream and the queries that see it; `blind`: key ranges in the same form that
+        queries seeing no image attend to (each query in at most one). ValueError when a query
+        would see images that are not contiguous in the stream."""
         start = np.full(num_queries, num_keys, dtype=np.int64)
         end = np.zeros(num_queries, dtype=np.int64)
         seen = np.zeros(num_queries, dtype=np.int64)
+        sees_image = np.zeros(num_queries, dtype=bool)
         for key_start, key_end, query_start, query_end in images:
+            sees_image[query_start : min(query_end, num_queries)] |= key_end > key_start
+        for key_start, key_end, query_start, query_end in [*images, *blind]:
             if not (0 <= key_start <= key_end <= num_keys and 0 <= query_start <= query_end):
                 raise ValueError(
                     f"an image's ranges {(key_start, key_end, query_start, query_end)}"
@@ -105,6 +116,9 @@ class CrossLayout:
         start = np.where(seen > 0, start, 0)
         end = np.where(seen > 0, end, 0)
         gaps = np.nonzero(end - start != seen)[0]
+        overlap = np.nonzero(sees_image & (seen > 0) & _covered(num_queries, blind))[0]
+        if len(overlap):
+            raise ValueError(f"query {overlap[0]} sees an image and has a blind range")
         if len(gaps):
             raise ValueError(
                 f"query {gaps[0]} sees images that are not contiguous in the key stream"
@@ -124,6 +138,7 @@ class CrossLayout:
             num_keys=num_keys,
             key_start=torch.from_numpy(start).to(torch.int32),
             key_end=torch.from_numpy(end).to(torch.int32),
+            sees_image=torch.from_numpy(sees_image),
             segments=tuple(segments),
             attending_index=torch.cat(attending) if attending else torch.zeros(0, dtype=torch.long),
             sdpa_blocks=_plan_sdpa(segments),
@@ -132,6 +147,13 @@ class CrossLayout:
 
     def to(self, device: torch.device | str) -> CrossLayout:
         return map_tensors(self, lambda tensor: tensor.to(device, non_blocking=True))
+
+
+def _covered(num_queries: int, ranges) -> np.ndarray:
+    covered = np.zeros(num_queries, dtype=bool)
+    for _, _, query_start, query_end in ranges:
+        covered[query_start : min(query_end, num_queries)] = True
+    return covered
 
 
 def mllama_query_ranges(image_token_positions: list[int], length: int) -> list[tuple[int, int]]:
@@ -301,3 +323,54 @@ def dense_reference_cross_attention(q, k, v, layout: CrossLayout, scale=None) ->
     scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * scale
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
     return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
+
+
+def mllama_layout(
+    documents: list[tuple[int, list[int]]], keys_per_tile: int, tile_slots: int
+) -> tuple[CrossLayout, Tensor]:
+    """The cross-attention layout of a packed micro-batch under LLaMA-3.2-Vision's rule, and
+    the order of its key stream. `documents`: each one's (length, positions of its images'
+    tokens), in packing order; the tower gives each image `tile_slots` tiles of
+    `keys_per_tile` keys, its own tile first, the rest padding tiles.
+
+    A document's keys are its images' own tiles, image after image, then their padding tiles:
+    a query sees the own tiles of the images `mllama_query_ranges` gives it (one interval), and
+    a query before the document's first image attends, blind, to every key of the document,
+    padding included, as transformers' model does with a row of no image. → (layout, the row
+    of the tower's flattened output each key of the stream is)."""
+    images, blind, key_index = [], [], []
+    per_image = keys_per_tile * tile_slots
+    query_offset = image_offset = key_offset = 0
+    for length, positions in documents:
+        count = len(positions)
+        for index, (query_start, query_end) in enumerate(mllama_query_ranges(positions, length)):
+            key_start = key_offset + index * keys_per_tile
+            images.append(
+                (
+                    key_start,
+                    key_start + keys_per_tile,
+                    query_offset + query_start,
+                    query_offset + query_end,
+                )
+            )
+        if count:
+            end = key_offset + count * per_image
+            blind.append((key_offset, end, query_offset, query_offset + positions[0]))
+            rows = (image_offset + np.arange(count))[:, None] * per_image
+            key_index.append((rows + np.arange(keys_per_tile)).ravel())
+            key_index.append((rows + np.arange(keys_per_tile, per_image)).ravel())
+        query_offset += length
+        image_offset += count
+        key_offset += count * per_image
+    layout = CrossLayout.from_ranges(query_offset, key_offset, images, blind)
+    order = np.concatenate(key_index) if key_index else np.zeros(0, dtype=np.int64)
+    return layout, torch.from_numpy(order.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class CrossContext:
+    """What the cross-attention blocks of one forward read: the key stream's states (T_k, C),
+    and which of them each query sees."""
+
+    states_KC: Tensor
+    layout: CrossLayout

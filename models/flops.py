@@ -15,6 +15,11 @@ no activation recomputation, no padding, since the packer has none), summed over
   (`dense_flops_per_image`, and its attention `attention_flops_per_image`: BLIP-2's ViT and
   Q-Former, Qwen-VL's resampler). This matches
   torch.utils.flop_counter's matmul count exactly (tested).
+- Cross-attention blocks (LLaMA-3.2-Vision's): their query projection, output projection and MLP
+  see every token, their key and value projections every key of the images' stream, and
+  their attention the (query, key) pairs of the micro-batch's `cross_layout`; none of it
+  without images (the blocks are skipped). The key and value projections' input gradient is
+  computed when the adaptor or the tower trains.
 - Attention: a (query, key) pair costs 4·d_attn FLOPs forward per layer (2·d_attn for QKᵀ, 2·d_attn
   for AV; d_attn = heads × head dim) and twice that backward. Pairs are the packed layout's actual
   ones: query t sees keys doc_start[t]..vis_end[t], so a layout has Σ_t (vis_end[t] − doc_start[t]
@@ -33,6 +38,8 @@ from collections import Counter
 
 import numpy as np
 from torch import nn
+
+from models.blocks import CrossAttentionBlock
 
 
 def layer_flops(module: nn.Module, tokens: int, input_needs_grad: bool) -> int:
@@ -102,6 +109,24 @@ class ModelFlops:
         # A tower whose images cost what their role is (Janus's: read by its ViT, or encoded
         # into codes) prices the micro-batch's images itself.
         self.batch_priced: dict[str, nn.Module] = {}
+        # Cross-attention blocks, priced apart from their stack: per token (query side), per key
+        # (key and value projections) and per visible pair.
+        cross_blocks = [b for b in model.modules() if isinstance(b, CrossAttentionBlock)]
+        adaptor_trains = any(p.requires_grad for p in model.adaptor.parameters())
+        keys_need_grad = adaptor_trains or self.vision_trainable
+        self.cross_per_query = self.cross_per_key = 0
+        for block in cross_blocks:
+            for module in block.modules():
+                if not isinstance(module, nn.Linear):
+                    continue
+                if module in (block.attn.wk, block.attn.wv):
+                    self.cross_per_key += layer_flops(module, 1, keys_need_grad)
+                else:
+                    self.cross_per_query += layer_flops(module, 1, True)
+        cross_trainable, cross_frozen = [
+            sum(dense_weights(b)[k] for b in cross_blocks) for k in (0, 1)
+        ]
+        self.cross_pair_flops = 3 * 4 * cfg.num_heads * cfg.head_dim * len(cross_blocks)
         for name, module in model.named_children():
             if getattr(module, "batch_flops", None) is not None:
                 self.batch_priced[name] = module
@@ -121,6 +146,8 @@ class ModelFlops:
                 expert_frozen = sum(count[1] for count in counts)
                 trainable, frozen = trainable - expert_trainable, frozen - expert_frozen
                 self.expert_per_token[name] = 6 * expert_trainable + 4 * expert_frozen
+            if name == "core" and cross_blocks:
+                trainable, frozen = trainable - cross_trainable, frozen - cross_frozen
             if name == "vision" and not self.vision_trainable:
                 self.dense_per_token[name] = 2 * frozen  # no autograd: forward only
             else:
@@ -142,7 +169,8 @@ class ModelFlops:
         # Per visible pair, forward + backward, by window (None: full) over the stack's layers.
         self.pair_flops: dict[str, Counter] = {}
         for name in self.attention_layout:
-            windows = Counter(block.attn.window for block in getattr(model, name))
+            stack = [b for b in getattr(model, name) if not isinstance(b, CrossAttentionBlock)]
+            windows = Counter(block.attn.window for block in stack)
             self.pair_flops[name] = Counter(
                 {window: 3 * 4 * attention_width * count for window, count in windows.items()}
             )
@@ -214,6 +242,8 @@ class ModelFlops:
             "image": int(batch.image_index.numel()),
             # Janus's: a generated image's tokens are its codes', the others' the adaptor's.
             "read_image": int(batch.image_index.numel()) - num_masked,
+            # A cross-attention design's: every key of the images' stream.
+            "cross_keys": 0 if batch.cross_layout is None else batch.cross_layout.num_keys,
             "patches": patches_with_grad if self.vision_trainable else patches_forward_only,
             "diffusion_targets": batch.num_diffusion_targets,
             # Image tokens that are vocabulary ids are predicted by the LM head too.
@@ -237,6 +267,11 @@ class ModelFlops:
                 flops += per_token * count
         if self.vision_trainable:
             flops += self.vision_forward_per_token * patches_forward_only
+        if batch.cross_layout is not None:
+            layout = batch.cross_layout
+            flops += (
+                self.cross_per_query * layout.num_queries + self.cross_per_key * layout.num_keys
+            )
         return flops
 
     def attention(self, batch) -> int:
@@ -248,6 +283,10 @@ class ModelFlops:
             layout = getattr(batch, layout_field)
             for window, pair_flops in self.pair_flops[name].items():
                 flops += pair_flops * attention_pairs(layout, window)
+        if batch.cross_layout is not None:
+            layout = batch.cross_layout
+            pairs = int((layout.key_end.long() - layout.key_start.long()).sum())
+            flops += self.cross_pair_flops * pairs
         # The tower attends bidirectionally within each image, once per pass.
         _, (pairs_with_grad, pairs_forward_only) = self.vision_work(batch)
         forward_pair_flops = 4 * self.tower_width_layers

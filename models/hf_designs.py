@@ -46,6 +46,7 @@ from models.vision import (
     Idefics3Tower,
     JanusTower,
     JanusTowerConfig,
+    MllamaTower,
     PackedPixtralVisionModel,
     PackedQwen2VisionModel,
     PackedSiglipVisionModel,
@@ -147,8 +148,12 @@ def export_hf(path: str | Path, out: str | Path) -> str:
         from transformers import AutoTokenizer  # seconds; only when exporting
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        # LLaVA's processor writes <image>; our decoder writes the pad id there.
-        image_id = tokenizer.get_vocab().get("<image>", tokenizer.pad_token_id)
+        # LLaVA's processor writes <image>; our decoder writes the pad id there, or, where an
+        # image is its start marker alone (LLaMA-3.2-Vision's <|image|>), that marker.
+        vocab = tokenizer.get_vocab()
+        image_id = vocab.get("<image>", tokenizer.pad_token_id)
+        if model.cfg.image_markers == "start":
+            image_id = vocab.get(model.cfg.image_start_token, image_id)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(path / "tokenizer", out, dirs_exist_ok=True)
     design.export_checkpoint(model, out, base, image_id)
@@ -363,11 +368,13 @@ def _save_vlm(
     hf,
     prefixes=("vision_tower.", "multi_modal_projector."),
     extra: dict[str, str] | None = None,
+    adjust: Callable[[dict], None] | None = None,
 ) -> None:
     """A LLaVA-like transformers checkpoint: the language model under transformers' saved names
     (what save_pretrained writes and every version loads: `family`, or SUPPORTED_LLMS[family]), the tower and projector under
     `prefixes` (LLaVA's `vision_tower.*`, `multi_modal_projector.*`), our parameters `extra`
-    names ({ours: theirs}), and `hf` (its config) as config.json."""
+    names ({ours: theirs}), and `hf` (its config) as config.json; `adjust` may change the
+    tensors (by their names) before they are written."""
     state = model.state_dict()
     if isinstance(family, str):
         family = SUPPORTED_LLMS[family]
@@ -379,6 +386,8 @@ def _save_vlm(
         tensors[prefixes[1] + theirs] = state[ours]
     for ours, theirs in (extra or {}).items():
         tensors[theirs] = state[ours]
+    if adjust is not None:
+        adjust(tensors)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -1795,6 +1804,122 @@ def _janus_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
     _save_padded_square_processor(out, cfg, "JanusImageProcessor")
 
 
+# -- LLaMA-3.2-Vision ---------------------------------------------------------------------------
+
+
+def mllama_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers MllamaConfig: its tiled ViT as our tower
+    (`model.vision.tower: mllama`, `MllamaTower`: each image one tile of its max_num_tiles
+    slots), its projector as our `linear` adaptor, the images cross-attended by its
+    cross-attention layers (set from the text config with the language model: `_mllama_text`),
+    each standing in the sequence as its <|image|> token. Its processor normalizes as OpenAI
+    CLIP does."""
+    vision = hf.vision_config
+    if [1, 1] not in [list(ratio) for ratio in vision.supported_aspect_ratios]:
+        raise ValueError("supported_aspect_ratios lacks [1, 1] (an image of one tile)")
+    cfg = decoder_config(
+        "causal",
+        "linear",
+        VisionConfig(
+            tower="mllama",
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.hidden_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.attention_heads,
+            max_num_tiles=vision.max_num_tiles,
+            normalization="clip",
+        ),
+    )
+    cfg.image_markers, cfg.image_start_token = "start", "<|image|>"
+    cfg.image_target = "none"
+    return cfg
+
+
+def _mllama_prefixes(files: dict) -> tuple[str, str]:
+    """(vision tower, projector) tensor prefixes: transformers' saved names, or its nested ones."""
+    if any(name.startswith("model.vision_model.") for name in files):
+        return "model.vision_model.", "model.multi_modal_projector."
+    return "vision_model.", "multi_modal_projector."
+
+
+def _import_mllama(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path, seed, "mllama", mllama_model_config, projector={}, prefixes=_mllama_prefixes
+    )
+
+
+_MLLAMA_SHAPE = {
+    **_LLAVA_SHAPE,
+    "image_markers": "start",
+    "image_row_break": False,
+    "image_target": "none",
+    "adaptor": "linear",
+    "vision.resize": "square",
+    "vision.tower": "mllama",
+}
+
+
+def _mllama_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_and_tower_mismatch(
+        "LLaMA-3.2-Vision", _MLLAMA_SHAPE, MllamaTower, "its tiled ViT (MllamaTower)"
+    )(model)
+    cfg = model.cfg
+    if reason is None and cfg.vocab_size - cfg.lm_head_size not in (0, 8):
+        return (
+            f"model.vocab_size={cfg.vocab_size} with an LM head of {cfg.lm_head_size} rows; "
+            "LLaMA-3.2-Vision's embedding has 8 rows more than its LM head"
+        )
+    return reason
+
+
+def _mllama_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import MllamaConfig  # seconds; only when exporting
+
+    cfg = model.cfg
+    base_text = (base or {}).get("text_config") or {}
+    text = {
+        **_text_config(model, base),
+        "model_type": "mllama_text_model",
+        # A padding row only shapes an embedding's gradient; none unless the import had one.
+        "pad_token_id": base_text.get("pad_token_id"),
+        "vocab_size": cfg.lm_head_size,
+        "cross_attention_layers": list(cfg.cross_attention_layers),
+        "rope_scaling": _rope_scaling(cfg) or {"rope_type": "default"},
+        "tie_word_embeddings": False,
+    }
+    hf = MllamaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=text,
+        image_token_index=_image_token(base, image_id, "LLaMA-3.2-Vision"),
+    )
+    hf.architectures = ["MllamaForConditionalGeneration"]
+
+    def pad_embedding(tensors: dict) -> None:
+        # Its embedding has 8 rows past the LM head's: zeros where ours ends there (<|image|>
+        # and the rest of our vocabulary are then within the LM head's rows).
+        embed = SUPPORTED_LLMS["mllama"].embed
+        missing = cfg.lm_head_size + 8 - tensors[embed].shape[0]
+        if missing:
+            tensors[embed] = torch.cat(
+                [tensors[embed], tensors[embed].new_zeros(missing, cfg.d_model)]
+            )
+
+    _save_vlm(model, out, "mllama", {}, hf, _mllama_prefixes({}), adjust=pad_embedding)
+    size = cfg.vision.image_size
+    _save_image_processor(
+        out,
+        cfg,
+        "MllamaImageProcessor",
+        size={"height": size, "width": size},
+        max_image_tiles=cfg.vision.max_num_tiles,
+        do_resize=True,
+        do_pad=True,
+        do_convert_rgb=True,
+        resample=2,  # bilinear
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1855,6 +1980,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_chameleon,
         export_checkpoint=_chameleon_export,
         mismatch=_chameleon_mismatch,
+    ),
+    "mllama": HFDesign(
+        transformers_class="MllamaForConditionalGeneration",
+        import_checkpoint=_import_mllama,
+        export_checkpoint=_mllama_export,
+        mismatch=_mllama_mismatch,
     ),
     "fuyu": HFDesign(
         transformers_class="FuyuForCausalLM",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.blocks import Block, VisualExpert, make_norm
+from models.blocks import Block, CrossAttentionBlock, VisualExpert, make_norm
 from models.config import ModelConfig
 from models.safetensors_dir import SafetensorsDir, one_line
 from models.split_vlm import SplitVLM
@@ -81,6 +81,25 @@ _CHAMELEON_LAYER_KEYS = {
 }
 
 
+# LLaMA-3.2-Vision's gated cross-attention layers (MllamaCrossAttentionDecoderLayer): our
+# `CrossAttentionBlock`'s modules (and its two gates) → the checkpoint's.
+_MLLAMA_CROSS_LAYER_KEYS = {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attn.wq": "cross_attn.q_proj",
+    "attn.wk": "cross_attn.k_proj",
+    "attn.wv": "cross_attn.v_proj",
+    "attn.wo": "cross_attn.o_proj",
+    "attn.q_norm": "cross_attn.q_norm",
+    "attn.k_norm": "cross_attn.k_norm",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+    "attn_gate": "cross_attn_attn_gate",
+    "mlp_gate": "cross_attn_mlp_gate",
+}
+
+
 @dataclass(frozen=True)
 class LLMFamily:
     """How the checkpoints of one transformers `model_type` map onto our model."""
@@ -102,6 +121,9 @@ class LLMFamily:
     other_parts: tuple[str, ...] = ()
     # The learned position table (OPT's embed_positions), "": none.
     positions: str = ""
+    # The layer keys of the cross-attention layers (`model.cross_attention_layers`), a
+    # parameter of the block itself (a gate) by its own name.
+    cross_layer_keys: dict[str, str] = field(default_factory=dict)
 
 
 def _decoder(
@@ -147,6 +169,7 @@ def _decoder(
     cfg.swin_norm = False
     cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = True, "silu", False
     cfg.attention_output_bias, cfg.attention_scale = False, 0.0
+    cfg.cross_attention_layers, cfg.lm_head_rows = [], 0
     _set_windows(cfg, None, [])
 
 
@@ -349,6 +372,18 @@ def _text_model(hf, cfg: ModelConfig) -> None:
 _LLAMA_LAYOUT_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _mllama_text(hf, cfg: ModelConfig) -> None:
+    """LLaMA-3.2-Vision's language model: Llama's layers, with gated cross-attention layers
+    among them (`cross_attention_layers`, in the same numbering), and an embedding 8 rows
+    longer than its LM head (<|image|> is one of them)."""
+    if hf.model_type != "mllama_text_model":
+        raise ValueError(f"a {hf.model_type!r} language model; supported: mllama_text_model")
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+    cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size + 8)
+    cfg.lm_head_rows = hf.vocab_size
+    cfg.cross_attention_layers = sorted(hf.cross_attention_layers)
+
+
 def _paligemma_text(hf, cfg: ModelConfig) -> None:
     """PaliGemma's language model: Gemma (1) only (PaliGemma 2's Gemma 2 softcaps its logits)."""
     if hf.model_type != "gemma":
@@ -493,6 +528,18 @@ SUPPORTED_LLMS = {
     "chameleon": LLMFamily(
         _chameleon, layer_keys=dict(_CHAMELEON_LAYER_KEYS), other_parts=("model.vqmodel.",)
     ),
+    # MllamaForConditionalGeneration: its language model (the whole model: hf_designs), as
+    # transformers saves it.
+    "mllama": LLMFamily(
+        _mllama_text,
+        layer_prefix="language_model.model.layers.{}.",
+        embed="language_model.model.embed_tokens.weight",
+        final_norm="language_model.model.norm",
+        lm_head="language_model.lm_head.weight",
+        text_config=True,
+        other_parts=("vision_model.", "multi_modal_projector."),
+        cross_layer_keys=dict(_MLLAMA_CROSS_LAYER_KEYS),
+    ),
     "persimmon": _persimmon_family("model.", "lm_head.weight"),
     "opt": _opt_family("model.", "lm_head.weight"),
     # FuyuForCausalLM: its language model (the whole model: hf_designs), as transformers saves
@@ -526,6 +573,16 @@ _NESTED_LAYOUTS = {
         _text_model, _LLAMA_LAYER_KEYS, "nested", extra_parts=("image_newline",)
     ),
     "qwen2_vl": _qwen2_vl("nested"),
+    "mllama": LLMFamily(
+        _mllama_text,
+        layer_prefix="model.language_model.layers.{}.",
+        embed="model.language_model.embed_tokens.weight",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head.weight",
+        text_config=True,
+        other_parts=("model.vision_model.", "model.multi_modal_projector."),
+        cross_layer_keys=dict(_MLLAMA_CROSS_LAYER_KEYS),
+    ),
     "fuyu": _persimmon_family(
         "model.language_model.", "lm_head.weight", ("model.vision_embed_tokens.",)
     ),
@@ -561,10 +618,13 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     vocab = (cfg.vocab_size, cfg.d_model)
     sources = {"embed.weight": _Source(family.embed, vocab, True)}
     if not cfg.tie_embeddings:
-        sources["lm_head.weight"] = _Source(family.lm_head, vocab, True)
+        sources["lm_head.weight"] = _Source(family.lm_head, (cfg.lm_head_size, cfg.d_model), True)
     with torch.device("meta"):
         block = Block(cfg, expert=cfg.visual_expert)
         block_shapes = {name: tuple(p.shape) for name, p in block.named_parameters()}
+        cross_shapes = {
+            name: tuple(p.shape) for name, p in CrossAttentionBlock(cfg).named_parameters()
+        }
         norm_leaves = [leaf for leaf, _ in make_norm(cfg, cfg.d_model).named_parameters()]
     for leaf in norm_leaves:
         sources[f"text_norm.{leaf}"] = _Source(f"{family.final_norm}.{leaf}", (cfg.d_model,), False)
@@ -584,6 +644,17 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     for stack, num_blocks in stacks.items():
         for index in range(num_blocks):
             prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
+            if cfg.is_cross_attention(stack, index):
+                if not family.cross_layer_keys:
+                    raise ValueError(
+                        f"a {stack}.{index} cross-attention block: its checkpoint has none"
+                    )
+                for name, shape in cross_shapes.items():
+                    module, _, leaf = name.rpartition(".")
+                    key = family.cross_layer_keys[module or leaf]
+                    tensor = f"{prefix}{key}.{leaf}" if module else f"{prefix}{key}"
+                    sources[f"{stack}.{index}.{name}"] = _Source(tensor, shape, False)
+                continue
             for name, shape in block_shapes.items():
                 module, _, leaf = name.rpartition(".")
                 if module.startswith("expert."):  # a visual expert starts as its text twin

@@ -30,6 +30,7 @@ from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX
 from models.blocks import (
     Block,
+    CrossAttentionBlock,
     ExpertRoute,
     PerHeadLayerNorm,
     RMSNorm,
@@ -40,6 +41,7 @@ from models.blocks import (
     run_blocks,
 )
 from models.config import ModelConfig, model_config_from_dict
+from models.cross_attention import CrossContext, CrossLayout
 from models.diffusion import DiffusionHead
 from models.lm_head import LMHead
 from models.vision import (
@@ -144,17 +146,23 @@ class SplitVLM(nn.Module):
         self.generation = None
         if isinstance(self.vision, JanusTower):
             self.generation = JanusGeneration(self.vision.config.vq_config, cfg.d_model)
-            # Its adaptor reads the images it reads only (models/flops.py).
-            self.TOKENS_THROUGH = {**self.TOKENS_THROUGH, "adaptor": "read_image"}
+        # A tower may say which tokens its adaptor sees (models/flops.py): Janus's only the
+        # images it reads, LLaMA-3.2-Vision's every key of the images' stream.
+        adapted = getattr(self.vision, "adapted_tokens", "image")
+        if adapted != "image":
+            self.TOKENS_THROUGH = {**self.TOKENS_THROUGH, "adaptor": adapted}
         # LLaVA-NeXT's learned embedding after every row of a tiled image's grid.
         self.image_newline = None
         if cfg.vision.tiling == "llava_next":
             self.image_newline = nn.Parameter(torch.zeros(cfg.d_model))
 
+        def block(group: str, i: int) -> nn.Module:
+            if cfg.is_cross_attention(group, i):
+                return CrossAttentionBlock(cfg)
+            return Block(cfg, cfg.is_sliding(group, i), cfg.has_expert(group))
+
         def blocks(group: str, n: int) -> nn.ModuleList:
-            return nn.ModuleList(
-                Block(cfg, cfg.is_sliding(group, i), cfg.has_expert(group)) for i in range(n)
-            )
+            return nn.ModuleList(block(group, i) for i in range(n))
 
         self.text_in = blocks("text_in", cfg.num_text_in_blocks)
         self.image_in = blocks("image_in", cfg.num_image_in_blocks)
@@ -162,11 +170,11 @@ class SplitVLM(nn.Module):
         self.text_head_blocks = blocks("text_head_blocks", cfg.num_text_head_blocks)
         self.image_head_blocks = blocks("image_head_blocks", cfg.num_image_head_blocks)
         self.text_norm = make_norm(cfg, cfg.d_model)
-        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
+        self.lm_head = LMHead(cfg.d_model, cfg.lm_head_size)
         # Image tokens that are vocabulary ids (image_target: tokens) are predicted by the text
-        # branch and LM head; there is no image head then.
+        # branch and LM head; there is no image head then, nor without an image loss ("none").
         self.image_norm, self.image_head, self.target_dim = None, None, 0
-        if cfg.image_target != "tokens":
+        if cfg.image_target not in ("tokens", "none"):
             self.image_norm = make_norm(cfg, cfg.d_model)
             self.target_dim = image_target_dim(cfg, vision_dim)
             self.image_head = nn.Linear(cfg.d_model, self.target_dim)
@@ -245,6 +253,8 @@ class SplitVLM(nn.Module):
                         part.weight.fill_(1.0)
                     elif isinstance(part, QueryResampler):  # its learned queries
                         part.query.normal_(0.0, std, generator=generator)
+                    elif isinstance(part, CrossAttentionBlock):  # its gates, at 0
+                        part.reset_gates()
                     elif isinstance(part, nn.LayerNorm):
                         part.weight.fill_(1.0)
                         if getattr(part, "bias", None) is not None:
@@ -543,14 +553,37 @@ class SplitVLM(nn.Module):
                 None if positions_TC is None else positions_TC[batch.image_index],
             )
             x_TC = x_TC.index_copy(0, batch.image_index, image_TC)
-        elif self.run_every_branch:
+        elif self.run_every_branch and not cfg.cross_attention_layers:
             # A blank image through the same modules, joining the sequence where images do but
             # with none of its tokens: the autograd graph has the shape it has with images (so
             # ranks reach their backward collectives in the same order) and every parameter on
             # the path gets an exact zero gradient.
             x_TC = x_TC.index_copy(0, batch.image_index, self._blank_image_tokens(x_TC)[:0])
-        hidden = run_blocks(self.core, x_TC, batch.layout, rope, self.expert_route(batch))
+        route, cross = self.expert_route(batch), self.cross_context(batch)
+        hidden = run_blocks(self.core, x_TC, batch.layout, rope, route, cross)
         return Trunk(hidden, rope, targets)
+
+    def cross_context(self, batch) -> CrossContext | None:
+        """The images' key stream of a cross-attention design (model.cross_attention_layers):
+        each image's tiles through the tower and the adaptor, in the order of the batch's
+        `cross_layout`. None for every other design, and without images (the blocks are then
+        skipped), but under a sharded engine: a blank image then runs that no query sees."""
+        if not self.cfg.cross_attention_layers:
+            return None
+        pixels, layout, order = batch.pixel_values, batch.cross_layout, batch.cross_key_index
+        if layout is None:
+            if not self.run_every_branch:
+                return None
+            size = self.cfg.vision.image_size
+            pixels = batch.input_ids.new_zeros(1, 3, size, size, dtype=torch.float32)
+            keys = self.vision.tile_slots * self.vision.tokens_per_tile
+            layout = CrossLayout.from_ranges(batch.num_tokens, keys, []).to(pixels.device)
+            order = torch.arange(keys, device=pixels.device)
+        pixels = normalize_pixels(pixels, self.cfg.vision.normalization)
+        trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
+            features = self.vision(pixels.to(self.embed.weight.dtype))
+        return CrossContext(self.adaptor(features).flatten(0, 1)[order], layout)
 
     def expert_route(self, batch) -> ExpertRoute | None:
         """Which tokens of the merged sequence take the visual expert (its image tokens)."""
@@ -624,6 +657,8 @@ class SplitVLM(nn.Module):
         losses = {"text_loss_sum": text_loss}
         zero = trunk.hidden_TC.new_zeros(())
         losses["image_loss_sum"] = zero
+        if self.cfg.image_target == "none":
+            return losses
         if self.cfg.image_target == "tokens":
             losses["image_loss_sum"] = self.image_token_loss(batch, trunk, hidden)
             return losses

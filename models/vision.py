@@ -55,6 +55,8 @@ from transformers.models.janus.modeling_janus import (
     JanusVQVAEAlignerMLP,
     JanusVQVAEHead,
 )
+from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
+from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.sam.configuration_sam import SamVisionConfig
@@ -893,6 +895,7 @@ class JanusTower(nn.Module):
     packs_square_images = False
     num_prefix_tokens = 0
     modules_at_model_level = True  # models/hf_designs.py: its checkpoint names
+    adapted_tokens = "read_image"  # its adaptor sees the images it reads (models/flops.py)
 
     def __init__(self, config: JanusTowerConfig):
         super().__init__()
@@ -1012,6 +1015,68 @@ class JanusGeneration(nn.Module):
         return F.cross_entropy(logits, codes, reduction="sum")
 
 
+class MllamaTower(MllamaVisionModel):
+    """LLaMA-3.2-Vision's tiled ViT (transformers' MllamaVisionModel, its names and init), for
+    cross-attention: each square image is one tile, followed by zero tiles up to the
+    checkpoint's `max_num_tiles`, as transformers' processor pads an image of one tile (aspect
+    ratio 1 × 1), and every tile slot's features come out, padding's included (a text token
+    before a document's first image attends to them: models/cross_attention.py
+    `mllama_layout`). A feature is the last layer's output, then the intermediate layers', side
+    by side (`vision_output_dim` wide)."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+    adapted_tokens = "cross_keys"  # its adaptor sees every key of the stream (models/flops.py)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.vision_output_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers + self.config.num_global_layers
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """A tile's tokens: its patches and the class token."""
+        return self.num_patches
+
+    @property
+    def tile_slots(self) -> int:
+        return self.config.max_num_tiles
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized images → (N, tile_slots · tokens_per_tile, feature_dim)."""
+        count, slots = len(pixel_values), self.tile_slots
+        tiles = pixel_values.new_zeros(1, count, slots, *pixel_values.shape[1:])
+        tiles[0, :, 0] = pixel_values
+        ratio_id = self.config.supported_aspect_ratios.index([1, 1]) + 1
+        ids = torch.full((1, count), ratio_id, dtype=torch.long, device=pixel_values.device)
+        mask = torch.zeros(1, count, slots, dtype=torch.long, device=pixel_values.device)
+        mask[..., 0] = 1
+        features = super().forward(pixel_values=tiles, aspect_ratio_ids=ids, aspect_ratio_mask=mask)
+        return features.last_hidden_state.reshape(count, slots * self.num_patches, -1)
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values)
+
+    def batch_flops(self, batch, cfg, input_needs_grad: bool = False) -> tuple[int, int]:
+        """(dense, attention) FLOPs of the micro-batch's images, one tower pass each (its
+        forward, and a trained tower's backward at twice it), by torch's flop counter over a
+        meta-device copy."""
+        if not hasattr(self, "_flops"):
+            self._flops = meta_flops(MllamaTower, self.config, "__call__", self.image_size)
+        dense, attention = self._flops
+        num_images = len(batch.image_grids)
+        trained = any(p.requires_grad for p in self.parameters())
+        factor = 3 if trained or input_needs_grad else 1
+        dense_total = factor * num_images * dense
+        if trained and not input_needs_grad:  # the patch embedding's input is pixels
+            patches = self.tile_slots * (self.num_patches - 1)
+            dense_total -= num_images * 2 * self.patch_embedding.weight.numel() * patches
+        return dense_total, factor * num_images * attention
+
+
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
     """CLIP (LLaVA's encoder): transformers' own model, square images only (its position
     embeddings are a fixed grid plus the CLS token's), batched; the CLS token is dropped from
@@ -1044,6 +1109,7 @@ VISION_TOWERS = {
     "deepseek_hybrid_tower": (DeepseekHybridTowerConfig, DeepseekHybridTower),
     "chameleon_vqgan": (ChameleonVQVAEConfig, ChameleonVQTower),
     "janus_tower": (JanusTowerConfig, JanusTower),
+    "mllama_vision_model": (MllamaVisionConfig, MllamaTower),
     "concatenated_towers": (ConcatenatedTowersConfig, ConcatenatedTowers),
 }
 # Full two-tower checkpoints whose vision half we take.
@@ -1165,6 +1231,24 @@ def _random_janus(cfg: VisionConfig):
     return JanusTowerConfig(vision_config=vision, vq_config=vq), JanusTower
 
 
+def _random_mllama(cfg: VisionConfig):
+    """LLaMA-3.2-Vision's tiled ViT of the size fields: `num_layers` local layers, one gated
+    global layer, the middle local layer's output read beside the last one's; `max_num_tiles`
+    tile slots and every aspect ratio of at most that many tiles (its processor's list)."""
+    size = _random_size(cfg)
+    slots = cfg.max_num_tiles
+    ratios = [[w, h] for w in range(1, slots + 1) for h in range(1, slots + 1) if w * h <= slots]
+    config = MllamaVisionConfig(
+        **size,
+        num_global_layers=1,
+        vision_output_dim=2 * cfg.hidden_size,
+        intermediate_layers_indices=[cfg.num_layers // 2],
+        max_num_tiles=slots,
+        supported_aspect_ratios=ratios,
+    )
+    return config, MllamaTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -1181,6 +1265,7 @@ RANDOM_TOWERS = {
     "deepseek_hybrid": _random_deepseek_hybrid,
     "chameleon_vq": _random_chameleon_vq,
     "janus": _random_janus,
+    "mllama": _random_mllama,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 

@@ -241,11 +241,11 @@ def test_llava_round_trip_through_the_cli_gives_transformers_the_same_logits(
 
 
 def test_import_refuses_an_unsupported_checkpoint_in_one_line(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main(["import-hf", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "'mllama'" in err and "fuyu (FuyuForCausalLM)" in err
+    assert "'bert'" in err and "fuyu (FuyuForCausalLM)" in err
 
 
 def test_export_to_hf_refuses_a_model_of_no_design_in_one_line(tmp_path, capsys):
@@ -430,6 +430,7 @@ def _engine_worker(
         "yaml/deepseek_vl_hybrid.yaml",
         "yaml/chameleon.yaml",
         "yaml/janus.yaml",
+        "yaml/mllama.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
@@ -440,7 +441,9 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     frozen ViT under a trained Q-Former; Qwen-VL: a frozen LLM under a trained ViT and
     resampler; DeepSeek-VL 7B: two frozen towers on two resolutions; Chameleon: image tokens as
     vocabulary ids from a frozen VQ-VAE, their loss the LM head's; Janus: a rank's images read
-    by the ViT or generated as codes, as drawn, with one tower call either way)."""
+    by the ViT or generated as codes, as drawn, with one tower call either way; LLaMA-3.2-Vision:
+    images as a stream of keys for gated cross-attention blocks, the only trained part of the
+    language model, a blank image on a rank without images)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

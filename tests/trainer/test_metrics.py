@@ -169,6 +169,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
     (batch,) = pack_step(docs, cfg.data.max_tokens, **layout_options(cfg.model))
     assert batch.pixel_values.shape[0] > 0
     assert batch.num_masked_image_tokens > 0 or not cfg.model.mask_rate_max
+    assert batch.cross_layout is not None or not cfg.model.cross_attention_layers
     return model, batch
 
 
@@ -187,6 +188,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (True, (), "yaml/janus.yaml"),
         (False, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
         (True, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
+        (False, ("optim.freeze=[]",), "yaml/mllama.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -201,6 +203,7 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "janus_trained_vit",
         "concatenated_towers",
         "concatenated_towers_trained",
+        "mllama_cross_attention",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(

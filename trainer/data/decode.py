@@ -454,6 +454,9 @@ class Document:
     # (rows, cols) of image_size tiles of each LLaVA-NeXT tiled image, (0, 0) for the others;
     # None: none is tiled (`PackedBatch.image_tiles`)
     image_tiles: list[tuple[int, int]] | None = None
+    # The position of each image's start marker (with image_markers true or "start"): where a
+    # cross-attention design's image stands in the sequence, its <|image|> token.
+    image_anchors: list[int] | None = None
 
     def __post_init__(self):
         if self.span_grids is None:
@@ -573,12 +576,14 @@ class SampleDecoder:
         segments: list[tuple[str, int]] = []
         run_start = cursor = 0
         opens_document = False  # the first image's first token is the document's first
+        anchors = []
         for view, image_spans in zip(shown, spans, strict=True):
             ids.extend(text.ids[cursor : view.position])
             targets.extend(text.targets[cursor : view.position])
             cursor = view.position
             ids.extend(view.before)
             if cfg.image_start_marker:
+                anchors.append(len(ids))
                 ids.append(self.image_start_id)
             opens_document = opens_document or not ids
             if len(ids) > run_start:  # without markers an image can open the document
@@ -633,6 +638,7 @@ class SampleDecoder:
             span_grids=[grid for image_spans in spans for grid, _ in image_spans],
             row_breaks=cfg.image_row_break,
             image_tiles=[view.tiles for view in shown],
+            image_anchors=anchors,
         )
 
     def with_box_bins(self, sample: dict) -> dict:

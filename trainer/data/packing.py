@@ -24,6 +24,7 @@ import torch
 from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX, PackedBatch
 from models.config import row_breaks_in_span
+from models.cross_attention import mllama_layout
 from trainer.data.decode import Document
 
 
@@ -111,10 +112,15 @@ def layout_options(model_cfg, device: torch.device | str | None = None) -> dict:
     backend = model_cfg.attention_backend
     if backend == "auto" and device is not None and torch.device(device).type != "cuda":
         backend = "sdpa"
+    cross_keys = None
+    if model_cfg.cross_attention_layers:  # (keys a tile, tile slots an image): MllamaTower's
+        vision = model_cfg.vision
+        cross_keys = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.max_num_tiles)
     return {
         "image_attention": model_cfg.image_attention,
         "image_positions": model_cfg.image_positions,
         "attention_backend": backend,
+        "cross_attention_keys": cross_keys,
     }
 
 
@@ -125,6 +131,7 @@ def pack_step(
     image_attention: str = "bidirectional",
     image_positions: str = "sequential",
     attention_backend: str | None = None,
+    cross_attention_keys: tuple[int, int] | None = None,
 ) -> list[PackedBatch]:
     """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max.
 
@@ -135,7 +142,7 @@ def pack_step(
     num_fillers = max(num_micro_batches - len(docs), 0)
     if num_micro_batches != len(bins) and docs:
         bins = plan_micro_batches(lengths, max_tokens, min(num_micro_batches, len(docs)))
-    options = (image_attention, image_positions, attention_backend)
+    options = (image_attention, image_positions, attention_backend, cross_attention_keys)
     micro_batches = [collate([docs[i] for i in b], *options) for b in bins]
     micro_batches += [filler_micro_batch(docs, *options) for _ in range(num_fillers)]
     assert len(micro_batches) == num_micro_batches
@@ -162,7 +169,10 @@ def collate(
     image_attention: str = "bidirectional",
     image_positions: str = "sequential",
     attention_backend: str | None = None,
+    cross_attention_keys: tuple[int, int] | None = None,
 ) -> PackedBatch:
+    """One micro-batch of `docs`. `cross_attention_keys` (keys a tile, tile slots an image):
+    the images are cross-attended (`layout_options`), each at its start marker."""
     if len({doc.pixel_values.dtype for doc in docs}) > 1:
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     merged_docs, text_docs, image_docs = [], [], []
@@ -209,6 +219,11 @@ def collate(
     # that fan out to the intra-op thread pool would compete with it for the same threads.
     is_image = np.repeat(np.array(segment_is_image, dtype=bool), segment_lengths)
     is_image[row_break_positions] = False
+    cross_layout = cross_key_index = None
+    if cross_attention_keys is not None and any(doc.image_anchors for doc in docs):
+        cross_layout, cross_key_index = mllama_layout(
+            [(doc.num_tokens, doc.image_anchors or []) for doc in docs], *cross_attention_keys
+        )
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,
@@ -224,6 +239,8 @@ def collate(
         image_mask=torch.cat([d.image_mask for d in docs]),
         image_span_full=torch.cat([d.image_span_full for d in docs]),
         sample_ids=[d.sample_id for d in docs],
+        cross_layout=cross_layout,
+        cross_key_index=cross_key_index,
     )
 
 

@@ -169,6 +169,7 @@ _LIST_FIELDS = (
     "span_grids",
     "row_breaks",
     "image_tiles",
+    "image_anchors",
 )
 _TENSOR_FIELDS = tuple(f.name for f in fields(Document) if f.name not in _LIST_FIELDS)
 
