@@ -199,13 +199,15 @@ def _routed(text: nn.Module, expert: nn.Module | None, x_TC: torch.Tensor, route
     return out.index_copy(0, route.text, text_out).index_copy(0, route.image, image_out)
 
 
-def _projections(cfg: ModelConfig) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """Attention's q, k, v and output projections."""
-    bias = cfg.attention_bias
+def _projections(
+    cfg: ModelConfig, key_width: int | None = None
+) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """Attention's q, k, v and output projections; k and v read `key_width` (d_model)."""
+    bias, key_width = cfg.attention_bias, key_width or cfg.d_model
     return (
         nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=bias),
-        nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias),
-        nn.Linear(cfg.d_model, cfg.num_kv_heads * cfg.head_dim, bias=bias),
+        nn.Linear(key_width, cfg.num_kv_heads * cfg.head_dim, bias=bias),
+        nn.Linear(key_width, cfg.num_kv_heads * cfg.head_dim, bias=bias),
         nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_output_bias),
     )
 
@@ -351,8 +353,10 @@ class Block(nn.Module):
 
 class CrossAttention(nn.Module):
     """Attention of the sequence's tokens (queries) over the images' stream (keys, values):
-    q/k/v and output projections as a self-attention's, an RMSNorm over each head's width on
-    queries and keys, no RoPE (transformers' MllamaTextCrossAttention)."""
+    q/k/v and output projections as a self-attention's (k and v reading the stream's width,
+    `cfg.cross_key_width`), with `cross_attention_qk_norm` an RMSNorm over each head's width on
+    queries and keys, no RoPE (transformers' MllamaTextCrossAttention, Idefics' cross-attention
+    IdeficsAttention)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -363,9 +367,12 @@ class CrossAttention(nn.Module):
         )
         self.backend = cfg.attention_backend
         self.window = None  # models/flops.py: attention over its whole layout
-        self.wq, self.wk, self.wv, self.wo = _projections(cfg)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.wq, self.wk, self.wv, self.wo = _projections(cfg, cfg.cross_key_width)
+        if cfg.cross_attention_qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x_TC: torch.Tensor, cross: CrossContext) -> torch.Tensor:
         states = cross.states_KC.to(x_TC.dtype)
@@ -381,24 +388,31 @@ class CrossAttention(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """LLaMA-3.2-Vision's gated cross-attention block between the language model's layers
-    (transformers' MllamaCrossAttentionDecoderLayer):
+    """A gated cross-attention block between the language model's layers, LLaMA-3.2-Vision's
+    (transformers' MllamaCrossAttentionDecoderLayer) or Flamingo's (IdeficsGatedCrossAttention-
+    Layer):
 
         h = x + tanh(attn_gate) · cross_attn(norm(x), images)
         out = h + tanh(mlp_gate) · sees_image · mlp(norm(h))
 
-    The gates start at 0, so a new block passes its input through unchanged. A query that sees
-    no image has its MLP output dropped (`sees_image`); without images (`cross` None) the block
-    is skipped, as transformers skips it for text."""
+    The gates start at 0, so a new block passes its input through unchanged; with
+    `cross_attention_gate: vector` each is one a channel, shaped (1, 1, d_model) as Idefics
+    stores it. A query that sees no image gets a zero attention output (its layout's empty
+    row) and, in the "mllama" style, has its MLP output dropped too (`sees_image`; "flamingo"
+    keeps it). Without images (`cross` None) every query sees none: a "mllama" block is then
+    skipped, as transformers skips it for text, and a "flamingo" one runs its MLP alone, as
+    Idefics does on its processor's blank image."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        gate_shape = (1, 1, cfg.d_model) if cfg.cross_attention_gate == "vector" else (1,)
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = CrossAttention(cfg)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
         self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = _make_mlp(cfg)
-        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.mask_blind_mlp = cfg.cross_attention_style == "mllama"
         self.expert = None
 
     def reset_gates(self) -> None:
@@ -406,12 +420,17 @@ class CrossAttentionBlock(nn.Module):
         nn.init.zeros_(self.mlp_gate)
 
     def forward(self, x_TC, layout=None, rope=None, route=None, cross: CrossContext | None = None):
-        if cross is None:
+        if cross is None and self.mask_blind_mlp:
             return x_TC
-        x_TC = x_TC + self.attn_gate.tanh().to(x_TC.dtype) * self.attn(self.attn_norm(x_TC), cross)
-        seen = cross.layout.sees_image[:, None].to(x_TC.dtype)
-        mlp_out = self.mlp(self.mlp_norm(x_TC)) * seen
-        return x_TC + self.mlp_gate.tanh().to(x_TC.dtype) * mlp_out
+        attn_gate, mlp_gate = (
+            gate.tanh().reshape(-1).to(x_TC.dtype) for gate in (self.attn_gate, self.mlp_gate)
+        )
+        if cross is not None:
+            x_TC = x_TC + attn_gate * self.attn(self.attn_norm(x_TC), cross)
+        mlp_out = self.mlp(self.mlp_norm(x_TC))
+        if self.mask_blind_mlp:
+            mlp_out = mlp_out * cross.layout.sees_image[:, None].to(x_TC.dtype)
+        return x_TC + mlp_gate * mlp_out
 
 
 def run_blocks(blocks: nn.ModuleList, x_TC, layout, rope: RopeTables, route=None, cross=None):

@@ -31,6 +31,7 @@ ADAPTOR_NAMES = (
     "resampler",
     "hybrid_aligner",
     "vocabulary",
+    "identity",
 )
 NORM_STYLES = ("default", "gemma", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "relu")
@@ -64,7 +65,17 @@ VISION_TOWER_NAMES = (
     "chameleon_vq",
     "janus",
     "mllama",
+    "idefics",
 )
+# The towers whose images are a stream of keys that cross-attention blocks read
+# (model.cross_attention_layers), not tokens of the sequence.
+CROSS_ATTENTION_TOWERS = ("mllama", "idefics")
+# `model.cross_attention_style`: which images a text token cross-attends to, and what a token
+# that sees none gets (models/cross_attention.py `mllama_layout`, `flamingo_layout`).
+CROSS_ATTENTION_STYLES = ("mllama", "flamingo")
+# `model.cross_attention_gate`: one tanh gate a sublayer, or one per channel (Flamingo's
+# alpha_type: vector).
+CROSS_ATTENTION_GATES = ("scalar", "vector")
 # `model.image_markers`: <image_start> and <image_end> around each image, none, the end only,
 # or the start only (LLaMA-3.2-Vision's <|image|>, the one token that stands for its image).
 IMAGE_MARKERS = (True, False, "end", "start")
@@ -115,7 +126,10 @@ class VisionConfig:
     # (LLaMA-3.2-Vision's tiled ViT, for model.cross_attention_layers: gated tile position
     # embeddings, its local layers then gated global layers, the features of its last layer
     # and of intermediate ones side by side; a random one has one global layer and reads the
-    # middle layer).
+    # middle layer) or "idefics" (Flamingo's as transformers' Idefics has it, for
+    # model.cross_attention_layers: a CLIP-like ViT and, with num_queries > 0, a perceiver
+    # resampler of that many learned latents, two layers deep, whose output is each image's keys;
+    # with num_queries 0 the ViT's patches and class token are).
     tower: str = "siglip"
     image_size: int = 32
     patch_size: int = 8
@@ -162,7 +176,8 @@ class VisionConfig:
     grid_pinpoints: list[list[int]] = field(default_factory=list)
     # Image tokens per image made by learned queries, whatever the image: a (1, num_queries)
     # grid; with tower: blip2 (its Q-Former's: 32) or adaptor: resampler (Qwen-VL's: 256, a
-    # square); 0 otherwise (the patch grid).
+    # square), or the keys of an image with tower: idefics (its perceiver's latents: 64); 0
+    # otherwise (the patch grid).
     num_queries: int = 0
     # Pixels a side of a two-resolution tower's high-resolution path (deepseek_hybrid's SAM:
     # 1024): images are loaded at this size, and its low-resolution path sees them resized to
@@ -423,6 +438,13 @@ class VisionConfig:
                 "model.vision.max_num_tiles: >= 1 with tower: mllama, and only there, whose "
                 "images are square (resize: square, no tiling), spatial_merge 1, feature_layer 0"
             )
+        if self.tower == "idefics" and (
+            self.native or self.tiling != "none" or self.spatial_merge != 1 or self.feature_layer
+        ):
+            raise ValueError(
+                "model.vision.tower=idefics takes square images (resize: square, no tiling), "
+                "spatial_merge 1, feature_layer 0 (its resampler's output)"
+            )
         if self.tile_longest_edge < 0:
             raise ValueError("model.vision.tile_longest_edge must be >= 0 (0: 4 × image_size)")
         if self.tower in ("clip", "idefics3") and self.native and not self.pretrained:
@@ -595,6 +617,15 @@ class ModelConfig:
     # in its document (models/cross_attention.py `mllama_query_ranges`). Empty: images in the
     # sequence, as every other design has them.
     cross_attention_layers: list[int] = field(default_factory=list)
+    # "mllama": a text token sees the images before it in its document (consecutive ones
+    # together); a token before the first attends to all of them but has its MLP output dropped
+    # (LLaMA-3.2-Vision). "flamingo": a text token sees only the latest image at or before it;
+    # a token before the first gets a zero attention output, its MLP output kept (Flamingo, as
+    # transformers' Idefics). Gates: "scalar" or "vector" (one a channel); cross_attention_qk_norm:
+    # an RMSNorm over each head's width on queries and keys.
+    cross_attention_style: str = "mllama"
+    cross_attention_gate: str = "scalar"
+    cross_attention_qk_norm: bool = True
     # Rows of the LM head, 0: vocab_size. Fewer when the embedding has rows no text predicts
     # (LLaMA-3.2-Vision's: 8 more than its LM head, <|image|> among them).
     lm_head_rows: int = 0
@@ -679,6 +710,23 @@ class ModelConfig:
     @property
     def lm_head_size(self) -> int:
         return self.lm_head_rows or self.vocab_size
+
+    @property
+    def cross_key_width(self) -> int:
+        """The width of the key stream cross-attention projects: the LLM's after an adaptor,
+        the tower's own with adaptor: identity (Flamingo's keys and values read it)."""
+        return self.vision.hidden_size if self.adaptor == "identity" else self.d_model
+
+    @property
+    def cross_keys_per_image(self) -> tuple[int, int]:
+        """(keys a tile slot, tile slots) of each image in the key stream: LLaMA-3.2-Vision's
+        tower gives max_num_tiles slots of a tile's patches and class token; Flamingo's one of
+        its resampler's `num_queries` latents (without one, the ViT's patches and class token)."""
+        vision = self.vision
+        patches = (vision.image_size // vision.patch_size) ** 2 + 1
+        if vision.tower == "mllama":
+            return patches, vision.max_num_tiles
+        return vision.num_queries or patches, 1
 
     def is_sliding(self, group: str, index: int) -> bool:
         """Whether block `index` of `group` attends through the sliding window."""
@@ -862,12 +910,13 @@ class ModelConfig:
         queries_from = self.adaptor == "resampler" or (
             self.vision.tower == "blip2" and not self.vision.pretrained
         )
-        if bool(self.vision.num_queries) != queries_from or (
-            self.adaptor == "resampler" and self.vision.tower == "blip2"
+        if (self.vision.tower != "idefics" and bool(self.vision.num_queries) != queries_from) or (
+            self.adaptor == "resampler" and self.vision.tower in ("blip2", "idefics")
         ):
             raise ValueError(
                 "model.vision.num_queries (> 0) goes with tower: blip2 (its Q-Former's queries) "
-                "or adaptor: resampler (Qwen-VL's), one of them, and only there"
+                "or adaptor: resampler (Qwen-VL's), one of them, and only there, or with tower: "
+                "idefics (its perceiver's latents; 0: none)"
             )
         side = math.isqrt(self.vision.num_queries)
         if self.adaptor == "resampler" and (
@@ -977,7 +1026,7 @@ class ModelConfig:
                 f"(0 … num_core_blocks - 1 = {self.num_core_blocks - 1})"
             )
         if layers and (
-            self.vision.tower != "mllama"
+            self.vision.tower not in CROSS_ATTENTION_TOWERS
             or self.image_target != "none"
             or self.image_markers != "start"
             or self.num_text_in_blocks
@@ -993,14 +1042,31 @@ class ModelConfig:
         ):
             raise ValueError(
                 "model.cross_attention_layers: images are a stream of keys, not in the sequence "
-                "(LLaMA-3.2-Vision's): vision.tower mllama, image_target none, image_markers "
+                "(LLaMA-3.2-Vision's, Flamingo's): vision.tower mllama or idefics, image_target "
+                "none, image_markers "
                 "start (each image's one token), every depth but the core 0, nothing masked "
                 "(mask_rate_max, full_mask_prob 0), no diffusion head or visual expert, "
                 "no layer_types, attention_backend not flex"
             )
-        if self.vision.tower == "mllama" and not layers:
+        if self.vision.tower in CROSS_ATTENTION_TOWERS and not layers:
             raise ValueError(
-                "model.vision.tower=mllama is read by cross-attention (model.cross_attention_layers)"
+                f"model.vision.tower={self.vision.tower} is read by cross-attention "
+                "(model.cross_attention_layers)"
+            )
+        if self.cross_attention_style not in CROSS_ATTENTION_STYLES:
+            raise ValueError(
+                f"model.cross_attention_style={self.cross_attention_style!r}; "
+                f"valid: {', '.join(CROSS_ATTENTION_STYLES)}"
+            )
+        if self.cross_attention_gate not in CROSS_ATTENTION_GATES:
+            raise ValueError(
+                f"model.cross_attention_gate={self.cross_attention_gate!r}; "
+                f"valid: {', '.join(CROSS_ATTENTION_GATES)}"
+            )
+        if (self.adaptor == "identity") != (self.vision.tower == "idefics"):
+            raise ValueError(
+                "model.adaptor=identity goes with vision.tower: idefics (Flamingo's "
+                "cross-attention reads the tower's own width), and only there"
             )
         if self.lm_head_rows < 0 or (self.lm_head_rows and self.tie_embeddings):
             raise ValueError(

@@ -367,6 +367,40 @@ def mllama_layout(
     return layout, torch.from_numpy(order.astype(np.int64))
 
 
+def flamingo_layout(
+    documents: list[tuple[int, list[int]]], keys_per_image: int
+) -> tuple[CrossLayout, Tensor]:
+    """The cross-attention layout of a packed micro-batch under Flamingo's rule (transformers'
+    Idefics processor, `image_attention_mask_for_packed_input_ids`): a query sees only the
+    latest image whose token is at or before it in its document; a query before the
+    document's first image sees none (a zero row, which Idefics' cross_attention_gate gives).
+    `documents` as for `mllama_layout`; each image is `keys_per_image` keys of the stream, in
+    the tower's order. → (layout, the row of the tower's flattened output each key is)."""
+    images = []
+    query_offset = key_offset = 0
+    for length, positions in documents:
+        ends = [*positions[1:], length][: len(positions)]  # up to the next image's token
+        for index, (start, end) in enumerate(zip(positions, ends, strict=True)):
+            key_start = key_offset + index * keys_per_image
+            images.append(
+                (key_start, key_start + keys_per_image, query_offset + start, query_offset + end)
+            )
+        query_offset += length
+        key_offset += len(positions) * keys_per_image
+    layout = CrossLayout.from_ranges(query_offset, key_offset, images)
+    return layout, torch.arange(key_offset, dtype=torch.int64)
+
+
+def packed_cross_layout(
+    style: str, documents: list[tuple[int, list[int]]], keys_per_slot: int, slots: int
+) -> tuple[CrossLayout, Tensor]:
+    """The layout of `model.cross_attention_style` (`mllama_layout` or `flamingo_layout`) for
+    images of `slots` tile slots of `keys_per_slot` keys (`ModelConfig.cross_keys_per_image`)."""
+    if style == "flamingo":
+        return flamingo_layout(documents, keys_per_slot * slots)
+    return mllama_layout(documents, keys_per_slot, slots)
+
+
 @dataclass(frozen=True)
 class CrossContext:
     """What the cross-attention blocks of one forward read: the key stream's states (T_k, C),

@@ -15,11 +15,11 @@ no activation recomputation, no padding, since the packer has none), summed over
   (`dense_flops_per_image`, and its attention `attention_flops_per_image`: BLIP-2's ViT and
   Q-Former, Qwen-VL's resampler). This matches
   torch.utils.flop_counter's matmul count exactly (tested).
-- Cross-attention blocks (LLaMA-3.2-Vision's): their query projection, output projection and MLP
-  see every token, their key and value projections every key of the images' stream, and
-  their attention the (query, key) pairs of the micro-batch's `cross_layout`; none of it
-  without images (the blocks are skipped). The key and value projections' input gradient is
-  computed when the adaptor or the tower trains.
+- Cross-attention blocks (LLaMA-3.2-Vision's, Flamingo's): their query projection, output
+  projection and MLP see every token, their key and value projections every key of the images'
+  stream, and their attention the (query, key) pairs of the micro-batch's `cross_layout`;
+  without images none of it (LLaMA-3.2-Vision's blocks are skipped) but Flamingo's MLP. The key
+  and value projections' input gradient is computed when the adaptor or the tower trains.
 - Attention: a (query, key) pair costs 4·d_attn FLOPs forward per layer (2·d_attn for QKᵀ, 2·d_attn
   for AV; d_attn = heads × head dim) and twice that backward. Pairs are the packed layout's actual
   ones: query t sees keys doc_start[t]..vis_end[t], so a layout has Σ_t (vis_end[t] − doc_start[t]
@@ -115,6 +115,8 @@ class ModelFlops:
         adaptor_trains = any(p.requires_grad for p in model.adaptor.parameters())
         keys_need_grad = adaptor_trains or self.vision_trainable
         self.cross_per_query = self.cross_per_key = 0
+        # Flamingo's blocks run their MLP on a micro-batch without images too.
+        self.cross_mlp_without_images = 0
         for block in cross_blocks:
             for module in block.modules():
                 if not isinstance(module, nn.Linear):
@@ -123,6 +125,8 @@ class ModelFlops:
                     self.cross_per_key += layer_flops(module, 1, keys_need_grad)
                 else:
                     self.cross_per_query += layer_flops(module, 1, True)
+                if not block.mask_blind_mlp and any(module is m for m in block.mlp.modules()):
+                    self.cross_mlp_without_images += layer_flops(module, 1, True)
         cross_trainable, cross_frozen = [
             sum(dense_weights(b)[k] for b in cross_blocks) for k in (0, 1)
         ]
@@ -272,6 +276,8 @@ class ModelFlops:
             flops += (
                 self.cross_per_query * layout.num_queries + self.cross_per_key * layout.num_keys
             )
+        else:
+            flops += self.cross_mlp_without_images * batch.num_tokens
         return flops
 
     def attention(self, batch) -> int:

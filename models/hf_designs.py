@@ -44,6 +44,7 @@ from models.vision import (
     DeepseekHybridTower,
     DeepseekHybridTowerConfig,
     Idefics3Tower,
+    IdeficsTower,
     JanusTower,
     JanusTowerConfig,
     MllamaTower,
@@ -339,7 +340,7 @@ def _import_vlm(
     unread = [
         name
         for name in checkpoint.tensor_files
-        if name.startswith((*tower_names, projector_prefix, *module_names))
+        if name.startswith((*tower_names, *filter(None, [projector_prefix]), *module_names))
         and name not in sources.values()
     ]
     if unread:
@@ -1920,6 +1921,147 @@ def _mllama_export(model: SplitVLM, out: Path, base: dict | None, image_id: int 
     )
 
 
+# -- Flamingo (transformers' Idefics) -------------------------------------------------------------
+
+
+def idefics_model_config(hf) -> ModelConfig:
+    """Our ModelConfig of a transformers IdeficsConfig: its ViT and perceiver resampler as our
+    tower (`model.vision.tower: idefics`, `IdeficsTower`, the resampler's latents each image's
+    keys), read at the tower's width (`identity` adaptor) by its gated cross-attention layers
+    (set with the language model: `_idefics`), each image standing in the sequence as its
+    <image> token. Its processor normalizes as OpenAI CLIP does."""
+    vision = hf.vision_config
+    cfg = decoder_config(
+        "causal",
+        "identity",
+        VisionConfig(
+            tower="idefics",
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_size=vision.embed_dim,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            num_queries=hf.perceiver_config.resampler_n_latents if hf.use_resampler else 0,
+            normalization="clip",
+        ),
+    )
+    cfg.image_markers, cfg.image_start_token = "start", "<image>"
+    cfg.image_target = "none"
+    return cfg
+
+
+def _idefics_tower_config(hf) -> dict:
+    return {
+        "model_type": "idefics_tower",
+        "vision_config": hf.vision_config.to_dict(),
+        "perceiver_config": hf.perceiver_config.to_dict(),
+        "use_resampler": hf.use_resampler,
+        "initializer_range": hf.initializer_range,
+    }
+
+
+def _import_idefics(path: Path, seed: int) -> SplitVLM:
+    return _import_vlm(
+        path,
+        seed,
+        "idefics",
+        idefics_model_config,
+        projector={},
+        prefixes=lambda files: ("model.", ""),
+        tower_config=_idefics_tower_config,
+    )
+
+
+_IDEFICS_SHAPE = {
+    **_MLLAMA_SHAPE,
+    "adaptor": "identity",
+    "vision.tower": "idefics",
+    "cross_attention_style": "flamingo",
+    "lm_head_rows": 0,
+    "tie_embeddings": False,
+    "rope_theta": 10000.0,
+    "rope_linear_factor": 0.0,
+    "rope_llama3_factor": 0.0,
+}
+
+
+def _idefics_interval(cfg: ModelConfig) -> int | None:
+    """Idefics' cross_layer_interval of our core (its cross-attention block j at index
+    j · (interval + 1), one before every interval-th of a multiple of interval layers), None if
+    there is none."""
+    crosses, num_core = cfg.cross_attention_layers, cfg.num_core_blocks
+    num_layers = num_core - len(crosses)
+    for interval in range(1, num_layers + 1):
+        every = [j * (interval + 1) for j in range(num_layers // interval)]
+        if num_layers % interval == 0 and every == crosses:
+            return interval
+    return None
+
+
+def _idefics_mismatch(model: SplitVLM) -> str | None:
+    reason = _shape_and_tower_mismatch(
+        "Idefics", _IDEFICS_SHAPE, IdeficsTower, "its ViT and perceiver (IdeficsTower)"
+    )(model)
+    cfg = model.cfg
+    if reason is None and (
+        cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model
+    ):
+        return "Idefics' attention has as many key/value heads as query heads, d_model wide"
+    if reason is None and _idefics_interval(cfg) is None:
+        return (
+            f"model.cross_attention_layers={cfg.cross_attention_layers}: Idefics has one before "
+            "every cross_layer_interval-th layer (indices j · (interval + 1))"
+        )
+    return reason
+
+
+def _idefics_export(model: SplitVLM, out: Path, base: dict | None, image_id: int | None) -> None:
+    from transformers import IdeficsConfig  # seconds; only when exporting
+
+    cfg, base = model.cfg, dict(base or {})
+    vocab = min(base.get("vocab_size", cfg.vocab_size), cfg.vocab_size)
+    tower = model.vision.config
+    hf = IdeficsConfig(
+        **{
+            **base,
+            "vocab_size": vocab,
+            "additional_vocab_size": cfg.vocab_size - vocab,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": model.core[-1].mlp.up.out_features,
+            "num_hidden_layers": cfg.num_core_blocks - len(cfg.cross_attention_layers),
+            "num_attention_heads": cfg.num_heads,
+            "rms_norm_eps": cfg.norm_eps,
+            "cross_layer_interval": _idefics_interval(cfg),
+            "qk_layer_norms": cfg.cross_attention_qk_norm,
+            "alpha_type": "vector" if cfg.cross_attention_gate == "vector" else "float",
+            "tie_word_embeddings": False,
+            "use_resampler": tower.use_resampler,
+            "vision_config": tower.vision_config.to_dict(),
+            "perceiver_config": {
+                **tower.perceiver_config.to_dict(),
+                "use_resampler": tower.use_resampler,
+            },
+        }
+    )
+    hf.architectures = ["IdeficsForVisionText2Text"]
+    family = SUPPORTED_LLMS["idefics"]
+
+    def decouple(tensors: dict) -> None:
+        # Its embedding and LM head: the first vocab_size rows, then the additional ones.
+        for name, continued in (
+            (family.embed, family.embed_continued),
+            (family.lm_head, family.lm_head_continued),
+        ):
+            if cfg.vocab_size > vocab:
+                tensors[continued] = tensors[name][vocab:]
+            tensors[name] = tensors[name][:vocab]
+
+    _save_vlm(model, out, family, {}, hf, ("model.", ""), adjust=decouple)
+    _save_image_processor(
+        out, cfg, "IdeficsImageProcessor", image_size=cfg.vision.image_size, image_num_channels=3
+    )
+
+
 HF_DESIGNS = {
     "llava": HFDesign(
         transformers_class="LlavaForConditionalGeneration",
@@ -1986,6 +2128,12 @@ HF_DESIGNS = {
         import_checkpoint=_import_mllama,
         export_checkpoint=_mllama_export,
         mismatch=_mllama_mismatch,
+    ),
+    "idefics": HFDesign(
+        transformers_class="IdeficsForVisionText2Text",
+        import_checkpoint=_import_idefics,
+        export_checkpoint=_idefics_export,
+        mismatch=_idefics_mismatch,
     ),
     "fuyu": HFDesign(
         transformers_class="FuyuForCausalLM",

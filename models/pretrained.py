@@ -16,6 +16,7 @@ parameter without any rank holding a second copy of the model (DESIGN.md §5):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,17 @@ _MLLAMA_CROSS_LAYER_KEYS = {
 }
 
 
+# Idefics' (Flamingo's) gated cross-attention layers (IdeficsGatedCrossAttentionLayer), under
+# their own numbering (`LLMFamily.cross_layer_prefix`); q/k norms only with qk_layer_norms.
+_IDEFICS_CROSS_LAYER_KEYS = {
+    **_MLLAMA_CROSS_LAYER_KEYS,
+    "attn.q_norm": "cross_attn.q_layer_norm",
+    "attn.k_norm": "cross_attn.k_layer_norm",
+    "attn_gate": "alpha_cross_attn",
+    "mlp_gate": "alpha_dense",
+}
+
+
 @dataclass(frozen=True)
 class LLMFamily:
     """How the checkpoints of one transformers `model_type` map onto our model."""
@@ -124,6 +136,13 @@ class LLMFamily:
     # The layer keys of the cross-attention layers (`model.cross_attention_layers`), a
     # parameter of the block itself (a gate) by its own name.
     cross_layer_keys: dict[str, str] = field(default_factory=dict)
+    # Cross-attention layers numbered apart from the decoder's, under this prefix (Idefics'
+    # model.gated_cross_attn_layers.{j}.); "": numbered among them (LLaMA-3.2-Vision's).
+    cross_layer_prefix: str = ""
+    # Rows that continue the embedding and the LM head in tensors of their own (Idefics'
+    # decoupled additional vocabulary), read when the checkpoint has them; "": none.
+    embed_continued: str = ""
+    lm_head_continued: str = ""
 
 
 def _decoder(
@@ -170,6 +189,8 @@ def _decoder(
     cfg.mlp_gated, cfg.mlp_activation, cfg.mlp_bias = True, "silu", False
     cfg.attention_output_bias, cfg.attention_scale = False, 0.0
     cfg.cross_attention_layers, cfg.lm_head_rows = [], 0
+    cfg.cross_attention_style, cfg.cross_attention_gate = "mllama", "scalar"
+    cfg.cross_attention_qk_norm = True
     _set_windows(cfg, None, [])
 
 
@@ -384,6 +405,30 @@ def _mllama_text(hf, cfg: ModelConfig) -> None:
     cfg.cross_attention_layers = sorted(hf.cross_attention_layers)
 
 
+def _idefics(hf, cfg: ModelConfig) -> None:
+    """Idefics' (Flamingo's) language model: Llama's layers, a gated cross-attention layer
+    before every `cross_layer_interval`-th of them (our core holds both, the cross-attention
+    block first), its embedding and LM head continued by `additional_vocab_size` rows."""
+    if hf.model_type != "idefics":
+        raise ValueError(f"a {hf.model_type!r} model; supported: idefics")
+    if hf.alpha_type not in ("float", "vector"):
+        raise ValueError(f"alpha_type={hf.alpha_type!r}; supported: float, vector")
+    interval = hf.cross_layer_interval
+    if hf.num_hidden_layers % interval:  # transformers' model runs past its last one then
+        raise ValueError(
+            f"num_hidden_layers={hf.num_hidden_layers} is not a multiple of "
+            f"cross_layer_interval={interval}"
+        )
+    _llama_like(hf, cfg, qkv_bias=False, qk_norm=False)
+    num_cross = hf.num_hidden_layers // interval
+    cfg.num_core_blocks += num_cross
+    cfg.cross_attention_layers = [index * (interval + 1) for index in range(num_cross)]
+    cfg.cross_attention_style = "flamingo"
+    cfg.cross_attention_gate = "vector" if hf.alpha_type == "vector" else "scalar"
+    cfg.cross_attention_qk_norm = bool(hf.qk_layer_norms)
+    cfg.vocab_size = max(cfg.vocab_size, hf.vocab_size + hf.additional_vocab_size)
+
+
 def _paligemma_text(hf, cfg: ModelConfig) -> None:
     """PaliGemma's language model: Gemma (1) only (PaliGemma 2's Gemma 2 softcaps its logits)."""
     if hf.model_type != "gemma":
@@ -540,6 +585,15 @@ SUPPORTED_LLMS = {
         other_parts=("vision_model.", "multi_modal_projector."),
         cross_layer_keys=dict(_MLLAMA_CROSS_LAYER_KEYS),
     ),
+    # IdeficsForVisionText2Text: its language model (the whole model: hf_designs).
+    "idefics": LLMFamily(
+        _idefics,
+        other_parts=("model.vision_model.", "model.perceiver_resampler."),
+        cross_layer_keys=dict(_IDEFICS_CROSS_LAYER_KEYS),
+        cross_layer_prefix="model.gated_cross_attn_layers.{}.",
+        embed_continued="model.embed_tokens.additional_embedding.weight",
+        lm_head_continued="lm_head.additional_fc.weight",
+    ),
     "persimmon": _persimmon_family("model.", "lm_head.weight"),
     "opt": _opt_family("model.", "lm_head.weight"),
     # FuyuForCausalLM: its language model (the whole model: hf_designs), as transformers saves
@@ -599,6 +653,13 @@ class _Source:
     # Of a fused q/k/v tensor (`LLMFamily.fused_qkv`): which of the three, and a head's width.
     part: int = -1
     head_dim: int = 0
+    # A vocabulary matrix's rows continued in a second tensor (`LLMFamily.embed_continued`).
+    continued: str = ""
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        """The checkpoint tensors our parameter's rows are, in order."""
+        return (self.tensor, self.continued) if self.continued else (self.tensor,)
 
     def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
         """Our parameter's rows of the checkpoint's `tensor` (a fused one's part)."""
@@ -616,9 +677,12 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
     """Where each of our LLM parameters comes from in a checkpoint of `family` (also the names
     an export to that layout writes them under)."""
     vocab = (cfg.vocab_size, cfg.d_model)
-    sources = {"embed.weight": _Source(family.embed, vocab, True)}
+    sources = {"embed.weight": _Source(family.embed, vocab, True, continued=family.embed_continued)}
     if not cfg.tie_embeddings:
-        sources["lm_head.weight"] = _Source(family.lm_head, (cfg.lm_head_size, cfg.d_model), True)
+        head = (cfg.lm_head_size, cfg.d_model)
+        sources["lm_head.weight"] = _Source(
+            family.lm_head, head, True, continued=family.lm_head_continued
+        )
     with torch.device("meta"):
         block = Block(cfg, expert=cfg.visual_expert)
         block_shapes = {name: tuple(p.shape) for name, p in block.named_parameters()}
@@ -643,8 +707,15 @@ def plan_sources(family: LLMFamily, cfg: ModelConfig) -> dict[str, _Source]:
         stacks["image_head_blocks"] = cfg.num_image_head_blocks
     for stack, num_blocks in stacks.items():
         for index in range(num_blocks):
-            prefix = family.layer_prefix.format(cfg.text_layer_of(stack, index))
+            layer = cfg.text_layer_of(stack, index)
+            if family.cross_layer_prefix:  # cross-attention layers numbered apart
+                crosses = cfg.cross_attention_layers
+                crosses_before = sum(i < index for i in crosses) if stack == "core" else 0
+                layer -= len(crosses) if stack == "text_head_blocks" else crosses_before
+            prefix = family.layer_prefix.format(layer)
             if cfg.is_cross_attention(stack, index):
+                if family.cross_layer_prefix:
+                    prefix = family.cross_layer_prefix.format(crosses_before)
                 if not family.cross_layer_keys:
                     raise ValueError(
                         f"a {stack}.{index} cross-attention block: its checkpoint has none"
@@ -727,6 +798,9 @@ class PretrainedLLM:
         if nested is not None and self.family.embed not in self._tensor_files:
             if nested.embed in self._tensor_files:
                 self.family = nested
+        continued = self.family.embed_continued
+        if continued and continued not in self._tensor_files:  # no decoupled rows
+            self.family = dataclasses.replace(self.family, embed_continued="", lm_head_continued="")
         # The language model's config (of a vision-language checkpoint: its text part).
         self.llm_config = self.hf_config.text_config if self.family.text_config else self.hf_config
         self._sources: dict[str, _Source] | None = None
@@ -772,9 +846,15 @@ class PretrainedLLM:
                 return source.rows_of(handle.get_tensor(source.tensor))[start:stop].float()
             if rows is None and not source.vocabulary:
                 return handle.get_tensor(source.tensor).float()
-            tensor = handle.get_slice(source.tensor)
-            their_rows = tensor.get_shape()[0]  # < ours only for a vocabulary matrix
-            parts = [tensor[start : min(stop, their_rows)].float()] if start < their_rows else []
+        parts, their_rows = [], 0  # theirs < ours only for a vocabulary matrix
+        for piece in source.pieces:
+            with self._open(self._tensor_files[piece]) as handle:
+                tensor = handle.get_slice(piece)
+                count = tensor.get_shape()[0]
+                low, high = max(start, their_rows), min(stop, their_rows + count)
+                if low < high:
+                    parts.append(tensor[low - their_rows : high - their_rows].float())
+            their_rows += count
         if stop > max(start, their_rows):
             parts.append(self._mean_row(source.tensor).expand(stop - max(start, their_rows), -1))
         return torch.cat(parts) if parts else torch.empty(0, *source.shape[1:])
@@ -790,13 +870,18 @@ class PretrainedLLM:
     # -- internals ---------------------------------------------------------------------------------
 
     def _plan(self, cfg: ModelConfig) -> dict[str, _Source]:
-        assert cfg.num_text_layers == self.llm_config.num_hidden_layers
+        apart = len(cfg.cross_attention_layers) if self.family.cross_layer_prefix else 0
+        assert cfg.num_text_layers - apart == self.llm_config.num_hidden_layers
         return plan_sources(self.family, cfg)
 
     def _check_tensors(self, cfg: ModelConfig) -> None:
         files, listed_in = self._tensor_files, self._tensors_listed_in
         # Each checkpoint tensor once (copied image blocks read the text layers' tensors again).
-        needed = {source.tensor: (name, source) for name, source in self._sources.items()}
+        needed = {
+            piece: (name, source)
+            for name, source in self._sources.items()
+            for piece in source.pieces
+        }
         for tensor, (name, _) in needed.items():
             if tensor not in files:
                 raise ValueError(f"{listed_in}: no tensor {tensor!r} (for our {name})")
@@ -812,8 +897,9 @@ class PretrainedLLM:
                     shapes[tensor] = tuple(handle.get_slice(tensor).get_shape())
         for tensor, (name, source) in needed.items():
             theirs, ours = shapes[tensor], source.checkpoint_shape
+            rows = sum(shapes[piece][0] for piece in source.pieces)
             fits = (
-                len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] <= ours[0]
+                len(theirs) == 2 and theirs[1] == ours[1] and rows <= ours[0]
                 if source.vocabulary
                 else theirs == ours
             )

@@ -46,6 +46,13 @@ from transformers.models.deepseek_vl_hybrid.modeling_deepseek_vl_hybrid import (
     DeepseekVLSamVisionNeck,
     DeepseekVLSamVisionProj,
 )
+from transformers.models.idefics.configuration_idefics import (
+    IdeficsPerceiverConfig,
+    IdeficsVisionConfig,
+)
+from transformers.models.idefics.modeling_idefics import IdeficsPreTrainedModel
+from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+from transformers.models.idefics.vision import IdeficsVisionTransformer
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
@@ -1015,7 +1022,27 @@ class JanusGeneration(nn.Module):
         return F.cross_entropy(logits, codes, reduction="sum")
 
 
-class MllamaTower(MllamaVisionModel):
+class WholeImageFlops:
+    """`batch_flops` of a cross-attention tower whose every image is one pass of the same
+    size (`image_size`): its forward FLOPs by torch's flop counter over a meta-device copy,
+    times three with a backward; a trained tower's patch embedding (`patch_convolution`) has
+    no input gradient to compute."""
+
+    def batch_flops(self, batch, cfg, input_needs_grad: bool = False) -> tuple[int, int]:
+        if not hasattr(self, "_flops"):
+            self._flops = meta_flops(type(self), self.config, "__call__", self.image_size)
+        dense, attention = self._flops
+        num_images = len(batch.image_grids)
+        trained = any(p.requires_grad for p in self.parameters())
+        factor = 3 if trained or input_needs_grad else 1
+        dense_total = factor * num_images * dense
+        if trained and not input_needs_grad:  # the patch embedding's input is pixels
+            conv, positions = self.patch_convolution()
+            dense_total -= num_images * 2 * conv.weight.numel() * positions
+        return dense_total, factor * num_images * attention
+
+
+class MllamaTower(WholeImageFlops, MllamaVisionModel):
     """LLaMA-3.2-Vision's tiled ViT (transformers' MllamaVisionModel, its names and init), for
     cross-attention: each square image is one tile, followed by zero tiles up to the
     checkpoint's `max_num_tiles`, as transformers' processor pads an image of one tile (aspect
@@ -1060,21 +1087,110 @@ class MllamaTower(MllamaVisionModel):
     def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
         return self(pixel_values)
 
-    def batch_flops(self, batch, cfg, input_needs_grad: bool = False) -> tuple[int, int]:
-        """(dense, attention) FLOPs of the micro-batch's images, one tower pass each (its
-        forward, and a trained tower's backward at twice it), by torch's flop counter over a
-        meta-device copy."""
-        if not hasattr(self, "_flops"):
-            self._flops = meta_flops(MllamaTower, self.config, "__call__", self.image_size)
-        dense, attention = self._flops
-        num_images = len(batch.image_grids)
-        trained = any(p.requires_grad for p in self.parameters())
-        factor = 3 if trained or input_needs_grad else 1
-        dense_total = factor * num_images * dense
-        if trained and not input_needs_grad:  # the patch embedding's input is pixels
-            patches = self.tile_slots * (self.num_patches - 1)
-            dense_total -= num_images * 2 * self.patch_embedding.weight.numel() * patches
-        return dense_total, factor * num_images * attention
+    def patch_convolution(self) -> tuple[nn.Conv2d, int]:
+        """The patch embedding and the positions it runs at an image (every tile slot's)."""
+        return self.patch_embedding, self.tile_slots * (self.num_patches - 1)
+
+
+class IdeficsTowerConfig(PretrainedConfig):
+    """The config of `IdeficsTower`: Idefics' vision and perceiver configs and whether the
+    resampler runs (the parts of a transformers IdeficsConfig that are not the language
+    model)."""
+
+    model_type = "idefics_tower"
+
+    def __init__(
+        self,
+        vision_config: dict | None = None,
+        perceiver_config: dict | None = None,
+        use_resampler: bool = False,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vision_config = IdeficsVisionConfig(**(vision_config or {}))
+        # What IdeficsModel sets on its ViT's config (which it builds as a plain module).
+        self.vision_config._attn_implementation = "sdpa"
+        self.perceiver_config = IdeficsPerceiverConfig(**(perceiver_config or {}))
+        self.use_resampler = use_resampler
+        self.initializer_range = initializer_range
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["perceiver_config"] = self.perceiver_config.to_dict()
+        return out
+
+
+class IdeficsTower(WholeImageFlops, nn.Module):
+    """Flamingo's image path as transformers' Idefics has it, its own modules under its names
+    (`vision_model`, `perceiver_resampler`), for cross-attention: a CLIP-like ViT over the
+    square image, whose last_hidden_state (class token included, no final norm) the perceiver
+    resampler's learned latents read; the latents' outputs (or, without a resampler, the ViT's
+    tokens) are the image's keys, at the ViT's width (the `identity` adaptor: the
+    cross-attention's k/v projections read them). Square images, batched."""
+
+    packs_square_images = False
+    num_prefix_tokens = 0
+    modules_at_model_level = True  # models/hf_designs.py: its checkpoint names
+    adapted_tokens = "cross_keys"  # models/flops.py
+
+    def __init__(self, config: IdeficsTowerConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = IdeficsVisionTransformer(config.vision_config)
+        self.perceiver_resampler = None
+        if config.use_resampler:
+            perceiver = config.perceiver_config
+            self.perceiver_resampler = IdeficsPerceiverResampler(
+                config,
+                config.vision_config.embed_dim,
+                perceiver.resampler_depth,
+                perceiver.resampler_n_heads,
+                perceiver.resampler_head_dim,
+                perceiver.resampler_n_latents,
+            )
+        self.apply(self._init_weights)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.vision_config.embed_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.vision_config.num_hidden_layers
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """An image's keys: the resampler's latents, or the ViT's patches and class token."""
+        if self.perceiver_resampler is not None:
+            return self.perceiver_resampler.n_latents
+        return self.vision_model.embeddings.num_positions
+
+    tile_slots = 1
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' IdeficsPreTrainedModel init (normal linear, convolution and embedding
+        # weights, unit norms, normal class embedding and latents).
+        IdeficsPreTrainedModel._init_weights(self, module)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized images → (N, tokens_per_tile, feature_dim)."""
+        features = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if self.perceiver_resampler is not None:
+            features = self.perceiver_resampler(features)
+        return features
+
+    def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return self(pixel_values)
+
+    def patch_convolution(self) -> tuple[nn.Conv2d, int]:
+        embeddings = self.vision_model.embeddings
+        return embeddings.patch_embedding, embeddings.num_patches
 
 
 class CLIPTower(BatchedFeatures, CLIPVisionModel):
@@ -1110,6 +1226,7 @@ VISION_TOWERS = {
     "chameleon_vqgan": (ChameleonVQVAEConfig, ChameleonVQTower),
     "janus_tower": (JanusTowerConfig, JanusTower),
     "mllama_vision_model": (MllamaVisionConfig, MllamaTower),
+    "idefics_tower": (IdeficsTowerConfig, IdeficsTower),
     "concatenated_towers": (ConcatenatedTowersConfig, ConcatenatedTowers),
 }
 # Full two-tower checkpoints whose vision half we take.
@@ -1249,6 +1366,25 @@ def _random_mllama(cfg: VisionConfig):
     return config, MllamaTower
 
 
+def _random_idefics(cfg: VisionConfig):
+    """Idefics' ViT of the size fields and, with `num_queries` > 0, a perceiver resampler of
+    that many latents, two layers deep, with the ViT's heads (Idefics 9B's: 64 latents, six
+    layers, 16 heads of 96)."""
+    size = _random_size(cfg)
+    vision = {**size, "embed_dim": size.pop("hidden_size")}
+    perceiver = dict(
+        use_resampler=cfg.num_queries > 0,
+        resampler_n_latents=cfg.num_queries or 64,
+        resampler_depth=2,
+        resampler_n_heads=cfg.num_heads,
+        resampler_head_dim=cfg.hidden_size // cfg.num_heads,
+    )
+    config = IdeficsTowerConfig(
+        vision_config=vision, perceiver_config=perceiver, use_resampler=cfg.num_queries > 0
+    )
+    return config, IdeficsTower
+
+
 def _no_tower(cfg: VisionConfig):
     return RawPatchesConfig(image_size=cfg.image_size, patch_size=cfg.patch_size), RawPatches
 
@@ -1266,6 +1402,7 @@ RANDOM_TOWERS = {
     "chameleon_vq": _random_chameleon_vq,
     "janus": _random_janus,
     "mllama": _random_mllama,
+    "idefics": _random_idefics,
 }
 assert tuple(RANDOM_TOWERS) == VISION_TOWER_NAMES, "update models.config as well"
 
@@ -1606,6 +1743,12 @@ def _vocabulary_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
     return VocabularyAdaptor(start, tower.codebook_size)
 
 
+def _identity_adaptor(tower: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """The tower's features as they are (Flamingo's: cross-attention reads the tower's width,
+    `ModelConfig.cross_key_width`)."""
+    return nn.Identity()
+
+
 ADAPTORS = {
     "linear": _linear_adaptor,
     "mlp": _mlp_adaptor,
@@ -1615,6 +1758,7 @@ ADAPTORS = {
     "resampler": _resampler_adaptor,
     "hybrid_aligner": _hybrid_aligner,
     "vocabulary": _vocabulary_adaptor,
+    "identity": _identity_adaptor,
 }
 assert tuple(ADAPTORS) == ADAPTOR_NAMES, "update models.config as well"
 

@@ -431,6 +431,7 @@ def _engine_worker(
         "yaml/chameleon.yaml",
         "yaml/janus.yaml",
         "yaml/mllama.yaml",
+        "yaml/idefics.yaml",
     ],
 )
 def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, preset):
@@ -443,7 +444,8 @@ def test_llava_trains_alike_on_local_fsdp_and_deepspeed(demo_data, tmp_path, pre
     vocabulary ids from a frozen VQ-VAE, their loss the LM head's; Janus: a rank's images read
     by the ViT or generated as codes, as drawn, with one tower call either way; LLaMA-3.2-Vision:
     images as a stream of keys for gated cross-attention blocks, the only trained part of the
-    language model, a blank image on a rank without images)."""
+    language model, a blank image on a rank without images; Flamingo: the same with a perceiver
+    resampler's latents as the keys and per-channel gates)."""
     import torch.multiprocessing as mp
 
     from trainer.distributed import WorldInfo

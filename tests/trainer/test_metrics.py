@@ -189,6 +189,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         (False, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
         (True, ("model.vision.extra_towers=[{tower: siglip}]",), "yaml/tiny.yaml"),
         (False, ("optim.freeze=[]",), "yaml/mllama.yaml"),
+        (False, (), "yaml/idefics.yaml"),
+        (True, ("optim.freeze=[]",), "yaml/idefics.yaml"),
     ],
     ids=[
         "frozen_tower",
@@ -204,6 +206,8 @@ def micro_batch(demo_data, vision_trainable: bool, *overrides: str, preset="yaml
         "concatenated_towers",
         "concatenated_towers_trained",
         "mllama_cross_attention",
+        "idefics_cross_attention",
+        "idefics_trained_tower",
     ],
 )
 def test_dense_model_flops_equal_pytorchs_flop_count(

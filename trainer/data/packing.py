@@ -24,7 +24,7 @@ import torch
 from models.attention import PackedLayout
 from models.batch import IGNORE_INDEX, PackedBatch
 from models.config import row_breaks_in_span
-from models.cross_attention import mllama_layout
+from models.cross_attention import packed_cross_layout
 from trainer.data.decode import Document
 
 
@@ -113,9 +113,8 @@ def layout_options(model_cfg, device: torch.device | str | None = None) -> dict:
     if backend == "auto" and device is not None and torch.device(device).type != "cuda":
         backend = "sdpa"
     cross_keys = None
-    if model_cfg.cross_attention_layers:  # (keys a tile, tile slots an image): MllamaTower's
-        vision = model_cfg.vision
-        cross_keys = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.max_num_tiles)
+    if model_cfg.cross_attention_layers:
+        cross_keys = (model_cfg.cross_attention_style, *model_cfg.cross_keys_per_image)
     return {
         "image_attention": model_cfg.image_attention,
         "image_positions": model_cfg.image_positions,
@@ -131,7 +130,7 @@ def pack_step(
     image_attention: str = "bidirectional",
     image_positions: str = "sequential",
     attention_backend: str | None = None,
-    cross_attention_keys: tuple[int, int] | None = None,
+    cross_attention_keys: tuple[str, int, int] | None = None,
 ) -> list[PackedBatch]:
     """Micro-batches for one rank's step. `agree_num_micro_batches` is the cross-rank max.
 
@@ -169,10 +168,11 @@ def collate(
     image_attention: str = "bidirectional",
     image_positions: str = "sequential",
     attention_backend: str | None = None,
-    cross_attention_keys: tuple[int, int] | None = None,
+    cross_attention_keys: tuple[str, int, int] | None = None,
 ) -> PackedBatch:
-    """One micro-batch of `docs`. `cross_attention_keys` (keys a tile, tile slots an image):
-    the images are cross-attended (`layout_options`), each at its start marker."""
+    """One micro-batch of `docs`. `cross_attention_keys` (the layout's style, keys a tile
+    slot, tile slots an image): the images are cross-attended (`layout_options`), each at its
+    start marker."""
     if len({doc.pixel_values.dtype for doc in docs}) > 1:
         raise ValueError("documents mix uint8 and normalized float pixels; decode them alike")
     merged_docs, text_docs, image_docs = [], [], []
@@ -221,8 +221,9 @@ def collate(
     is_image[row_break_positions] = False
     cross_layout = cross_key_index = None
     if cross_attention_keys is not None and any(doc.image_anchors for doc in docs):
-        cross_layout, cross_key_index = mllama_layout(
-            [(doc.num_tokens, doc.image_anchors or []) for doc in docs], *cross_attention_keys
+        style, keys_per_slot, slots = cross_attention_keys
+        cross_layout, cross_key_index = packed_cross_layout(
+            style, [(doc.num_tokens, doc.image_anchors or []) for doc in docs], keys_per_slot, slots
         )
     return PackedBatch(
         input_ids=input_ids,
