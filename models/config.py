@@ -608,14 +608,14 @@ class ModelConfig:
     # and row breaks keep the text weights; the norms are shared). They start as copies of the
     # block's text weights, a pretrained LLM's layer included.
     visual_expert: bool = False
-    # LLaMA-3.2-Vision's fusion: images are not in the sequence but a separate stream of keys
-    # (the tower's tokens through the adaptor), which these blocks of the core (indices into
-    # it, transformers' numbering of the language model's layers) cross-attend to, gated by
-    # tanh of a learned scalar that starts at 0, its attention and its MLP each. Each image
-    # stands in the sequence as one token, its start marker (image_markers: start, the
-    # tokenizer's `image_start_token`, <|image|>), and a text token sees the images before it
-    # in its document (models/cross_attention.py `mllama_query_ranges`). Empty: images in the
-    # sequence, as every other design has them.
+    # LLaMA-3.2-Vision's and Flamingo's fusion: images are not in the sequence but a separate
+    # stream of keys (the tower's tokens through the adaptor), which these blocks of the core
+    # (indices into it; LLaMA-3.2-Vision's numbering of its language model's layers, for
+    # Flamingo one before every N-th decoder layer) cross-attend to, gated by tanh of learned
+    # gates that start at 0, its attention and its MLP each. Each image stands in the sequence
+    # as one token, its start marker (image_markers: start, the tokenizer's `image_start_token`,
+    # <|image|> or <image>), and `cross_attention_style` says which images a text token sees.
+    # Empty: images in the sequence, as every other design has them.
     cross_attention_layers: list[int] = field(default_factory=list)
     # "mllama": a text token sees the images before it in its document (consecutive ones
     # together); a token before the first attends to all of them but has its MLP output dropped

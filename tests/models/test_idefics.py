@@ -5,6 +5,7 @@ the latest image before it. Each image stands in the sequence as its <image> tok
 
 Each test builds and saves its own tiny random checkpoint; nothing is downloaded."""
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -366,3 +367,20 @@ def test_a_micro_batch_without_images_runs_the_flamingo_mlps_and_prices_them(tin
     assert torch.equal(plain, every)
     attention = [p for n, p in model.core[0].attn.named_parameters()]
     assert attention and all(p.grad is not None and not p.grad.any() for p in attention)
+
+
+def test_an_idefics_checkpoint_whose_layers_outrun_its_cross_layers_is_refused_in_one_line(
+    idefics_dir, tmp_path, capsys
+):
+    """transformers builds num_hidden_layers // cross_layer_interval cross-attention layers
+    but looks one up before every interval-th layer: a depth that is no multiple of the
+    interval is a checkpoint no forward runs, refused by name."""
+    config = json.loads((idefics_dir / "config.json").read_text())
+    (tmp_path / "bad").mkdir()
+    for file in idefics_dir.iterdir():
+        (tmp_path / "bad" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert main(["import-hf", str(tmp_path / "bad"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "num_hidden_layers=3 is not a multiple of cross_layer_interval=2" in err
