@@ -37,7 +37,7 @@ NORM_STYLES = ("default", "gemma", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "relu")
 LAYER_TYPES = ("full", "sliding")
 RESIZE_MODES = ("square", "native", "longest_side", "smart")
-TILINGS = ("none", "idefics3", "llava_next")
+TILINGS = ("none", "idefics3", "llava_next", "mllama")
 IMAGE_ATTENTIONS = ("bidirectional", "causal", "prefix")
 IMAGE_POSITIONS = ("sequential", "shared", "collapsed", "2d", "mrope")
 IMAGE_TARGETS = ("encoder", "pixels", "tokens", "none")
@@ -169,6 +169,10 @@ class VisionConfig:
     # tile by tile, and shown after the whole image at image_size (the base): the tiles'
     # features on one grid, the padding's rows or columns dropped, a learned newline embedding
     # after every row (`llava_next_layout`).
+    # "mllama": LLaMA-3.2-Vision's, with tower: mllama. The image is resized, aspect ratio kept,
+    # to fit the canvas of at most max_num_tiles image_size tiles that scales it least
+    # (`mllama_canvas`), padded with black at the bottom and right, and split into its tiles
+    # (row-major), all of them one image of the sequence (its one <|image|>), cross-attended.
     tiling: str = "none"
     tile_longest_edge: int = 0
     # (height, width) pixel resolutions, multiples of image_size, for "llava_next"
@@ -239,6 +243,31 @@ class VisionConfig:
             width, height = max(1, int(width / ratio)), max(1, int(height / ratio))
         unit = self.token_size
         return -(-height // unit), -(-width // unit)
+
+    def mllama_canvas(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """LLaMA-3.2-Vision's tiling of a `width` × `height` image: ((tile rows, tile columns),
+        (width, height) it is resized to) — of the arrangements of at most max_num_tiles tiles,
+        the one whose canvas scales the image up least, else down least (the smallest canvas
+        of those), the image fit into it aspect ratio kept, no side below a tile (its image
+        processor's get_optimal_tiled_canvas and get_image_size_fit_to_canvas)."""
+        tile, slots = self.image_size, self.max_num_tiles
+        arrangements = [(r, c) for r in range(1, slots + 1) for c in range(1, slots + 1)]
+        arrangements = [(r, c) for r, c in arrangements if r * c <= slots]
+        scales = [min(r * tile / height, c * tile / width) for r, c in arrangements]
+        up = [scale for scale in scales if scale >= 1]
+        chosen = min(up) if up else max(scales)
+        rows, cols = min(
+            (a for a, scale in zip(arrangements, scales, strict=True) if scale == chosen),
+            key=lambda a: a[0] * a[1],
+        )
+        target_w = min(max(width, tile), cols * tile)
+        target_h = min(max(height, tile), rows * tile)
+        scale_h, scale_w = target_h / height, target_w / width
+        if scale_w < scale_h:
+            new_w, new_h = target_w, min(math.floor(height * scale_w) or 1, target_h)
+        else:
+            new_w, new_h = min(math.floor(width * scale_h) or 1, target_w), target_h
+        return (rows, cols), (new_w, new_h)
 
     def tile_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of image_size tiles of a `width` × `height` image, (0, 0) for a single
@@ -428,7 +457,7 @@ class VisionConfig:
                 mllama
                 and (
                     self.native
-                    or self.tiling != "none"
+                    or self.tiling not in ("none", "mllama")
                     or self.spatial_merge != 1
                     or self.feature_layer
                 )
@@ -436,8 +465,11 @@ class VisionConfig:
         ):
             raise ValueError(
                 "model.vision.max_num_tiles: >= 1 with tower: mllama, and only there, whose "
-                "images are square (resize: square, no tiling), spatial_merge 1, feature_layer 0"
+                "images are square (resize: square) or tiled as its processor tiles them "
+                "(tiling: mllama), spatial_merge 1, feature_layer 0"
             )
+        if self.tiling == "mllama" and not mllama:
+            raise ValueError("model.vision.tiling=mllama goes with tower: mllama")
         if self.tower == "idefics" and (
             self.native or self.tiling != "none" or self.spatial_merge != 1 or self.feature_layer
         ):

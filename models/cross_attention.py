@@ -326,12 +326,16 @@ def dense_reference_cross_attention(q, k, v, layout: CrossLayout, scale=None) ->
 
 
 def mllama_layout(
-    documents: list[tuple[int, list[int]]], keys_per_tile: int, tile_slots: int
+    documents: list[tuple[int, list[int]]],
+    keys_per_tile: int,
+    tile_slots: int,
+    own_tiles: list[int] | None = None,
 ) -> tuple[CrossLayout, Tensor]:
     """The cross-attention layout of a packed micro-batch under LLaMA-3.2-Vision's rule, and
     the order of its key stream. `documents`: each one's (length, positions of its images'
     tokens), in packing order; the tower gives each image `tile_slots` tiles of
-    `keys_per_tile` keys, its own tile first, the rest padding tiles.
+    `keys_per_tile` keys, its own tiles first (`own_tiles`, one count an image in packing
+    order; default 1 each), the rest padding tiles.
 
     A document's keys are its images' own tiles, image after image, then their padding tiles:
     a query sees the own tiles of the images `mllama_query_ranges` gives it (one interval), and
@@ -343,12 +347,13 @@ def mllama_layout(
     query_offset = image_offset = key_offset = 0
     for length, positions in documents:
         count = len(positions)
+        owns = [1] * count if own_tiles is None else own_tiles[image_offset : image_offset + count]
+        own_starts = np.cumsum([0, *owns]) * keys_per_tile  # each image's own keys, in order
         for index, (query_start, query_end) in enumerate(mllama_query_ranges(positions, length)):
-            key_start = key_offset + index * keys_per_tile
             images.append(
                 (
-                    key_start,
-                    key_start + keys_per_tile,
+                    key_offset + int(own_starts[index]),
+                    key_offset + int(own_starts[index + 1]),
                     query_offset + query_start,
                     query_offset + query_end,
                 )
@@ -356,9 +361,12 @@ def mllama_layout(
         if count:
             end = key_offset + count * per_image
             blind.append((key_offset, end, query_offset, query_offset + positions[0]))
-            rows = (image_offset + np.arange(count))[:, None] * per_image
-            key_index.append((rows + np.arange(keys_per_tile)).ravel())
-            key_index.append((rows + np.arange(keys_per_tile, per_image)).ravel())
+            rows = [(image_offset + i) * per_image for i in range(count)]
+            cut = [own * keys_per_tile for own in owns]
+            key_index += [np.arange(row, row + c) for row, c in zip(rows, cut, strict=True)]
+            key_index += [
+                np.arange(row + c, row + per_image) for row, c in zip(rows, cut, strict=True)
+            ]
         query_offset += length
         image_offset += count
         key_offset += count * per_image
@@ -392,13 +400,18 @@ def flamingo_layout(
 
 
 def packed_cross_layout(
-    style: str, documents: list[tuple[int, list[int]]], keys_per_slot: int, slots: int
+    style: str,
+    documents: list[tuple[int, list[int]]],
+    keys_per_slot: int,
+    slots: int,
+    own_tiles: list[int] | None = None,
 ) -> tuple[CrossLayout, Tensor]:
     """The layout of `model.cross_attention_style` (`mllama_layout` or `flamingo_layout`) for
-    images of `slots` tile slots of `keys_per_slot` keys (`ModelConfig.cross_keys_per_image`)."""
+    images of `slots` tile slots of `keys_per_slot` keys (`ModelConfig.cross_keys_per_image`),
+    `own_tiles` of them each an image's own (LLaMA-3.2-Vision's tiled images)."""
     if style == "flamingo":
         return flamingo_layout(documents, keys_per_slot * slots)
-    return mllama_layout(documents, keys_per_slot, slots)
+    return mllama_layout(documents, keys_per_slot, slots, own_tiles)
 
 
 @dataclass(frozen=True)

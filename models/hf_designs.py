@@ -1810,8 +1810,8 @@ def _janus_export(model: SplitVLM, out: Path, base: dict | None, image_id: int |
 
 def mllama_model_config(hf) -> ModelConfig:
     """Our ModelConfig of a transformers MllamaConfig: its tiled ViT as our tower
-    (`model.vision.tower: mllama`, `MllamaTower`: each image one tile of its max_num_tiles
-    slots), its projector as our `linear` adaptor, the images cross-attended by its
+    (`model.vision.tower: mllama`, `MllamaTower`: each image tiled as its processor tiles it,
+    `tiling: mllama`, in its max_num_tiles slots), its projector as our `linear` adaptor, the images cross-attended by its
     cross-attention layers (set from the text config with the language model: `_mllama_text`),
     each standing in the sequence as its <|image|> token. Its processor normalizes as OpenAI
     CLIP does."""
@@ -1829,6 +1829,7 @@ def mllama_model_config(hf) -> ModelConfig:
             num_layers=vision.num_hidden_layers,
             num_heads=vision.attention_heads,
             max_num_tiles=vision.max_num_tiles,
+            tiling="mllama",
             normalization="clip",
         ),
     )
@@ -1858,6 +1859,7 @@ _MLLAMA_SHAPE = {
     "adaptor": "linear",
     "vision.resize": "square",
     "vision.tower": "mllama",
+    "vision.tiling": "mllama",
 }
 
 
@@ -1974,6 +1976,7 @@ def _import_idefics(path: Path, seed: int) -> SplitVLM:
 
 _IDEFICS_SHAPE = {
     **_MLLAMA_SHAPE,
+    "vision.tiling": "none",
     "adaptor": "identity",
     "vision.tower": "idefics",
     "cross_attention_style": "flamingo",

@@ -582,7 +582,8 @@ class SplitVLM(nn.Module):
         pixels = normalize_pixels(pixels, self.cfg.vision.normalization)
         trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-            features = self.vision(pixels.to(self.embed.weight.dtype))
+            tiles = batch.image_tiles if batch.cross_layout is not None else None
+            features = self.vision(pixels.to(self.embed.weight.dtype), tiles)
         return CrossContext(self.adaptor(features).flatten(0, 1)[order], layout)
 
     def expert_route(self, batch) -> ExpertRoute | None:

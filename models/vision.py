@@ -1072,16 +1072,28 @@ class MllamaTower(WholeImageFlops, MllamaVisionModel):
     def tile_slots(self) -> int:
         return self.config.max_num_tiles
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized images → (N, tile_slots · tokens_per_tile, feature_dim)."""
-        count, slots = len(pixel_values), self.tile_slots
-        tiles = pixel_values.new_zeros(1, count, slots, *pixel_values.shape[1:])
-        tiles[0, :, 0] = pixel_values
-        ratio_id = self.config.supported_aspect_ratios.index([1, 1]) + 1
-        ids = torch.full((1, count), ratio_id, dtype=torch.long, device=pixel_values.device)
-        mask = torch.zeros(1, count, slots, dtype=torch.long, device=pixel_values.device)
-        mask[..., 0] = 1
-        features = super().forward(pixel_values=tiles, aspect_ratio_ids=ids, aspect_ratio_mask=mask)
+    def forward(self, pixel_values: torch.Tensor, tiles=None) -> torch.Tensor:
+        """Normalized images → (N, tile_slots · tokens_per_tile, feature_dim): (N, 3, S, S)
+        square images of one tile each, or (N, 3, S, tile_slots · S) rows of tile slots
+        (`tiling: mllama`) whose first rows × cols (`tiles`, one (rows, cols) an image) are
+        the image's own; the other slots are zeroed, as its processor pads them."""
+        count, slots, size = len(pixel_values), self.tile_slots, self.image_size
+        arrangements = [(1, 1) if tuple(t) == (0, 0) else tuple(t) for t in (tiles or [])]
+        arrangements = arrangements or [(1, 1)] * count
+        slotted = pixel_values.new_zeros(1, count, slots, 3, size, size)
+        if pixel_values.shape[-1] == size:
+            slotted[0, :, 0] = pixel_values
+        else:
+            slotted[0] = pixel_values.view(count, 3, size, slots, size).permute(0, 3, 1, 2, 4)
+        own = torch.tensor([rows * cols for rows, cols in arrangements], device=slotted.device)
+        mask = (torch.arange(slots, device=slotted.device)[None] < own[:, None]).long()[None]
+        slotted = slotted * mask[..., None, None, None].to(slotted.dtype)
+        ratios = [list(r) for r in self.config.supported_aspect_ratios]
+        ids = [ratios.index([rows, cols]) + 1 for rows, cols in arrangements]
+        ids = torch.tensor([ids], dtype=torch.long, device=slotted.device)
+        features = super().forward(
+            pixel_values=slotted, aspect_ratio_ids=ids, aspect_ratio_mask=mask
+        )
         return features.last_hidden_state.reshape(count, slots * self.num_patches, -1)
 
     def image_features(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
@@ -1178,8 +1190,9 @@ class IdeficsTower(WholeImageFlops, nn.Module):
         # weights, unit norms, normal class embedding and latents).
         IdeficsPreTrainedModel._init_weights(self, module)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized images → (N, tokens_per_tile, feature_dim)."""
+    def forward(self, pixel_values: torch.Tensor, tiles=None) -> torch.Tensor:
+        """(N, 3, S, S) normalized images → (N, tokens_per_tile, feature_dim); `tiles` unused
+        (every image one pass)."""
         features = self.vision_model(pixel_values=pixel_values).last_hidden_state
         if self.perceiver_resampler is not None:
             features = self.perceiver_resampler(features)

@@ -4,6 +4,7 @@ model's layers attend to; each image stands in the sequence as one <|image|> tok
 
 Each test builds and saves its own tiny random checkpoint; nothing is downloaded."""
 
+import io
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from transformers.models.mllama.processing_mllama import (
 from cluster.cli import main
 from models.cross_attention import mllama_layout
 from models.split_vlm import SplitVLM
-from models.vision import normalize_pixels
+from models.vision import PIXEL_NORMALIZATIONS, normalize_pixels
 from trainer.config import load_config
 from trainer.data.decode import Document
 from trainer.data.packing import collate, layout_options
@@ -297,17 +298,17 @@ def test_a_micro_batch_without_images_gives_the_image_path_zero_gradients_when_s
 
 
 def test_mllama_preset_trains_with_a_falling_text_loss_and_exports_to_transformers(
-    tiny_overrides, tmp_path
+    tiny_overrides, native_demo_data, tmp_path
 ):
     """The stage of the preset: only the projector and the cross-attention blocks train (from
-    gates at 0), and the run exports as a transformers LLaMA-3.2-Vision with our logits."""
+    gates at 0), on images of several aspect ratios (tiled into one or two tiles), and the run
+    exports as a transformers LLaMA-3.2-Vision with our logits."""
     from trainer.export import export_to_hf
     from trainer.inference import load_for_inference
     from trainer.loop import train
 
-    cfg = load_config(
-        REPO / "yaml/mllama.yaml", [*tiny_overrides, "run.steps=30", "optim.warmup_steps=4"]
-    )
+    overrides = [*tiny_overrides, f"data.path={native_demo_data}", "run.steps=30"]
+    cfg = load_config(REPO / "yaml/mllama.yaml", [*overrides, "optim.warmup_steps=4"])
     train(cfg)
     text = [m["text_loss"] for m in read_metrics(Path(cfg.run.dir))]
     assert len(text) == 30 and all(math.isfinite(v) for v in text)
@@ -348,3 +349,169 @@ def test_mllama_preset_trains_with_a_falling_text_loss_and_exports_to_transforme
         ).logits[0]
     want = packed_logits(ours, [doc])
     assert (want[:, : got.shape[1]] - got).abs().max() <= 1e-5
+
+
+# -- tiled images (model.vision.tiling: mllama) -------------------------------------------------
+
+
+def test_mllama_canvas_is_its_image_processors():
+    """`VisionConfig.mllama_canvas` picks the canvas and the size inside it that transformers'
+    image processor does (get_optimal_tiled_canvas, get_image_size_fit_to_canvas)."""
+    from transformers.models.mllama.image_processing_mllama import (
+        get_image_size_fit_to_canvas,
+        get_optimal_tiled_canvas,
+    )
+
+    from models.config import VisionConfig
+
+    rng = np.random.default_rng(0)
+    for slots in (1, 2, 4, 6):
+        vision = VisionConfig(tower="mllama", image_size=16, patch_size=8, max_num_tiles=slots)
+        for width, height in [*rng.integers(1, 400, (200, 2)).tolist(), (16, 16), (5, 80)]:
+            canvas = get_optimal_tiled_canvas(height, width, slots, 16)
+            fit = get_image_size_fit_to_canvas(height, width, *canvas, 16)
+            (rows, cols), (w, h) = vision.mllama_canvas(width, height)
+            assert (rows * 16, cols * 16, h, w) == (*canvas, *fit), (slots, width, height)
+
+
+def tiled_cfg():
+    from models.config import ModelConfig, VisionConfig
+
+    return ModelConfig(
+        num_text_in_blocks=0,
+        num_image_in_blocks=0,
+        num_text_head_blocks=0,
+        num_image_head_blocks=0,
+        num_core_blocks=2,
+        cross_attention_layers=[1],
+        image_markers="start",
+        image_start_token="<|image|>",
+        image_target="none",
+        image_attention="causal",
+        adaptor="linear",
+        mask_rate_min=0.0,
+        mask_rate_max=0.0,
+        vision=VisionConfig(
+            tower="mllama",
+            image_size=SIZE,
+            patch_size=8,
+            max_num_tiles=4,
+            tiling="mllama",
+            normalization="clip",
+        ),
+    )
+
+
+def test_decoder_tiles_images_as_its_image_processor_does(tmp_path):
+    """A decoded image is its processor's tiles (row-major), in one row of tile slots, with
+    its aspect-ratio arrangement; images that need no resize give its pixels exactly, the
+    canvas padding included."""
+    from PIL import Image
+    from transformers import MllamaImageProcessor
+    from transformers.models.mllama.image_processing_mllama import convert_aspect_ratios_to_ids
+
+    from trainer.data.decode import SampleDecoder, load_tokenizer
+    from trainer.data.demo import save_tokenizer
+    from trainer.data.shards import pack_blobs
+
+    cfg = tiled_cfg()
+    save_tokenizer(tmp_path / "tokenizer")
+    decoder = SampleDecoder(load_tokenizer(tmp_path / "tokenizer", cfg), cfg, max_tokens=512)
+    mean, std = PIXEL_NORMALIZATIONS["clip"]  # Meta's checkpoints' (the class default is 0.5)
+    processor = MllamaImageProcessor(
+        size={"height": SIZE, "width": SIZE}, max_image_tiles=4, image_mean=mean, image_std=std
+    )
+    rng = np.random.default_rng(1)
+    for width, height in [(24, 16), (16, 40), (32, 32), (16, 16), (48, 16)]:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        doc = decoder({"text": "a <image> b", "images": pack_blobs([buffer.getvalue()])}, 0)
+        want = processor(images=[[Image.fromarray(pixels)]], return_tensors="pt")
+        rows, cols = doc.image_tiles[0]
+        assert want["num_tiles"] == [[rows * cols]]
+        assert doc.pixel_values.shape == (1, 3, SIZE, 4 * SIZE)
+        ours = normalize_pixels(doc.pixel_values, "clip")[0].view(3, SIZE, 4, SIZE)
+        ours = ours.permute(2, 0, 1, 3)[: rows * cols]
+        assert (ours - want["pixel_values"][0, 0, : rows * cols]).abs().max() < 1e-5
+        assert doc.image_anchors == [doc.input_ids.tolist().index(decoder.image_start_id)]
+    for width, height in [(50, 30), (200, 90), (9, 70), (300, 300)]:  # resized: its tiling
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        doc = decoder({"text": "a <image> b", "images": pack_blobs([buffer.getvalue()])}, 0)
+        want = processor(images=[[image]], return_tensors="pt")
+        assert convert_aspect_ratios_to_ids([doc.image_tiles], 4) == want["aspect_ratio_ids"]
+
+
+def tiled_documents(seed: int):
+    """PIECES' images as tiled ones: each a row of 4 tile slots of which the first
+    rows × cols are its own, the arrangements of one, two and four tiles."""
+    generator = torch.Generator().manual_seed(seed)
+    arrangements = iter([(1, 2), (2, 2), (1, 1), (2, 1), (1, 3)])
+    docs = []
+    for pieces in PIECES:
+        count = pieces.count("image")
+        pixels = torch.randint(0, 256, (count, 3, SIZE, 4 * SIZE), generator=generator)
+        tiles = [next(arrangements) for _ in range(count)]
+        docs.append((pieces, pixels.to(torch.uint8), tiles))
+    return docs
+
+
+def tiled_transformers_inputs(pieces, pixels, tiles) -> dict:
+    """One document of tiled images as transformers' processor gives it: each image's own
+    tiles normalized, the rest of its slots zero, its aspect-ratio id and mask, the
+    processor's cross-attention mask over the own tiles."""
+    from transformers.models.mllama.image_processing_mllama import (
+        build_aspect_ratio_mask,
+        convert_aspect_ratios_to_ids,
+    )
+
+    ids = as_ids(pieces)
+    inputs = {"input_ids": torch.tensor([ids])}
+    if not len(pixels):
+        return inputs
+    slots = normalize_pixels(pixels, "clip").view(len(pixels), 3, SIZE, 4, SIZE)
+    slots = slots.permute(0, 3, 1, 2, 4).clone()
+    for image, (rows, cols) in enumerate(tiles):
+        slots[image, rows * cols :] = 0
+    counts = [rows * cols for rows, cols in tiles]
+    sparse = get_cross_attention_token_mask(ids, IMAGE)
+    dense = convert_sparse_cross_attention_mask_to_dense([sparse], [counts], 4, len(ids))
+    return inputs | {
+        "pixel_values": slots[None],
+        "aspect_ratio_ids": torch.from_numpy(convert_aspect_ratios_to_ids([tiles], 4)),
+        "aspect_ratio_mask": torch.from_numpy(build_aspect_ratio_mask([tiles], 4)),
+        "cross_attention_mask": torch.from_numpy(dense),
+    }
+
+
+def test_mllama_tiled_images_packed_match_transformers_alone(tmp_path):
+    """Images of one, two, three and four tiles: several documents packed give each one's
+    logits in transformers alone (the tower's aspect-ratio embeddings and each image's own
+    tiles as its keys). The check can fail: every image read as one tile moves them."""
+    config = tiny_mllama().config
+    config.vision_config.max_num_tiles = 4
+    config.vision_config.supported_aspect_ratios = [
+        [r, c] for r in range(1, 5) for c in range(1, 5) if r * c <= 4
+    ]
+    torch.manual_seed(1)
+    reference = with_random_vectors(MllamaForConditionalGeneration(config))
+    reference.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    ours = SplitVLM.from_pretrained(tmp_path / "ours").eval()
+    ours.cfg.vision.tiling = "mllama"
+    docs, alone = [], []
+    for index, (pieces, pixels, tiles) in enumerate(tiled_documents(seed=6)):
+        doc = as_document(pieces, pixels, str(index))
+        doc.image_tiles = tiles
+        docs.append(doc)
+        with torch.no_grad():
+            inputs = tiled_transformers_inputs(pieces, pixels, tiles)
+            alone.append(reference(**inputs).logits[0])
+    worst = (packed_logits(ours, docs) - torch.cat(alone)).abs().max().item()
+    print(f"LLaMA-3.2-Vision tiled parity: max |diff| {worst:.2e}")
+    assert worst <= 1e-4
+    for doc in docs:  # each image its first tile alone
+        doc.image_tiles = [(1, 1)] * len(doc.image_tiles)
+    assert (packed_logits(ours, docs) - torch.cat(alone)).abs().max() > 1e-3

@@ -479,8 +479,8 @@ class Document:
 
 class Shown(NamedTuple):
     """One image of the sequence: before text token `position`, after the text ids `before` and
-    followed by `after`; `load()` gives its uint8 (3, H, W) pixels; `tiles`: LLaVA-NeXT's tile
-    rows and cols of a tiled image, (0, 0) for any other."""
+    followed by `after`; `load()` gives its uint8 (3, H, W) pixels; `tiles`: the tile rows and
+    cols of a LLaVA-NeXT or LLaMA-3.2-Vision tiled image, (0, 0) for any other."""
 
     position: int
     before: list[int]
@@ -619,6 +619,8 @@ class SampleDecoder:
             pixels = np.concatenate([image.ravel() for image in images] or [np.zeros(0, np.uint8)])
         else:
             shape = (0, 3, *cfg.pixel_shape(cfg.square_grid))  # a document without images
+            if cfg.vision.tiling == "mllama":  # a row of tile slots an image
+                shape = (0, 3, shape[2], shape[3] * cfg.vision.max_num_tiles)
             pixels = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
         image_mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
         span_full = (
@@ -735,6 +737,25 @@ class SampleDecoder:
             Shown(position, [], [], padded, (rows, cols + 1), tiles),
         ]
 
+    def _show_mllama(self, image: Image.Image, position: int) -> list[Shown]:
+        """LLaMA-3.2-Vision's tiling (`VisionConfig.mllama_canvas`): the image resized into its
+        canvas of tiles, black below and right of it, the tiles (row-major) side by side in
+        one row of max_num_tiles tile slots, the slots past its tiles black (the tower zeroes
+        them after normalization, as its processor pads)."""
+        vision = self.model_cfg.vision
+        size, slots = vision.image_size, vision.max_num_tiles
+        (rows, cols), (width, height) = vision.mllama_canvas(*self._displayed(image))
+
+        def tiles() -> np.ndarray:
+            canvas = np.zeros((3, rows * size, cols * size), dtype=np.uint8)
+            canvas[:, :height, :width] = image_to_rgb(image, (width, height)).transpose(2, 0, 1)
+            strip = np.zeros((3, size, slots * size), dtype=np.uint8)
+            split = canvas.reshape(3, rows, size, cols, size).transpose(0, 2, 1, 3, 4)
+            strip[:, :, : rows * cols * size] = split.reshape(3, size, rows * cols * size)
+            return strip
+
+        return [Shown(position, [], [], tiles, self.model_cfg.square_grid, (rows, cols))]
+
     def _tile_text_ids(self, piece: str) -> list[int]:
         if piece not in self._tile_ids:
             self._tile_ids[piece] = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
@@ -800,5 +821,6 @@ SHOW_BY_TILING = {
     "none": SampleDecoder._show_whole,
     "idefics3": SampleDecoder._show_idefics3,
     "llava_next": SampleDecoder._show_llava_next,
+    "mllama": SampleDecoder._show_mllama,
 }
 assert tuple(SHOW_BY_TILING) == TILINGS, "update models.config as well"

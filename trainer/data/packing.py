@@ -222,8 +222,13 @@ def collate(
     cross_layout = cross_key_index = None
     if cross_attention_keys is not None and any(doc.image_anchors for doc in docs):
         style, keys_per_slot, slots = cross_attention_keys
+        own_tiles = [max(rows * cols, 1) for doc in docs for rows, cols in doc.image_tiles]
         cross_layout, cross_key_index = packed_cross_layout(
-            style, [(doc.num_tokens, doc.image_anchors or []) for doc in docs], keys_per_slot, slots
+            style,
+            [(doc.num_tokens, doc.image_anchors or []) for doc in docs],
+            keys_per_slot,
+            slots,
+            own_tiles,
         )
     return PackedBatch(
         input_ids=input_ids,
