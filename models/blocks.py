@@ -86,8 +86,12 @@ class TokenEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
         self.scale = math.sqrt(embedding_dim) if scaled else None
 
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `ids` (a sharded engine may look them up otherwise)."""
+        return super().forward(ids)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        embeddings = super().forward(ids)
+        embeddings = self.lookup(ids)
         if self.scale is None:
             return embeddings
         return embeddings * _rounded(self.scale, embeddings.dtype)

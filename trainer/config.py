@@ -49,8 +49,15 @@ class RunConfig:
     log_every: int = 10
     # RUN/samples.jsonl: the sample ids of every step (all ranks), appended, replays included.
     log_sample_ids: bool = False
+    # Host allocations of at least this many KiB are mmapped, so freed tensors leave the
+    # process's resident memory (trainer/host_memory.py); 0: the C library's own policy.
+    host_mmap_threshold_kib: int = 256
 
     def validate(self) -> None:
+        if self.host_mmap_threshold_kib < 0:
+            raise ValueError(
+                f"run.host_mmap_threshold_kib={self.host_mmap_threshold_kib} must be >= 0"
+            )
         if self.seed < 0:
             raise ValueError(f"run.seed={self.seed} must be >= 0 (numpy seeds are unsigned)")
         if self.steps < 0:
@@ -186,6 +193,9 @@ class EngineConfig:
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     compile: bool = False  # torch.compile each transformer block (local, fsdp)
     cpu_offload: bool = False  # keep sharded parameters/optimizer state in host memory (GPU)
+    # fsdp: the embedding and the LM head split by rows over the ranks and never gathered
+    # (trainer/engines/vocab_parallel.py), instead of FSDP units of their own.
+    vocab_parallel: bool = True
     zero_stage: int = 3  # deepspeed: ZeRO stage 1, 2 or 3
 
     def validate(self) -> None:

@@ -36,6 +36,7 @@ from trainer.data.stream import run_cache_key
 from trainer.distributed import WorldInfo, broadcast_object, ensure_process_group, world_info
 from trainer.engines import build_engine
 from trainer.engines.materialize import build_engine_model
+from trainer.host_memory import set_mmap_threshold
 from trainer.metrics import StepMeter
 from trainer.optim import learning_rate
 from trainer.reporting import reporting_callbacks
@@ -80,6 +81,7 @@ class TrainLoop:
         self.cfg = cfg
         self.world = world or world_info()
         self.run_dir = Path(cfg.run.dir)
+        set_mmap_threshold(cfg.run.host_mmap_threshold_kib)  # before the model's memory
         seed_everything(cfg.run.seed + self.world.rank)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.data), cfg.model)
         device = (

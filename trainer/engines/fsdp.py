@@ -34,6 +34,7 @@ from trainer.config import Config
 from trainer.distributed import WorldInfo, ensure_process_group
 from trainer.engines.base import Engine, clip_and_step
 from trainer.engines.materialize import materialize_fsdp
+from trainer.engines.vocab_parallel import shard_vocabulary
 from trainer.engines.wrap import parallelize, resolve_precision
 from trainer.optim import build_optimizer, set_learning_rate
 
@@ -58,6 +59,13 @@ class FSDPEngine(Engine):
             "offload_policy": CPUOffloadPolicy() if engine_cfg.cpu_offload else OffloadPolicy(),
         }
 
+        # The embedding and the LM head split by rows over the ranks, outside FSDP
+        # (trainer/engines/vocab_parallel.py), but for a vocabulary that holds image codes (Chameleon's),
+        # whose lookups and losses a rank without images would not run.
+        rows = set()
+        if engine_cfg.vocab_parallel and model.cfg.adaptor != "vocabulary":
+            rows = shard_vocabulary(model, mesh, param_dtype)
+
         def shard(model: nn.Module) -> None:
             for block in model.transformer_blocks():
                 fully_shard(block, **units)
@@ -71,6 +79,9 @@ class FSDPEngine(Engine):
             # as large as several blocks, and in the root they would stay gathered, with their
             # whole gradients, through the entire forward and backward. Tied, they are one
             # parameter, which must stay in one unit: the root's.
+            if rows:
+                fully_shard(model, **units, ignored_params=rows)
+                return
             if not model.cfg.tie_embeddings:
                 for vocabulary_matrix in (model.embed, model.lm_head):
                     fully_shard(vocabulary_matrix, **units)

@@ -178,6 +178,9 @@ def pretrained_sources(template: SplitVLM) -> list:
     return [PretrainedLLM.for_model(template)]
 
 
+FILL_CHUNK_ELEMENTS = 1 << 24  # a shard is filled this many values at a time (64 MiB in fp32)
+
+
 def materialize_fsdp(model: nn.Module, initial: InitialWeights, device: torch.device) -> None:
     """Allocate this rank's shards of a meta-built, `fully_shard`ed model and fill them."""
     from torch.distributed.tensor import DTensor
@@ -193,9 +196,13 @@ def materialize_fsdp(model: nn.Module, initial: InitialWeights, device: torch.de
             for name, entry in unit.items():
                 param = params[name]
                 if isinstance(param, DTensor):
-                    local = param.to_local()
-                    rows = _local_rows(param)
-                    local.copy_(initial.value(entry, name, rows))
+                    # Row chunks: a read shard of a 150k-row matrix would be a second copy of it.
+                    local, rows = param.to_local(), _local_rows(param)
+                    step = max(1, FILL_CHUNK_ELEMENTS // max(local[:1].numel(), 1))
+                    for start in range(rows.start, rows.stop, step):
+                        part = slice(start, min(start + step, rows.stop))
+                        into = local[part.start - rows.start : part.stop - rows.start]
+                        into.copy_(initial.value(entry, name, part))
                 else:
                     param.copy_(initial.value(entry, name))
 
