@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 from test_classic_designs import REPO, imported_into, read_metrics, saved, with_random_vectors
+from test_mllama import as_document as mllama_document
+from test_mllama import as_ids as mllama_ids
+from test_mllama import cross_document
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 from transformers.models.idefics.processing_idefics import (
     image_attention_mask_for_packed_input_ids_pt,
@@ -87,7 +90,7 @@ def imported(idefics_dir, tmp_path_factory) -> Path:
 
 # Documents as runs of text ids and images: text before the first image (rows that see none),
 # two consecutive images (the second alone is seen after it), no image at all, an image
-# opening the document.
+# opening the document. No EOS (id 2) inside: its processor blinds the tokens after one.
 PIECES = [
     [[5, 9, 3, 7], "image", "image", [11, 4, 8, 6], "image", [13, 1, 12]],
     [[21, 22, 23, 24, 25, 26]],
@@ -97,22 +100,11 @@ PIECES = [
 
 
 def as_ids(pieces) -> list[int]:
-    return [i for piece in pieces for i in ([IMAGE] if piece == "image" else piece)]
+    return mllama_ids(pieces, IMAGE)
 
 
 def as_document(pieces, pixels: torch.Tensor, name: str) -> Document:
-    ids = as_ids(pieces)
-    return Document(
-        sample_id=name,
-        input_ids=torch.tensor(ids),
-        target_mask=torch.tensor([i != IMAGE for i in ids]),
-        segments=[("text", len(ids))],
-        pixel_values=pixels,
-        image_mask=torch.zeros(0, dtype=torch.bool),
-        image_span_full=torch.zeros(0, dtype=torch.bool),
-        image_grids=[(0, 0)] * len(pixels),
-        image_anchors=[t for t, i in enumerate(ids) if i == IMAGE],
-    )
+    return mllama_document(pieces, pixels, name, IMAGE)
 
 
 # What the processor's mask functions read of its tokenizer: the <image> and EOS ids.
@@ -270,17 +262,7 @@ def test_idefics_preset_trains_with_a_falling_text_loss_and_exports_to_transform
     size = ours.cfg.vision.image_size
     pixels = torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(0))
     ids = [2, 5, image_id, 9, 11, 12, 3]
-    doc = Document(
-        sample_id="probe",
-        input_ids=torch.tensor(ids),
-        target_mask=torch.ones(len(ids), dtype=torch.bool),
-        segments=[("text", len(ids))],
-        pixel_values=pixels.to(torch.uint8),
-        image_mask=torch.zeros(0, dtype=torch.bool),
-        image_span_full=torch.zeros(0, dtype=torch.bool),
-        image_grids=[(0, 0)],
-        image_anchors=[2],
-    )
+    doc = cross_document(ids, pixels.to(torch.uint8), [2], "probe")
     mask = torch.zeros(1, len(ids), 1, dtype=torch.long)
     mask[0, 2:] = 1
     with torch.no_grad():
@@ -300,15 +282,7 @@ def preset_model(tiny_overrides) -> SplitVLM:
 
 
 def text_document(ids: list[int], size: int) -> Document:
-    return Document(
-        sample_id="t",
-        input_ids=torch.tensor(ids),
-        target_mask=torch.ones(len(ids), dtype=torch.bool),
-        segments=[("text", len(ids))],
-        pixel_values=torch.zeros(0, 3, size, size, dtype=torch.uint8),
-        image_mask=torch.zeros(0, dtype=torch.bool),
-        image_span_full=torch.zeros(0, dtype=torch.bool),
-    )
+    return cross_document(ids, torch.zeros(0, 3, size, size, dtype=torch.uint8), [])
 
 
 def test_new_flamingo_blocks_start_as_the_identity(tiny_overrides):
@@ -318,11 +292,7 @@ def test_new_flamingo_blocks_start_as_the_identity(tiny_overrides):
     size, ids = model.cfg.vision.image_size, [5, 9, 63, 3, 7, 2]  # its image at position 2
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (2, 1, 3, size, size), generator=generator).to(torch.uint8)
-    with_image = []
-    for image in pixels:
-        doc = text_document(ids, size)
-        doc.pixel_values, doc.image_grids, doc.image_anchors = image, [(0, 0)], [2]
-        with_image.append(doc)
+    with_image = [cross_document(ids, image, [2]) for image in pixels]
     logits = [packed_logits(model, [doc]) for doc in with_image]
     assert torch.equal(logits[0], logits[1])
     assert (logits[0] - packed_logits(model, [text_document(ids, size)])).abs().max() <= 1e-6

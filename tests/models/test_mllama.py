@@ -91,23 +91,30 @@ PIECES = [
 ]
 
 
-def as_ids(pieces) -> list[int]:
-    return [i for piece in pieces for i in ([IMAGE] if piece == "image" else piece)]
+def as_ids(pieces, image: int = IMAGE) -> list[int]:
+    return [i for piece in pieces for i in ([image] if piece == "image" else piece)]
 
 
-def as_document(pieces, pixels: torch.Tensor, name: str) -> Document:
-    ids = as_ids(pieces)
+def cross_document(ids, pixels: torch.Tensor, anchors, name: str = "d", targets=None):
+    """A document of a cross-attention design: its images (uint8 (N, 3, H, W)) stand at the
+    positions `anchors` (their one token each); every token a target unless `targets`."""
     return Document(
         sample_id=name,
         input_ids=torch.tensor(ids),
-        target_mask=torch.tensor([i != IMAGE for i in ids]),
+        target_mask=torch.tensor([True] * len(ids) if targets is None else targets),
         segments=[("text", len(ids))],
         pixel_values=pixels,
         image_mask=torch.zeros(0, dtype=torch.bool),
         image_span_full=torch.zeros(0, dtype=torch.bool),
         image_grids=[(0, 0)] * len(pixels),
-        image_anchors=[t for t, i in enumerate(ids) if i == IMAGE],
+        image_anchors=list(anchors),
     )
+
+
+def as_document(pieces, pixels: torch.Tensor, name: str, image: int = IMAGE) -> Document:
+    ids = as_ids(pieces, image)
+    anchors = [t for t, i in enumerate(ids) if i == image]
+    return cross_document(ids, pixels, anchors, name, targets=[i != image for i in ids])
 
 
 def transformers_inputs(pieces, pixels: torch.Tensor) -> dict:
@@ -237,27 +244,9 @@ def test_new_cross_attention_blocks_start_as_the_identity(tiny_overrides):
         pixels = torch.randint(
             0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(seed)
         )
-        doc = Document(
-            sample_id="d",
-            input_ids=torch.tensor(ids),
-            target_mask=torch.ones(len(ids), dtype=torch.bool),
-            segments=[("text", len(ids))],
-            pixel_values=pixels.to(torch.uint8),
-            image_mask=torch.zeros(0, dtype=torch.bool),
-            image_span_full=torch.zeros(0, dtype=torch.bool),
-            image_grids=[(0, 0)],
-            image_anchors=[2],
-        )
+        doc = cross_document(ids, pixels.to(torch.uint8), [2])
         logits.append(packed_logits(model, [doc]))
-    blind = Document(
-        sample_id="t",
-        input_ids=torch.tensor(ids),
-        target_mask=torch.ones(len(ids), dtype=torch.bool),
-        segments=[("text", len(ids))],
-        pixel_values=torch.zeros(0, 3, size, size, dtype=torch.uint8),
-        image_mask=torch.zeros(0, dtype=torch.bool),
-        image_span_full=torch.zeros(0, dtype=torch.bool),
-    )
+    blind = cross_document(ids, torch.zeros(0, 3, size, size, dtype=torch.uint8), [])
     assert torch.equal(logits[0], logits[1])
     assert (logits[0] - packed_logits(model, [blind])).abs().max() <= 1e-6
     with torch.no_grad():  # the gates open: the images count
@@ -323,17 +312,7 @@ def test_mllama_preset_trains_with_a_falling_text_loss_and_exports_to_transforme
     size = ours.cfg.vision.image_size
     pixels = torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(0))
     ids = [2, 5, image_id, 9, 11, 12, 3]
-    doc = Document(
-        sample_id="probe",
-        input_ids=torch.tensor(ids),
-        target_mask=torch.ones(len(ids), dtype=torch.bool),
-        segments=[("text", len(ids))],
-        pixel_values=pixels.to(torch.uint8),
-        image_mask=torch.zeros(0, dtype=torch.bool),
-        image_span_full=torch.zeros(0, dtype=torch.bool),
-        image_grids=[(0, 0)],
-        image_anchors=[2],
-    )
+    doc = cross_document(ids, pixels.to(torch.uint8), [2], "probe")
     slots = ours.cfg.vision.max_num_tiles
     tiles = torch.zeros(1, 1, slots, 3, size, size)
     tiles[0, 0, 0] = normalize_pixels(pixels[0], "clip")
