@@ -152,7 +152,8 @@ class VocabParallelEmbedding(torch.autograd.Function):
         every = gather_rows(grad_TC.contiguous(), ctx.counts, ctx.group)
         grad = every.new_zeros(ctx.shape)
         grad.index_add_(0, rows, every[ctx.inside])
-        return None, grad / dist.get_world_size(ctx.group), None, None
+        # In place: a second rows-sized tensor would be the backward's peak.
+        return None, grad.div_(dist.get_world_size(ctx.group)), None, None
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -212,7 +213,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         if need_hidden:
             grad_hidden = reduce_scatter_rows(grad_hidden, counts, rank, group)
         if need_weight:
-            grad_weight = (grad_weight / world).to(weight_shard.dtype)
+            grad_weight = grad_weight.div_(world).to(weight_shard.dtype)  # in place
         ctx.save_for_backward(grad_hidden, grad_weight if need_weight else None)
         return losses[own].sum()
 
