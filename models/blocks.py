@@ -216,15 +216,16 @@ def _projections(
     )
 
 
+def _set_heads(attention: nn.Module, cfg: ModelConfig) -> None:
+    """The head counts, head width and backend an attention module reads from `cfg`."""
+    attention.num_heads, attention.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+    attention.head_dim, attention.backend = cfg.head_dim, cfg.attention_backend
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.backend = cfg.attention_backend
+        _set_heads(self, cfg)
         self.scale = cfg.attention_scale or None
         self.window = window  # None: full attention
         self.wq, self.wk, self.wv, self.wo = _projections(cfg)
@@ -364,12 +365,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.backend = cfg.attention_backend
+        _set_heads(self, cfg)
         self.window = None  # models/flops.py: attention over its whole layout
         self.wq, self.wk, self.wv, self.wo = _projections(cfg, cfg.cross_key_width)
         if cfg.cross_attention_qk_norm:

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from test_classic_designs import REPO, imported_into, read_metrics, saved, with_random_vectors
+from test_mllama import SIZE, cross_document, packed_logits
 from test_mllama import as_document as mllama_document
 from test_mllama import as_ids as mllama_ids
-from test_mllama import cross_document
+from test_mllama import documents as mllama_documents
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 from transformers.models.idefics.processing_idefics import (
     image_attention_mask_for_packed_input_ids_pt,
@@ -33,7 +34,7 @@ from trainer.data.packing import collate, layout_options
 
 VOCAB, ADDITIONAL = 60, 2  # its vocabulary, then <fake_token_around_image> and <image>
 IMAGE, EOS = 61, 2
-SIZE, LATENTS = 16, 4  # 16-pixel images, four perceiver latents (keys) each
+LATENTS = 4  # perceiver latents (keys) an image, of SIZE-pixel images
 
 
 def tiny_idefics(alpha_type: str = "vector", use_resampler: bool = True):
@@ -132,20 +133,7 @@ def transformers_inputs(pieces, pixels: torch.Tensor) -> dict:
 
 
 def documents(seed: int) -> tuple[list, list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = [
-        torch.randint(0, 256, (p.count("image"), 3, SIZE, SIZE), generator=generator).to(
-            torch.uint8
-        )
-        for p in PIECES
-    ]
-    return PIECES, pixels
-
-
-def packed_logits(ours: SplitVLM, docs: list[Document]) -> torch.Tensor:
-    batch = collate(docs, **layout_options(ours.cfg, "cpu"))
-    with torch.no_grad():
-        return ours.text_logits(batch, ours.trunk(batch), torch.arange(batch.num_tokens))
+    return mllama_documents(seed, PIECES)
 
 
 def test_flamingo_layout_is_the_latest_image_as_transformers_processor_marks_it():

@@ -140,15 +140,16 @@ def transformers_inputs(pieces, pixels: torch.Tensor) -> dict:
     }
 
 
-def documents(seed: int) -> tuple[list, list[torch.Tensor]]:
+def documents(seed: int, pieces_of_each=PIECES) -> tuple[list, list[torch.Tensor]]:
+    """The documents' pieces and each one's random uint8 images (SIZE square)."""
     generator = torch.Generator().manual_seed(seed)
     pixels = [
         torch.randint(0, 256, (pieces.count("image"), 3, SIZE, SIZE), generator=generator).to(
             torch.uint8
         )
-        for pieces in PIECES
+        for pieces in pieces_of_each
     ]
-    return PIECES, pixels
+    return pieces_of_each, pixels
 
 
 def packed_logits(ours: SplitVLM, docs: list[Document]) -> torch.Tensor:
