@@ -192,6 +192,35 @@ def task_train_and_report_dtypes(world, args: list[str]) -> dict:
     return report
 
 
+def task_all_gathers(world, args: list[str]) -> dict:
+    """The sizes FSDP all-gathers in one forward and backward: the vision tower's (gathered
+    inside its forward) and every gather of the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer.loop import TrainLoop
+
+    loop = TrainLoop(config(args), world)
+    tower = loop.engine.model.vision
+    inside_tower = [False]
+    sizes = {"tower": [], "backward": []}
+
+    class Gathers(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.c10d._allgather_base_.default:
+                if torch._C._current_graph_task_id() != -1:  # in a backward
+                    sizes["backward"].append(args[0].numel())
+                elif inside_tower[0]:
+                    sizes["tower"].append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    # In front of FSDP's own pre-forward hook, which gathers the unit.
+    tower.register_forward_pre_hook(lambda *_: inside_tower.__setitem__(0, True), prepend=True)
+    tower.register_forward_hook(lambda *_: inside_tower.__setitem__(0, False))
+    with Gathers():
+        loop.engine.forward_backward(eval_micro_batches(loop.cfg))
+    return sizes
+
+
 def task_train_in_two_parts(world, args: list[str], stop_after: int) -> None:
     from trainer.loop import train
 
@@ -267,6 +296,7 @@ def task_expect_incompatible(world, args: list[str]) -> str:
 TASKS = {
     "train": task_train,
     "train_and_report_dtypes": task_train_and_report_dtypes,
+    "all_gathers": task_all_gathers,
     "train_with_a_rank_of_skips": task_train_with_a_rank_of_skips,
     "train_in_two_parts": task_train_in_two_parts,
     "split_step": task_split_step,
@@ -391,6 +421,7 @@ def runs(demo_data, native_demo_data, tmp_path_factory):
             ("split_fsdp", "split_step", {"args": args("split_fsdp", fsdp, *split_options)}),
             ("ids", "sample_ids", {"args": args("ids"), "steps": 2}),
             ("balance", "balance", {"args": args("balance")}),
+            ("gathers", "all_gathers", {"args": args("gathers", fsdp)}),
             ("fsdp", "train", {"args": args("fsdp", fsdp, ac)}),
             ("", "train", {"args": args("pretrained_fsdp", fsdp, *pretrained)}),
             ("", "train", {"args": native_args("native_fsdp", fsdp)}),
@@ -478,6 +509,16 @@ def test_fsdp_and_deepspeed_on_2_ranks_match_local_step_for_step(runs):
         assert_close(losses(tmp / name), local, 1e-5, (1, 2))
     # bf16 compute on CPU: close, not equal.
     assert_close(losses(tmp / "bf16"), local, 1e-2, range(1, STEPS + 1))
+
+
+def test_fsdp_gathers_a_frozen_tower_for_its_forward_only(runs):
+    # FSDP2 prefetches, at a block's backward, the unit that ran before the block's forward:
+    # for a frozen tower that would be the whole tower gathered for nothing and held to the
+    # backward's end (343 MB a rank at SigLIP-base).
+    gathers = runs["gathers"]
+    assert len(gathers["tower"]) == 1, gathers
+    assert gathers["backward"], "no gather in the backward: the blocks' were not seen"
+    assert gathers["tower"][0] not in gathers["backward"], gathers
 
 
 def test_native_resolution_images_train_alike_on_local_and_2_fsdp_ranks(runs):

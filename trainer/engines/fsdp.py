@@ -75,6 +75,11 @@ class FSDPEngine(Engine):
             # 2 ranks) and gathered for its forward. The adaptor, mask embedding, norms and
             # image heads are small and go with the root, gathered once per forward.
             fully_shard(model.vision, **units)
+            # A frozen tower has no backward, but FSDP2 prefetches the unit that ran before a
+            # block's forward when that block's backward starts: the whole tower (343 MB at
+            # SigLIP-base) would be gathered there and held to the backward's end.
+            if not any(p.requires_grad for p in model.vision.parameters()):
+                model.vision.set_unshard_in_backward(False)
             # The embedding and the LM head are units of their own: at a 150k vocabulary each is
             # as large as several blocks, and in the root they would stay gathered, with their
             # whole gradients, through the entire forward and backward. Tied, they are one
